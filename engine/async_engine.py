@@ -1,0 +1,195 @@
+"""One engine thread per model, bridged to asyncio: generate() streams, abort() cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.core import EngineCore, kv_budget_bytes, kv_bytes_per_token
+from engine.loader import LoadedModel
+from engine.tokenizer import ChatTokenizer
+from engine.types import EngineStats, GenerationOutput, GenerationRequest, ModelInfo
+
+log = logging.getLogger("hearth.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[list[GenerationOutput]]
+
+
+class AsyncEngine:
+    """Implements engine.types.EngineClient over an EngineCore stepped on its own thread.
+
+    The thread sleeps on a condition variable while there is no work, so an idle server uses no
+    CPU; outputs reach each request's asyncio queue through call_soon_threadsafe, once per step.
+    """
+
+    def __init__(self, core: EngineCore, tokenizer: ChatTokenizer, info: ModelInfo) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.info = info
+        self._streams: dict[str, _Stream] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._dead: str | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"hearth-engine:{info.model_id}", daemon=True
+        )
+
+    # -- EngineClient -----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.tokenizer.encode_chat(messages, tools)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream the request's outputs; closing the iterator early aborts the request."""
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        self.core.check_request(request)  # ValueError now, before anything is queued
+        rid = request.request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already running")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[rid] = stream
+        self._submit("add", request)
+        remaining = request.sampling.n
+        try:
+            while remaining:
+                for output in await stream.queue.get():
+                    if output.finished:
+                        remaining -= 1
+                    yield output
+        finally:
+            self._streams.pop(rid, None)
+            if remaining:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._submit("abort", request_id)
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _submit(self, kind: str, payload: Any) -> None:
+        with self._wake:
+            self._inbox.append((kind, payload))
+            self._wake.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._inbox or self._stopping or self.core.has_unfinished()):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    commands, self._inbox = self._inbox, []
+                outputs = self._apply(commands)
+                if self.core.has_unfinished():
+                    try:
+                        outputs += self.core.step()
+                    except Exception as exc:  # fail the affected requests, keep serving
+                        log.exception("engine step failed")
+                        outputs += self.core.fail_all(f"engine error: {type(exc).__name__}: {exc}")
+                self._dispatch(outputs)
+        except BaseException as exc:
+            self._dead = f"engine thread died: {type(exc).__name__}: {exc}"
+            log.exception("engine thread died")
+            raise
+        finally:
+            self._dispatch(self.core.fail_all(self._dead or "engine is shutting down"))
+
+    def _apply(self, commands: list[tuple[str, Any]]) -> list[GenerationOutput]:
+        outputs: list[GenerationOutput] = []
+        for kind, payload in commands:
+            if kind == "abort":
+                outputs += self.core.abort(payload)
+                continue
+            try:
+                self.core.add_request(payload)
+            except ValueError as exc:
+                outputs.append(
+                    GenerationOutput(
+                        payload.request_id,
+                        0,
+                        [],
+                        "",
+                        len(payload.prompt_token_ids),
+                        0,
+                        finish_reason="error",
+                        error=str(exc),
+                    )
+                )
+        return outputs
+
+    def _dispatch(self, outputs: list[GenerationOutput]) -> None:
+        by_request: dict[str, list[GenerationOutput]] = {}
+        for output in outputs:
+            by_request.setdefault(output.request_id, []).append(output)
+        for rid, batch in by_request.items():
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, batch)
+
+
+def build_engine(loaded: LoadedModel) -> AsyncEngine:
+    """Size the KV cache, wrap the tokenizer, and start the engine thread."""
+    limits = loaded.config.engine
+    per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
+    capacity = kv_budget_bytes(limits, loaded.device) // per_token
+    if capacity < limits.block_size:
+        raise MemoryError(
+            f"{loaded.config.id}: no memory left for the KV cache (raise gpu_memory_utilization "
+            "or kv_cache_memory)"
+        )
+    tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
+    core = EngineCore(loaded.model, tokenizer, limits, loaded.max_model_len, capacity)
+    defaults = loaded.config.defaults.model_dump(exclude_none=True)
+    info = ModelInfo(
+        model_id=loaded.config.id,
+        source=loaded.config.source,
+        max_model_len=loaded.max_model_len,
+        device=loaded.devices,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        kv_capacity_tokens=capacity,
+        created=int(time.time()),
+        aliases=list(loaded.config.aliases),
+        default_sampling=defaults,
+    )
+    engine = AsyncEngine(core, tokenizer, info)
+    engine.start()
+    return engine

@@ -1,0 +1,155 @@
+"""models.yaml: pydantic schema, loading, and one-line error messages (torch-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+
+from engine.sources import Source, SourceError, resolve_source
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+class ConfigError(Exception):
+    """An invalid configuration; str() is one line naming the file, the model id and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingDefaults(_Strict):
+    """Defaults applied where a request leaves a sampling field unset."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+
+class EngineLimits(_Strict):
+    """Scheduler and KV-cache limits of one model's engine."""
+
+    max_num_seqs: int = Field(64, ge=1, description="sequences decoded together at most")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per step (prefill chunk)")
+    max_waiting: int = Field(1024, ge=0, description="queued requests before 429")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    kv_cache_memory: ByteSize | None = Field(
+        None, description="KV budget in bytes ('2GiB'); default: 1 GiB on CPU"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="fraction of GPU memory for weights plus KV cache"
+    )
+
+
+class ModelConfig(_Strict):
+    """One served model."""
+
+    id: str = Field(min_length=1, description="what clients send as `model`")
+    source: str = Field(
+        min_length=1, description="local dir, hub id, .gguf file or package:pkg/file"
+    )
+    aliases: list[str] = Field(default_factory=list)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device_map: Literal["auto"] | dict[str, Any] | None = None
+    max_model_len: int | None = Field(None, ge=16)
+    chat_template: str | None = Field(None, description="Jinja text, or a path to a .jinja file")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    engine: EngineLimits = Field(default_factory=EngineLimits)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("dtype"), str):
+            data = {**data, "dtype": _DTYPE_ALIASES.get(data["dtype"], data["dtype"])}
+        return data
+
+    @model_validator(mode="after")
+    def _device_or_map(self) -> ModelConfig:
+        if self.device_map is not None and self.device not in ("auto", "cuda"):
+            raise ValueError("set either device or device_map, not both")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [self.id, *self.aliases]
+
+
+class HearthConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> HearthConfig:
+        seen: set[str] = set()
+        for model in self.models:
+            for name in model.names:
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used twice")
+                seen.add(name)
+        return self
+
+
+def _describe(error: dict[str, Any], raw: Any, filename: str) -> str:
+    """One line from the first pydantic error: file, model id, key, problem."""
+    loc = list(error["loc"])
+    where = filename
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        entry = raw["models"][loc[1]] if isinstance(raw, dict) else None
+        model_id = entry.get("id") if isinstance(entry, dict) else None
+        where += f": model {model_id!r}" if model_id else f": models[{loc[1]}]"
+        loc = loc[2:]
+    key = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key {key!r}"
+    if error["type"] == "missing":
+        return f"{where}: missing key {key!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    if key:
+        got = error.get("input")
+        shown = f" (got {got!r})" if isinstance(got, str | int | float | bool) else ""
+        return f"{where}: key {key!r}: {message}{shown}"
+    return f"{where}: {message}"
+
+
+def parse_config(raw: Any, filename: str = "<config>") -> HearthConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{filename}: expected a mapping with a 'models' list")
+    try:
+        return HearthConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], raw, filename)) from None
+
+
+def load_config(path: str | Path) -> HearthConfig:
+    """Read and validate models.yaml; raises ConfigError with a one-line message."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: cannot read YAML: {detail}") from None
+    return parse_config(raw, str(path))
+
+
+def resolve_sources(config: HearthConfig, filename: str, base_dir: Path) -> dict[str, Source]:
+    """Check every model's source now (local files must exist), before any loading."""
+    resolved = {}
+    for model in config.models:
+        try:
+            resolved[model.id] = resolve_source(model.source, base_dir)
+        except SourceError as exc:
+            raise ConfigError(f"{filename}: model {model.id!r}: key 'source': {exc}") from None
+    return resolved

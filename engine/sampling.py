@@ -1,0 +1,79 @@
+"""Batched next-token sampling on the logits' device: temperature, top-k, top-p, min-p, seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.types import SamplingParams
+
+
+def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Scale by temperature and mask tokens outside top-k / top-p / min-p with -inf.
+
+    logits: [B, V] float32. Returns [B, V].
+    """
+    device = logits.device
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+    logits = logits / temps[:, None]  # [B, V]
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        ranks = torch.arange(vocab, device=device)[None, :]  # [1, V]
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+        drop = (ranks >= top_k[:, None]) | (before >= top_p[:, None])
+        drop[:, 0] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Pick one token per row. logits: [B, V]; returns [B] int64 on the same device.
+
+    Rows with a generator draw their noise from it, so a seeded request gets the same tokens
+    whatever else is in the batch.
+    """
+    logits = logits.float()
+    if any(p.logit_bias for p in params):
+        logits = logits.clone()
+    for row, p in enumerate(params):
+        for token_id, bias in p.logit_bias.items():
+            if 0 <= token_id < logits.shape[-1]:
+                logits[row, token_id] += bias
+    greedy_rows = [p.greedy for p in params]
+    chosen = logits.argmax(dim=-1)  # [B]
+    if all(greedy_rows):
+        return chosen
+    probs = _filter(logits, params).softmax(dim=-1)  # [B, V]
+    # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, one noise row per request.
+    noise = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    sampled = (probs / noise).argmax(dim=-1)  # [B]
+    greedy = torch.tensor(greedy_rows, device=logits.device)
+    return torch.where(greedy, chosen, sampled)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Log-probabilities of the chosen tokens and the top-k alternatives.
+
+    logits: [B, V]; tokens: [B]. Returns (chosen [B], top values [B, k], top ids [B, k]).
+    """
+    logp = logits.float().log_softmax(dim=-1)  # [B, V]
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    top_values, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0])
+    return chosen, top_values, top_ids

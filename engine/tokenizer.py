@@ -1,0 +1,61 @@
+"""Tokenizer facade: plain and chat-template encoding, decoding, and the stop token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class TemplateError(ValueError):
+    """The chat template could not render these messages (a client error)."""
+
+
+class ChatTokenizer:
+    def __init__(self, tokenizer: Any, generation_config: Any = None) -> None:
+        self.hf = tokenizer
+        self.eos_token_ids = self._eos_ids(tokenizer, generation_config)
+
+    @staticmethod
+    def _eos_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        for value in (
+            getattr(generation_config, "eos_token_id", None),
+            getattr(tokenizer, "eos_token_id", None),
+        ):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(v for v in value if isinstance(v, int))
+        return frozenset(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        if not getattr(self.hf, "chat_template", None):
+            raise TemplateError("this model has no chat template; set chat_template in models.yaml")
+        try:
+            rendered = self.hf.apply_chat_template(
+                list(messages),
+                tools=list(tools) if tools else None,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as exc:  # jinja2 errors, raise_exception() in templates
+            raise TemplateError(f"chat template error: {exc}") from None
+        # Templates include their own special tokens (BOS where wanted).
+        return list(self.hf(rendered, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(list(token_ids))

@@ -1,0 +1,134 @@
+"""Torch-free types at the engine/server boundary: requests, sampling parameters, outputs, stats."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding controls; OpenAI names where they exist, vLLM names for the extras."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.n < 1:
+            raise ValueError("n must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be non-negative")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be non-negative")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt, already tokenized, with its sampling parameters."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob) pairs
+
+
+@dataclass
+class GenerationOutput:
+    """An increment of one sample (`index` among the request's n) of a request."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]  # new tokens since the previous output of this sample
+    text: str  # new text since the previous output (never a partial character or stop string)
+    num_prompt_tokens: int
+    num_completion_tokens: int  # total so far for this sample
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # set with finish_reason "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_block_size: int
+    prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache
+    num_prefilled_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+@dataclass
+class ModelInfo:
+    """What the server needs to know about a served model."""
+
+    model_id: str
+    source: str
+    max_model_len: int
+    device: str
+    dtype: str
+    kv_capacity_tokens: int
+    created: int
+    aliases: list[str] = field(default_factory=list)
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineClient(Protocol):
+    """What the server calls: tokenization, generation as an async stream, abort, stats."""
+
+    info: ModelInfo
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    def shutdown(self) -> None: ...

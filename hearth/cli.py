@@ -1,0 +1,265 @@
+"""The `hearth` command: `hearth serve` loads models.yaml's models and serves the OpenAI API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from engine.config import ConfigError, HearthConfig, ModelConfig, load_config, resolve_sources
+from engine.sources import Source, looks_like_hub_id
+from hearth import __version__
+from server.app import create_app
+from server.registry import ModelRegistry
+from server.settings import ServerSettings
+
+log = logging.getLogger("hearth")
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_STARTED = time.monotonic()
+
+
+class Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGINT/SIGTERM after its graceful shutdown; hearth exits 0."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        super().handle_exit(sig, frame)
+        getattr(self, "_captured_signals", []).clear()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hearth",
+        description="Self-hosted, OpenAI-compatible inference server for Hugging Face checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"hearth {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve models over the OpenAI API",
+        description="Load the models of a models.yaml (or one --model) and serve the OpenAI API "
+        "(/v1/chat/completions, /v1/models, /health) at http://HOST:PORT/v1.",
+    )
+    serve.add_argument(
+        "--config",
+        default="models.yaml",
+        metavar="PATH",
+        help="models file to serve (default: ./models.yaml)",
+    )
+    serve.add_argument(
+        "--model",
+        metavar="ID_OR_SOURCE",
+        help="serve one model: an id or alias from the config, or a checkpoint "
+        "directory, a hub id from the local Hugging Face cache, or a .gguf file",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1; 0.0.0.0 for all interfaces)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (repeatable; also env "
+        "HEARTH_API_KEY, comma-separated)",
+    )
+    serve.add_argument(
+        "--api-key-file", metavar="PATH", help="file with one accepted API key per line"
+    )
+    serve.add_argument(
+        "--device", metavar="DEVICE", help="override every model's device: auto, cpu, cuda, cuda:N"
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="override every model's dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from ORIGIN (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+    return parser
+
+
+@dataclass
+class Selection:
+    models: list[ModelConfig]
+    sources: dict[str, Source]
+    base_dir: Path
+
+
+def _id_for_source(source: str) -> str:
+    if looks_like_hub_id(source) and not Path(source).exists():
+        return source
+    path = Path(source.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def select_models(args: argparse.Namespace) -> Selection:
+    """The models to serve after --config / --model / --device / --dtype; ConfigError if bad."""
+    config_path = Path(args.config)
+    explicit_config = args.config != "models.yaml"
+    models: list[ModelConfig] = []
+    base_dir = Path.cwd()
+    name = str(config_path)
+    if config_path.exists() or explicit_config or args.model is None:
+        config = load_config(config_path)
+        models = list(config.models)
+        base_dir = config_path.resolve().parent
+    if args.model:
+        chosen = [m for m in models if args.model in m.names]
+        if chosen:
+            models = chosen
+        else:
+            models = [ModelConfig(id=_id_for_source(args.model), source=args.model)]
+            name = "--model"
+            base_dir = Path.cwd()
+    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
+    if overrides:
+        try:
+            models = [ModelConfig.model_validate({**m.model_dump(), **overrides}) for m in models]
+        except ValidationError as exc:
+            raise ConfigError(f"--device/--dtype: {exc.errors()[0]['msg']}") from None
+    return Selection(models, resolve_sources(HearthConfig(models=models), name, base_dir), base_dir)
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("HEARTH_API_KEY", "").split(",") if k.strip()]
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file: {exc.strerror}: {args.api_key_file}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return tuple(dict.fromkeys(keys))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        selection = select_models(args)
+        keys = api_keys(args)
+    except ConfigError as exc:
+        print(f"hearth: error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.host not in LOOPBACK and not keys:
+        log.warning(
+            "binding %s without an API key: anyone who can reach this port can use "
+            "the models (set --api-key or HEARTH_API_KEY)",
+            args.host,
+        )
+    registry = ModelRegistry()
+    app = create_app(registry, ServerSettings(api_keys=keys, cors_origins=tuple(args.cors_origin)))
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=args.log_level == "debug",
+            log_config=None,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    outcome = {"code": 0}
+    base_url = f"http://{'localhost' if args.host in LOOPBACK else args.host}:{args.port}/v1"
+    loader = threading.Thread(
+        target=_load_all,
+        args=(selection, registry, server, outcome, base_url),
+        name="hearth-loader",
+        daemon=True,
+    )
+    loader.start()
+    try:
+        server.run()
+    finally:
+        registry.state = "draining"
+        for engine in registry.engines:
+            engine.shutdown()
+    return outcome["code"]
+
+
+def _load_all(
+    selection: Selection, registry: ModelRegistry, server: Server, outcome: dict, base_url: str
+) -> None:
+    """Load every model (progress bar), register it, then log one ready line per model."""
+    try:
+        from tqdm import tqdm
+
+        from engine.async_engine import build_engine
+        from engine.loader import LoadError, configure_cpu_threads, load_model
+
+        for config in tqdm(
+            selection.models, desc="Loading models", unit="model", disable=len(selection.models) < 2
+        ):
+            loaded = load_model(config, selection.sources[config.id], base_dir=selection.base_dir)
+            if loaded.device.type == "cpu":
+                threads = configure_cpu_threads()
+                log.info("CPU: %d torch threads, %s", threads, str(loaded.dtype)[6:])
+            registry.add(build_engine(loaded))
+        registry.mark_ready()
+        for engine in registry.engines:
+            info = engine.info
+            log.info(
+                "ready: %s (source %s) on %s, %s, KV capacity %d tokens, max_model_len %d",
+                info.model_id,
+                info.source,
+                info.device,
+                info.dtype,
+                info.kv_capacity_tokens,
+                info.max_model_len,
+            )
+        log.info(
+            "serving %d model(s) at %s (ready %.1f s after start)",
+            len(registry.engines),
+            base_url,
+            time.monotonic() - _STARTED,
+        )
+    except (LoadError, MemoryError) as exc:
+        log.error("%s", exc)
+        outcome["code"] = 1
+        server.should_exit = True
+    except Exception:
+        log.exception("loading failed")
+        outcome["code"] = 1
+        server.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    parser.print_help()
+    return 0

@@ -1,0 +1,1 @@
+"""hearth's HTTP side: FastAPI speaking OpenAI's API over engine clients; never imports torch."""

@@ -1,0 +1,32 @@
+"""Optional Bearer API keys, compared in constant time; keys are never logged."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from server.errors import APIError
+
+
+def _matches(token: str, keys: tuple[str, ...]) -> bool:
+    found = False
+    for key in keys:  # compare against every key so timing does not reveal which one matched
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+async def require_api_key(request: Request) -> None:
+    keys: tuple[str, ...] = request.app.state.settings.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(
+            401,
+            "You didn't provide an API key. Send 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+        )
+    if not _matches(token.strip(), keys):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -1,0 +1,62 @@
+"""The served models by id and alias, and the server's lifecycle state (loading/ready/draining)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from engine.types import EngineClient
+from server.errors import APIError
+
+State = Literal["loading", "ready", "draining", "failed"]
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self.state: State = "loading"
+        self._engines: dict[str, EngineClient] = {}  # id -> engine
+        self._names: dict[str, str] = {}  # id or alias -> id
+
+    def add(self, engine: EngineClient) -> None:
+        info = engine.info
+        self._engines[info.model_id] = engine
+        for name in (info.model_id, *info.aliases):
+            self._names[name] = info.model_id
+
+    def mark_ready(self) -> None:
+        self.state = "ready"
+
+    @property
+    def engines(self) -> list[EngineClient]:
+        return list(self._engines.values())
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready" and all(e.is_alive for e in self._engines.values())
+
+    def get(self, name: str) -> EngineClient:
+        """The engine serving `name`, or a 404 listing the available ids (503 while loading)."""
+        self.check_serving()
+        model_id = self._names.get(name)
+        if model_id is None:
+            available = ", ".join(sorted(self._engines)) or "none"
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist. Available models: {available}.",
+                param="model",
+                code="model_not_found",
+            )
+        engine = self._engines[model_id]
+        if not engine.is_alive:
+            raise APIError(
+                503, f"The engine of model '{model_id}' has stopped.", code="engine_dead"
+            )
+        return engine
+
+    def check_serving(self) -> None:
+        if self.state != "ready":
+            raise APIError(
+                503,
+                f"The server is {self.state}; try again shortly.",
+                code="service_unavailable",
+                headers={"Retry-After": "5"},
+            )

@@ -1,0 +1,45 @@
+"""GET /health, GET /v1/models, GET /v1/models/{id}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from engine.types import EngineClient
+from server.auth import require_api_key
+
+router = APIRouter()
+
+
+@router.get("/health", include_in_schema=False)
+async def health(request: Request) -> JSONResponse:
+    registry = request.app.state.registry
+    status = 200 if registry.healthy else 503
+    state = registry.state if registry.state != "ready" or status == 200 else "engine_dead"
+    return JSONResponse({"status": state}, status_code=status)
+
+
+def model_card(engine: EngineClient) -> dict[str, Any]:
+    info = engine.info
+    return {
+        "id": info.model_id,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "hearth",
+        "max_model_len": info.max_model_len,
+    }
+
+
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+async def list_models(request: Request) -> dict[str, Any]:
+    registry = request.app.state.registry
+    registry.check_serving()
+    return {"object": "list", "data": [model_card(e) for e in registry.engines]}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    card = model_card(request.app.state.registry.get(model_id))
+    return {**card, "id": model_id} if model_id != card["id"] else card

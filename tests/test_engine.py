@@ -1,0 +1,182 @@
+"""The engine on tiny random models: greedy equals transformers, concurrency, abort, seeds."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.async_engine import AsyncEngine, build_engine
+from engine.config import ModelConfig
+from engine.loader import load_model
+from engine.sources import resolve_source
+from engine.types import GenerationRequest, SamplingParams
+from tests.conftest import build_tiny_checkpoint
+
+
+def start_engine(checkpoint: Path, **engine_limits) -> AsyncEngine:
+    config = ModelConfig(
+        id="tiny",
+        source=str(checkpoint),
+        device="cpu",
+        engine={"kv_cache_memory": "64MiB", **engine_limits},
+    )
+    return build_engine(load_model(config, resolve_source(config.source)))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir: Path):
+    engine = start_engine(tiny_llama_dir)
+    yield engine
+    engine.shutdown()
+
+
+def prompts(n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(123)
+    return [torch.randint(3, 49152, (5 + 3 * i,), generator=gen).tolist() for i in range(n)]
+
+
+def hf_greedy(engine: AsyncEngine, prompt: list[int], max_tokens: int) -> list[int]:
+    model = engine.core.model
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        min_new_tokens=max_tokens,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+async def collect(engine: AsyncEngine, rid: str, prompt: list[int], **params) -> dict:
+    tokens: dict[int, list[int]] = {}
+    finish: dict[int, str] = {}
+    text: dict[int, str] = {}
+    async for out in engine.generate(GenerationRequest(rid, prompt, SamplingParams(**params))):
+        assert out.error is None, out.error
+        tokens.setdefault(out.index, []).extend(out.token_ids)
+        text[out.index] = text.get(out.index, "") + out.text
+        if out.finish_reason:
+            finish[out.index] = out.finish_reason
+    return {"tokens": tokens, "finish": finish, "text": text}
+
+
+def test_greedy_matches_transformers_generate_under_concurrency(engine: AsyncEngine) -> None:
+    batch = prompts(6)
+    expected = [hf_greedy(engine, p, 12) for p in batch]
+
+    async def main() -> list[dict]:
+        tasks = []
+        for i, prompt in enumerate(batch):
+            tasks.append(
+                asyncio.create_task(
+                    collect(engine, f"r{i}", prompt, temperature=0, max_tokens=12, ignore_eos=True)
+                )
+            )
+            await asyncio.sleep(0.01 * i)  # arrivals mid-flight
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    for result, want in zip(results, expected, strict=True):
+        assert result["tokens"][0] == want
+        assert result["finish"][0] == "length"
+
+
+def test_deltas_add_up_to_the_decoded_text(engine: AsyncEngine) -> None:
+    result = asyncio.run(
+        collect(engine, "t", prompts(1)[0], temperature=0, max_tokens=20, ignore_eos=True)
+    )
+    assert result["text"][0] == engine.decode(result["tokens"][0])
+
+
+def test_seeded_sampling_is_reproducible_under_load(engine: AsyncEngine) -> None:
+    prompt = prompts(1)[0]
+
+    async def alone() -> dict:
+        return await collect(
+            engine, "s", prompt, temperature=1.0, seed=42, max_tokens=10, ignore_eos=True
+        )
+
+    async def crowded() -> dict:
+        others = [
+            asyncio.create_task(
+                collect(engine, f"o{i}", p, temperature=1.0, max_tokens=8, ignore_eos=True)
+            )
+            for i, p in enumerate(prompts(4))
+        ]
+        mine = await collect(
+            engine, "s2", prompt, temperature=1.0, seed=42, max_tokens=10, ignore_eos=True
+        )
+        await asyncio.gather(*others)
+        return mine
+
+    assert asyncio.run(alone())["tokens"] == asyncio.run(crowded())["tokens"]
+
+
+def test_n_samples_and_stop_strings(engine: AsyncEngine) -> None:
+    prompt = prompts(1)[0]
+    result = asyncio.run(
+        collect(engine, "n", prompt, temperature=1.0, seed=1, n=3, max_tokens=6, ignore_eos=True)
+    )
+    assert sorted(result["tokens"]) == [0, 1, 2]
+    full = asyncio.run(collect(engine, "g", prompt, temperature=0, max_tokens=16, ignore_eos=True))[
+        "text"
+    ][0]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = asyncio.run(
+        collect(engine, "c", prompt, temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
+    )
+    assert cut["finish"][0] == "stop"
+    assert cut["text"][0] == full[: full.index(stop)]
+
+
+def test_abort_frees_everything(engine: AsyncEngine) -> None:
+    async def main() -> None:
+        request = GenerationRequest(
+            "a", prompts(1)[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        )
+        stream = engine.generate(request)
+        first = await stream.__anext__()
+        assert first.token_ids
+        await stream.aclose()  # the client went away
+        for _ in range(100):
+            if not engine.core.has_unfinished():
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.kv_blocks_used) == (0, 0, 0)
+
+
+def test_too_long_prompt_is_rejected_and_engine_keeps_serving(engine: AsyncEngine) -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError, match="maximum context length is 512"):
+            await collect(engine, "big", [5] * 600, max_tokens=4)
+        with pytest.raises(ValueError, match="token ids"):
+            await collect(engine, "bad", [10**9], max_tokens=4)
+
+    asyncio.run(main())
+    ok = asyncio.run(collect(engine, "after", prompts(1)[0], temperature=0, max_tokens=3))
+    assert len(ok["tokens"][0]) >= 1
+
+
+def test_qwen2_family(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "qwen2", smollm_tokenizer_dir, "qwen2")
+    engine = start_engine(checkpoint)
+    try:
+        prompt = prompts(1)[0]
+        result = asyncio.run(
+            collect(engine, "q", prompt, temperature=0, max_tokens=8, ignore_eos=True)
+        )
+        assert result["tokens"][0] == hf_greedy(engine, prompt, 8)
+    finally:
+        engine.shutdown()
+
+
+def test_chat_template_encoding(engine: AsyncEngine) -> None:
+    ids = engine.encode_chat([{"role": "user", "content": "Hi"}])
+    text = engine.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
