@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.core import EngineCore, kv_budget_bytes, kv_bytes_per_token
+from engine.core import EngineCore, kv_budget_bytes
 from engine.loader import LoadedModel
+from engine.runner import kv_bytes_per_token
 from engine.tokenizer import ChatTokenizer
 from engine.types import EngineStats, GenerationOutput, GenerationRequest, ModelInfo
 
@@ -169,15 +170,17 @@ class AsyncEngine:
 def build_engine(loaded: LoadedModel) -> AsyncEngine:
     """Size the KV cache, wrap the tokenizer, and start the engine thread."""
     limits = loaded.config.engine
-    per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
-    capacity = kv_budget_bytes(limits, loaded.device) // per_token
-    if capacity < limits.block_size:
+    per_block = kv_bytes_per_token(loaded.model, loaded.dtype) * limits.block_size
+    num_blocks = kv_budget_bytes(limits, loaded.device) // per_block
+    if num_blocks < 2:
         raise MemoryError(
             f"{loaded.config.id}: no memory left for the KV cache (raise gpu_memory_utilization "
             "or kv_cache_memory)"
         )
     tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
-    core = EngineCore(loaded.model, tokenizer, limits, loaded.max_model_len, capacity)
+    core = EngineCore(
+        loaded.model, tokenizer, limits, loaded.max_model_len, num_blocks, loaded.dtype
+    )
     defaults = loaded.config.defaults.model_dump(exclude_none=True)
     info = ModelInfo(
         model_id=loaded.config.id,
@@ -185,7 +188,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         max_model_len=loaded.max_model_len,
         device=loaded.devices,
         dtype=str(loaded.dtype).removeprefix("torch."),
-        kv_capacity_tokens=capacity,
+        kv_capacity_tokens=core.kv_capacity_tokens,
         created=int(time.time()),
         aliases=list(loaded.config.aliases),
         default_sampling=defaults,

@@ -1,30 +1,27 @@
-"""Synchronous engine core: admit requests, step the model, emit per-sample outputs.
-
-This is the thin first version: each sequence keeps a transformers DynamicCache and is stepped
-on its own. The paged KV cache and the batched scheduler replace its internals (issue 3); the
-interface (add_request / abort / step / stats) stays.
-"""
+"""Synchronous engine core: schedule a step, run it, sample, and emit per-sample outputs."""
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from engine.block_manager import BlockManager
 from engine.config import EngineLimits
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling import logprobs_of, sample
+from engine.runner import ModelRunner
+from engine.sampling import apply_penalties, logprobs_of, sample
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, Status
 from engine.tokenizer import ChatTokenizer
 from engine.types import (
     EngineStats,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
-    SamplingParams,
     TokenLogprob,
 )
 
@@ -32,31 +29,12 @@ log = logging.getLogger("hearth.engine")
 
 
 @dataclass
-class Sequence:
-    """One sample of a request: its prompt, its outputs so far, and its decoding state."""
+class _SeqState:
+    """Per-sequence state that needs torch or the tokenizer (the scheduler never sees it)."""
 
-    request_id: str
-    index: int
-    prompt_ids: list[int]
-    sampling: SamplingParams
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    cache: DynamicCache | None = None
-    finish_reason: FinishReason | None = None
-
-    @property
-    def reserved_tokens(self) -> int:
-        return len(self.prompt_ids) + self.sampling.max_tokens
-
-
-def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one token across all layers."""
-    cfg = model.config.get_text_config()
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    siblings: list[Sequence]  # samples 1..n-1, admitted once this one's prompt is computed
 
 
 def kv_budget_bytes(limits: EngineLimits, device: torch.device) -> int:
@@ -71,28 +49,32 @@ def kv_budget_bytes(limits: EngineLimits, device: torch.device) -> int:
 
 
 class EngineCore:
+    """Owns the scheduler, the KV blocks and the model runner; stepped by one thread."""
+
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: ChatTokenizer,
         limits: EngineLimits,
         max_model_len: int,
-        kv_capacity_tokens: int,
+        num_blocks: int,
+        dtype: torch.dtype,
     ) -> None:
-        self.model = model
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_model_len = max_model_len
-        self.kv_capacity_tokens = kv_capacity_tokens
-        self.device = next(model.parameters()).device
-        # transformers >= 5.2x names the cache argument `cache`; older 5.x `past_key_values`.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._reserved = 0
-        self._prefilled = 0
-        self._generated = 0
+        self.blocks = BlockManager(num_blocks, limits.block_size)
+        self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, limits.block_size, dtype)
+        self.device = self.runner.device
+        self.vocab_size = model.config.get_text_config().vocab_size
+        self._stop_ids = tokenizer.eos_token_ids
+        self.num_prefilled_tokens = 0
+        self.num_generated_tokens = 0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
 
     # -- requests -------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
@@ -108,142 +90,138 @@ class EngineCore:
                 f"{request.sampling.max_tokens} ({total} in all)"
             )
         if total > self.kv_capacity_tokens:
-            raise ValueError(
-                f"request needs {total} KV tokens; capacity is {self.kv_capacity_tokens}"
-            )
-        vocab = self.tokenizer.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            capacity = self.kv_capacity_tokens
+            raise ValueError(f"request needs {total} KV slots; the cache holds {capacity}")
+        if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
 
     def add_request(self, request: GenerationRequest) -> None:
         self.check_request(request)
         params = request.sampling
+        seqs = []
         for index in range(params.n):
             generator = None
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
-            detokenizer = IncrementalDetokenizer(self.tokenizer.decode, params.stop)
-            self.waiting.append(
-                Sequence(
-                    request.request_id,
-                    index,
-                    list(request.prompt_token_ids),
-                    params,
-                    detokenizer,
-                    generator,
-                )
+            seq = Sequence(request.request_id, index, list(request.prompt_token_ids), params)
+            seq.state = _SeqState(
+                IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, []
             )
+            seqs.append(seq)
+        seqs[0].state.siblings = seqs[1:]  # they share the first sample's prefill
+        self.scheduler.add(seqs[0])
 
     def abort(self, request_id: str) -> list[GenerationOutput]:
         """Drop every sample of the request; returns their final 'abort' outputs."""
-        dropped = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
-        self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
-        outputs = []
-        for seq in dropped:
-            self._release(seq)
-            seq.finish_reason = "abort"
-            outputs.append(self._output(seq, [], "", None))
-        return outputs
+        return self._finish_matching(lambda s: s.request_id == request_id, "abort")
 
     def fail_all(self, message: str) -> list[GenerationOutput]:
         """Finish every sequence with an error (after a failed step)."""
+        return self._finish_matching(lambda s: True, "error", message)
+
+    def _finish_matching(
+        self, match: Callable[[Sequence], bool], reason: FinishReason, error: str | None = None
+    ) -> list[GenerationOutput]:
         outputs = []
-        for seq in [*self.waiting, *self.running]:
-            self._release(seq)
-            seq.finish_reason = "error"
-            outputs.append(self._output(seq, [], "", None, error=message))
-        self.waiting.clear()
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            if not match(seq):
+                continue
+            self.scheduler.finish(seq)
+            for one in [seq, *seq.state.siblings]:  # siblings not yet admitted end with it
+                one.status, one.finish_reason = Status.FINISHED, reason
+                outputs.append(self._output(one, [], "", None, error))
+            seq.state.siblings = []
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        block = self.limits.block_size
         return EngineStats(
-            num_running=len(self.running),
-            num_waiting=len(self.waiting),
-            kv_blocks_used=-(-self._reserved // block),
-            kv_blocks_total=self.kv_capacity_tokens // block,
-            kv_block_size=block,
-            num_prefilled_tokens=self._prefilled,
-            num_generated_tokens=self._generated,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.num_used_blocks,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_block_size=self.blocks.block_size,
+            prefix_cache_hits=self.blocks.num_cache_hits,
+            num_prefilled_tokens=self.num_prefilled_tokens,
+            num_generated_tokens=self.num_generated_tokens,
         )
 
     # -- stepping -------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[GenerationOutput]:
-        admitted = self._admit()
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no KV blocks for the next waiting sequence")
+            return []
+        logits = self.runner.execute(plan.scheduled)  # [n, V]
+        sampling = [item.seq for item in plan.scheduled if item.samples]
+        for item in plan.scheduled:
+            prompt_left = item.seq.num_prompt_tokens - item.seq.num_computed_tokens
+            self.num_prefilled_tokens += max(0, min(item.num_tokens, prompt_left))
+        self.scheduler.after_step(plan)
+        return self._sample_and_emit(sampling, logits) if sampling else []
+
+    def _sample_and_emit(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> list[GenerationOutput]:
+        params = [s.params for s in seqs]
+        logits = apply_penalties(
+            logits, params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs]
+        )
+        blocked = [
+            (row, list(self._stop_ids | set(s.params.stop_token_ids)))
+            for row, s in enumerate(seqs)
+            if len(s.output_ids) < s.params.min_tokens
+        ]
+        if blocked:
+            logits = logits.float().clone()
+            for row, ids in blocked:
+                logits[row, ids] = float("-inf")
+        tokens = sample(logits, params, [s.state.generator for s in seqs])  # [n]
+        want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        top = None
+        if want_logprobs:
+            top = logprobs_of(logits, tokens, max(want_logprobs))
+            top = tuple(t.tolist() for t in top)
         outputs = []
-        for seq in list(self.running):
-            if seq in admitted:
-                input_ids = seq.prompt_ids
-                self._prefilled += len(input_ids)
-            else:
-                input_ids = seq.output_ids[-1:]
-            logits = self._forward(seq, input_ids)  # [1, V]
-            outputs.append(self._append(seq, logits))
+        for row, (seq, token_id) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            logprobs = None
+            if top is not None and seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                alts = list(zip(top[2][row][:k], top[1][row][:k], strict=True))
+                logprobs = [TokenLogprob(token_id, top[0][row], alts)]
+            outputs.append(self._append(seq, token_id, logprobs))
         return outputs
 
-    def _admit(self) -> list[Sequence]:
-        admitted = []
-        while self.waiting and len(self.running) < self.limits.max_num_seqs:
-            seq = self.waiting[0]
-            if self._reserved + seq.reserved_tokens > self.kv_capacity_tokens:
-                break
-            self.waiting.popleft()
-            self._reserved += seq.reserved_tokens
-            seq.cache = DynamicCache(config=self.model.config)
-            self.running.append(seq)
-            admitted.append(seq)
-        return admitted
-
-    def _forward(self, seq: Sequence, input_ids: list[int]) -> torch.Tensor:
-        ids = torch.tensor([input_ids], device=self.device)  # [1, S]
-        kwargs = {self._cache_arg: seq.cache}
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1, :]  # [1, V]
-
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> GenerationOutput:
-        params = seq.sampling
-        if len(seq.output_ids) < params.min_tokens and not params.ignore_eos:
-            logits[:, list(self.tokenizer.eos_token_ids | set(params.stop_token_ids))] = float(
-                "-inf"
-            )
-        token = sample(logits, [params], [seq.generator])  # [1]
-        token_id = int(token.item())
-        logprobs = None
-        if params.logprobs is not None:
-            chosen, top_values, top_ids = logprobs_of(logits, token, params.logprobs)
-            top = list(zip(top_ids[0].tolist(), top_values[0].tolist(), strict=True))
-            logprobs = [TokenLogprob(token_id, float(chosen[0]), top)]
+    def _append(
+        self, seq: Sequence, token_id: int, logprobs: list[TokenLogprob] | None
+    ) -> GenerationOutput:
+        params, state = seq.params, seq.state
+        if not seq.output_ids and state.siblings:  # prompt computed: siblings reuse its blocks
+            for sibling in reversed(state.siblings):
+                self.scheduler.add(sibling, front=True)
+            state.siblings = []
         seq.output_ids.append(token_id)
-        self._generated += 1
+        self.num_generated_tokens += 1
         reason: FinishReason | None = None
-        is_eos = token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
+        is_eos = token_id in self._stop_ids and not params.ignore_eos
         if is_eos or token_id in params.stop_token_ids:
-            reason = "stop"
-            text = ""  # the stop token itself is not part of the text
+            reason, text = "stop", ""  # the stop token itself is not part of the text
         else:
-            text = seq.detokenizer.push([token_id])
-            if seq.detokenizer.stopped:
+            text = state.detokenizer.push([token_id])
+            if state.detokenizer.stopped:
                 reason = "stop"
         if reason is None and (
-            len(seq.output_ids) >= params.max_tokens
-            or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len
+            len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
         ):
             reason = "length"
         if reason is not None:
-            text += seq.detokenizer.finish()
+            text += state.detokenizer.finish()
+            self.scheduler.finish(seq)
             seq.finish_reason = reason
-            self._release(seq)
         return self._output(seq, [token_id], text, logprobs)
-
-    def _release(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-            self._reserved -= seq.reserved_tokens
-        seq.cache = None
 
     @staticmethod
     def _output(

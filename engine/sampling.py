@@ -77,3 +77,33 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[tor
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
     top_values, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0])
     return chosen, top_values, top_ids
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """OpenAI presence/frequency penalties (generated tokens) and the multiplicative
+    repetition penalty (prompt and generated tokens). logits: [B, V]; returns [B, V]."""
+    if all(
+        p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1
+        for p in params
+    ):
+        return logits
+    device, (rows, vocab) = logits.device, logits.shape
+    logits = logits.float().clone()
+    counts = torch.zeros(rows, vocab, device=device)  # [B, V] times each token was generated
+    seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)  # in prompt or output
+    for row, (prompt, output) in enumerate(zip(prompt_ids, output_ids, strict=True)):
+        if output:
+            ids = torch.tensor(output, device=device)
+            counts[row].index_add_(0, ids, torch.ones(len(output), device=device))
+        seen[row, torch.tensor(list(prompt) + list(output), dtype=torch.long, device=device)] = True
+    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    logits -= frequency * counts + presence * (counts > 0)
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    return torch.where(seen, penalised, logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,16 @@ def prompts(n: int) -> list[list[int]]:
     return [torch.randint(3, 49152, (5 + 3 * i,), generator=gen).tolist() for i in range(n)]
 
 
+@functools.cache
+def reference_model(checkpoint: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+
+
 def hf_greedy(engine: AsyncEngine, prompt: list[int], max_tokens: int) -> list[int]:
-    model = engine.core.model
+    """transformers' own generate() on a separately loaded copy of the engine's checkpoint."""
+    model = reference_model(engine.info.source)
     out = model.generate(
         torch.tensor([prompt]),
         max_new_tokens=max_tokens,

@@ -1,0 +1,109 @@
+"""Attention over the paged KV cache, registered into transformers' attention interface.
+
+The runner packs every scheduled token of a step into one row ([1, T]) and passes a PagedBatch
+through the model's kwargs; each attention layer writes its new K/V into the cache slots, then
+attends per sequence: decodes together in one padded SDPA call, prefill chunks one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTN_NAME = "hearth_paged"
+
+
+@dataclass
+class Prefill:
+    start: int  # first row of this chunk in the packed batch
+    length: int  # query tokens in the chunk
+    context: int  # tokens attended to (cached prefix + chunk)
+    slots: torch.Tensor | None  # [context] cache slots; None when the chunk is the whole context
+
+
+@dataclass
+class PagedBatch:
+    k_cache: list[torch.Tensor]  # per layer [num_slots, Hkv, D]
+    v_cache: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
+    decode_rows: torch.Tensor | None  # [Bd] rows of the packed batch that are single-token decodes
+    decode_slots: torch.Tensor | None  # [Bd, L] cache slots each decode attends to (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where a slot is real
+    prefills: list[Prefill]
+
+
+def _causal_mask(length: int, context: int, device: torch.device) -> torch.Tensor:
+    """[length, context] True where query i (at position context-length+i) may see key j."""
+    rows = torch.arange(length, device=device)[:, None] + (context - length)
+    return torch.arange(context, device=device)[None, :] <= rows
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, Hkv, T, D]
+    value: torch.Tensor,  # [1, Hkv, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    hearth_batch: PagedBatch | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
+    batch = hearth_batch
+    if batch is None:  # called outside the engine (e.g. generate()): plain SDPA, no paged cache
+        sdpa = AttentionInterface._global_mapping["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    layer = module.layer_idx
+    k_cache, v_cache = batch.k_cache[layer], batch.v_cache[layer]  # [S, Hkv, D]
+    new_k = key[0].transpose(0, 1)  # [T, Hkv, D]
+    new_v = value[0].transpose(0, 1)
+    slot_mapping = batch.slot_mapping.to(k_cache.device)  # a no-op unless under device_map
+    k_cache.index_copy_(0, slot_mapping, new_k)
+    v_cache.index_copy_(0, slot_mapping, new_v)
+
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = torch.empty_like(q)  # [T, H, D]
+    if batch.decode_rows is not None:
+        rows = batch.decode_rows.to(q.device)
+        slots = batch.decode_slots.to(q.device)
+        qd = q[rows].unsqueeze(2)  # [Bd, H, 1, D]
+        kd = k_cache[slots].transpose(1, 2)  # [Bd, Hkv, L, D]
+        vd = v_cache[slots].transpose(1, 2)
+        mask = batch.decode_mask.to(q.device)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=mask, scale=scaling, enable_gqa=True
+        )  # [Bd, H, 1, D]
+        out[rows] = od.squeeze(2)
+    for p in batch.prefills:
+        qp = q[p.start : p.start + p.length].transpose(0, 1)[None]  # [1, H, c, D]
+        if p.slots is None:  # the chunk is the whole context: use the new K/V directly
+            kp = new_k[p.start : p.start + p.length].transpose(0, 1)[None]  # [1, Hkv, c, D]
+            vp = new_v[p.start : p.start + p.length].transpose(0, 1)[None]
+            op = F.scaled_dot_product_attention(
+                qp, kp, vp, is_causal=True, scale=scaling, enable_gqa=True
+            )
+        else:
+            slots = p.slots.to(q.device)
+            kp = k_cache[slots].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+            vp = v_cache[slots].transpose(0, 1)[None]
+            mask = _causal_mask(p.length, p.context, q.device)
+            op = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=mask, scale=scaling, enable_gqa=True
+            )
+        out[p.start : p.start + p.length] = op[0].transpose(0, 1)
+    return out[None], None  # [1, T, H, D]
+
+
+def _no_mask(*_: object, **__: object) -> None:
+    return None
+
+
+def register() -> str:
+    """Make `hearth_paged` a transformers attention implementation (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, paged_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    return ATTN_NAME

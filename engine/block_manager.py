@@ -1,0 +1,125 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, refcounts, prefix caching (torch-free)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from engine.sequence import Sequence
+
+BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's tokens)
+
+
+class BlockManager:
+    """Hands out KV blocks to sequences.
+
+    A full block whose tokens are computed gets a key that chains its prefix; another sequence
+    with the same prefix reuses it (refcount + 1) instead of recomputing. Freed blocks keep their
+    key and contents until they are handed out again, least recently freed first.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.keys: list[BlockKey | None] = [None] * num_blocks
+        self.cached: dict[BlockKey, int] = {}  # key -> block id (in use or free)
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_cache_hits = 0  # tokens served from the prefix cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _block_keys(self, token_ids: list[int], num_full: int) -> list[BlockKey]:
+        keys, parent = [], 0
+        for i in range(num_full):
+            key = (parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.keys[block]
+        if old is not None and self.cached.get(old) == block:
+            del self.cached[old]
+        self.keys[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    # -- admission ----------------------------------------------------------------------------
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding a computed prefix of seq; at least one token is left to compute."""
+        if not self.prefix_caching:
+            return []
+        tokens = seq.token_ids()
+        usable = (len(tokens) - 1) // self.block_size
+        hits = []
+        for key in self._block_keys(tokens, usable):
+            block = self.cached.get(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_admit(self, seq: Sequence, num_new_tokens: int, hits: list[int]) -> bool:
+        needed = self.blocks_for(len(hits) * self.block_size + num_new_tokens) - len(hits)
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)  # hits now sitting in free
+        return needed + revived <= len(self.free)
+
+    def admit(self, seq: Sequence, hits: list[int]) -> None:
+        """Give a new (or preempted) sequence its cached prefix blocks."""
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+        seq.block_table = list(hits)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        self.num_cache_hits += seq.num_cached_tokens
+
+    # -- growth ---------------------------------------------------------------------------------
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        return max(0, total - len(seq.block_table))
+
+    def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) <= len(self.free)
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
+        for _ in range(self.blocks_needed(seq, num_new_tokens)):
+            seq.block_table.append(self._take())
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Key the sequence's newly full, computed blocks so later prompts can reuse them."""
+        if not self.prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        size = self.block_size
+        tokens = None
+        for i in range(len(seq.block_hashes), num_full):
+            tokens = tokens or seq.token_ids()
+            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            key = (parent, tuple(tokens[i * size : (i + 1) * size]))
+            seq.block_hashes.append(hash(key))
+            block = seq.block_table[i]
+            if self.keys[block] is None:
+                self.keys[block] = key
+                self.cached.setdefault(key, block)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's references; unreferenced blocks become free (tail first)."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0

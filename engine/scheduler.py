@@ -1,0 +1,114 @@
+"""Iteration-level scheduling under a token budget and the free KV blocks (torch-free)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, Status
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step, from seq.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence, so a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[Scheduled] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Each step: running sequences first (decodes, then unfinished prefill chunks), then new
+    arrivals while the token budget and free blocks allow. When blocks run out, the newest
+    running sequence is preempted: its blocks are freed and it is requeued for recompute.
+    """
+
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.blocks.release(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Running sequences, oldest first; decodes (1 token) before long prefill chunks.
+        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted while making room for another
+                continue
+            num = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq, num):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.grow(seq, num)
+            out.scheduled.append(Scheduled(seq, num))
+            budget -= num
+        # New arrivals (and preempted sequences, which were put at the front), in order.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if out.preempted:  # memory is short: admit nothing new this step
+                break
+            seq = self.waiting[0]
+            hits = self.blocks.cached_prefix(seq)
+            num = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
+            if not self.blocks.can_admit(seq, num, hits):
+                break
+            self.waiting.popleft()
+            self.blocks.admit(seq, hits)
+            self.blocks.grow(seq, num)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(Scheduled(seq, num))
+            budget -= num
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        self.add(seq, front=True)
+        out.preempted.append(seq)
+        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+
+    def after_step(self, out: SchedulerOutput) -> None:
+        """Advance the progress of what ran and key the newly full blocks."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+            self.blocks.register_computed(item.seq)
