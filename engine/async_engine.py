@@ -36,8 +36,13 @@ class AsyncEngine:
     CPU; outputs reach each request's asyncio queue through call_soon_threadsafe, once per step.
     """
 
-    def __init__(self, core: EngineCore, tokenizer: ChatTokenizer, info: ModelInfo) -> None:
+    pace_timeout = 0.05  # seconds the engine waits for the event loop at most
+
+    def __init__(
+        self, core: EngineCore, tokenizer: ChatTokenizer, info: ModelInfo, pace: bool = False
+    ) -> None:
         self.core = core
+        self.pace = pace
         self.tokenizer = tokenizer
         self.info = info
         self._streams: dict[str, _Stream] = {}
@@ -158,13 +163,37 @@ class AsyncEngine:
         return outputs
 
     def _dispatch(self, outputs: list[GenerationOutput]) -> None:
-        by_request: dict[str, list[GenerationOutput]] = {}
+        """Hand a step's outputs to the event loops: one thread-safe call per loop per step.
+
+        With `pace` set (CPU), the engine then waits until the loop has run the woken requests
+        (up to their next await) before stepping again: on a machine with few cores, Python work
+        on the server thread during a forward stalls torch's threads far more than it costs.
+        """
+        per_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
-            by_request.setdefault(output.request_id, []).append(output)
-        for rid, batch in by_request.items():
-            stream = self._streams.get(rid)
+            stream = self._streams.get(output.request_id)
             if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, batch)
+                per_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in per_loop.items():
+            done = threading.Event() if self.pace else None
+            try:
+                loop.call_soon_threadsafe(self._deliver, loop, items, done)
+            except RuntimeError:  # the loop is closed
+                continue
+            if done is not None:
+                done.wait(self.pace_timeout)
+
+    @staticmethod
+    def _deliver(
+        loop: asyncio.AbstractEventLoop, items: list, done: threading.Event | None
+    ) -> None:
+        batches: dict[int, tuple[asyncio.Queue, list[GenerationOutput]]] = {}
+        for queue, output in items:
+            batches.setdefault(id(queue), (queue, []))[1].append(output)
+        for queue, batch in batches.values():
+            queue.put_nowait(batch)
+        if done is not None:  # runs after the tasks just woken have had their turn
+            loop.call_soon(done.set)
 
 
 def build_engine(loaded: LoadedModel) -> AsyncEngine:
@@ -193,6 +222,6 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         aliases=list(loaded.config.aliases),
         default_sampling=defaults,
     )
-    engine = AsyncEngine(core, tokenizer, info)
+    engine = AsyncEngine(core, tokenizer, info, pace=loaded.device.type == "cpu")
     engine.start()
     return engine

@@ -27,12 +27,12 @@ class Prefill:
 
 @dataclass
 class PagedBatch:
-    k_cache: list[torch.Tensor]  # per layer [num_slots, Hkv, D]
+    k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
     v_cache: list[torch.Tensor]
-    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes (block * block_size + offset)
     decode_rows: torch.Tensor | None  # [Bd] rows of the packed batch that are single-token decodes
-    decode_slots: torch.Tensor | None  # [Bd, L] cache slots each decode attends to (padded)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where a slot is real
+    decode_tables: torch.Tensor | None  # [Bd, nb] block tables of the decodes (padded with 0)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where a position is real
     prefills: list[Prefill]
 
 
@@ -58,7 +58,8 @@ def paged_attention(
         sdpa = AttentionInterface._global_mapping["sdpa"]
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
     layer = module.layer_idx
-    k_cache, v_cache = batch.k_cache[layer], batch.v_cache[layer]  # [S, Hkv, D]
+    k_blocks, v_blocks = batch.k_cache[layer], batch.v_cache[layer]  # [N, bs, Hkv, D]
+    k_cache, v_cache = k_blocks.flatten(0, 1), v_blocks.flatten(0, 1)  # [N * bs, Hkv, D] views
     new_k = key[0].transpose(0, 1)  # [T, Hkv, D]
     new_v = value[0].transpose(0, 1)
     slot_mapping = batch.slot_mapping.to(k_cache.device)  # a no-op unless under device_map
@@ -69,15 +70,17 @@ def paged_attention(
     out = torch.empty_like(q)  # [T, H, D]
     if batch.decode_rows is not None:
         rows = batch.decode_rows.to(q.device)
-        slots = batch.decode_slots.to(q.device)
-        qd = q[rows].unsqueeze(2)  # [Bd, H, 1, D]
-        kd = k_cache[slots].transpose(1, 2)  # [Bd, Hkv, L, D]
-        vd = v_cache[slots].transpose(1, 2)
+        tables = batch.decode_tables.to(q.device)
         mask = batch.decode_mask.to(q.device)
-        od = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=mask, scale=scaling, enable_gqa=True
-        )  # [Bd, H, 1, D]
-        out[rows] = od.squeeze(2)
+        length = mask.shape[-1]
+        # Whole blocks are copied (contiguous runs), then trimmed to the longest context.
+        kd = k_blocks[tables].flatten(1, 2)[:, :length].transpose(1, 2)  # [Bd, Hkv, L, D]
+        vd = v_blocks[tables].flatten(1, 2)[:, :length].transpose(1, 2)
+        # The G query heads sharing a KV head become G query rows of that head: no KV repeat.
+        heads, kv_heads, dim = q.shape[1], kd.shape[1], q.shape[2]
+        qd = q[rows].view(-1, kv_heads, heads // kv_heads, dim)  # [Bd, Hkv, G, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
+        out[rows] = od.reshape(-1, heads, dim)  # [Bd, H, D]
     for p in batch.prefills:
         qp = q[p.start : p.start + p.length].transpose(0, 1)[None]  # [1, H, c, D]
         if p.slots is None:  # the chunk is the whole context: use the new K/V directly

