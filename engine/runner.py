@@ -68,7 +68,7 @@ class ModelRunner:
         prefills: list[tuple[int, int, int, list[int] | None]] = []
         sample_rows: list[int] = []
         for item in scheduled:
-            seq, start, num = item.seq, item.seq.num_computed_tokens, item.num_tokens
+            seq, start, num = item.seq, item.start, item.num_tokens
             row = len(input_ids)
             input_ids += seq.token_ids()[start : start + num]
             positions += range(start, start + num)
@@ -84,33 +84,32 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(row + num - 1)
         dev = self.device
+
+        def longs(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
         batch = PagedBatch(
             k_cache=self.k_cache,
             v_cache=self.v_cache,
-            slot_mapping=torch.tensor(slot_mapping, device=dev),
+            slot_mapping=longs(slot_mapping),
             decode_rows=None,
             decode_tables=None,
             decode_mask=None,
-            prefills=[
-                Prefill(r, n, c, None if s is None else torch.tensor(s, device=dev))
-                for r, n, c, s in prefills
-            ],
+            prefills=[Prefill(r, n, c, None if s is None else longs(s)) for r, n, c, s in prefills],
         )
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             longest = max(decode_lens)
-            lens = torch.tensor(decode_lens, device=dev)
-            batch.decode_rows = torch.tensor(decode_rows, device=dev)
-            batch.decode_tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t in decode_tables], device=dev
-            )  # [Bd, nb]
+            lens = longs(decode_lens)
+            batch.decode_rows = longs(decode_rows)
+            batch.decode_tables = longs([t + [0] * (width - len(t)) for t in decode_tables])
             mask = torch.arange(longest, device=dev)[None, :] < lens[:, None]  # [Bd, L]
             batch.decode_mask = mask[:, None, None, :]
         out = self.model(
-            input_ids=torch.tensor([input_ids], device=dev),
-            position_ids=torch.tensor([positions], device=dev),
+            input_ids=longs([input_ids]),
+            position_ids=longs([positions]),
             use_cache=False,
-            logits_to_keep=torch.tensor(sample_rows, device=dev),
+            logits_to_keep=longs(sample_rows),
             hearth_batch=batch,
         )
         return out.logits[0]  # [n, V]

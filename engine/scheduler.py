@@ -12,12 +12,13 @@ from engine.sequence import Sequence, Status
 @dataclass
 class Scheduled:
     seq: Sequence
-    num_tokens: int  # tokens to compute this step, from seq.num_computed_tokens on
+    num_tokens: int  # tokens to compute this step, from `start` on
+    start: int = field(init=False)  # seq.num_computed_tokens when scheduled
+    samples: bool = field(init=False)  # the chunk reaches the sequence's end: sample a token
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence, so a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed_tokens
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = Status.WAITING
@@ -101,6 +103,7 @@ class Scheduler:
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.blocks.release(seq)
         self.add(seq, front=True)

