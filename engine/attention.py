@@ -36,6 +36,17 @@ class PagedBatch:
     prefills: list[Prefill]
 
 
+def _gather_blocks(blocks: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+    """Copy whole blocks (contiguous runs) per sequence, trimmed to the longest context.
+
+    blocks: [N, bs, Hkv, D]; tables: [B, nb]. Returns [B, Hkv, length, D].
+    """
+    batch, per_seq = tables.shape
+    picked = blocks.index_select(0, tables.flatten())  # [B * nb, bs, Hkv, D]
+    picked = picked.view(batch, per_seq * blocks.shape[1], *blocks.shape[2:])  # [B, nb*bs, Hkv, D]
+    return picked[:, :length].transpose(1, 2)
+
+
 def _causal_mask(length: int, context: int, device: torch.device) -> torch.Tensor:
     """[length, context] True where query i (at position context-length+i) may see key j."""
     rows = torch.arange(length, device=device)[:, None] + (context - length)
@@ -73,14 +84,18 @@ def paged_attention(
         tables = batch.decode_tables.to(q.device)
         mask = batch.decode_mask.to(q.device)
         length = mask.shape[-1]
-        # Whole blocks are copied (contiguous runs), then trimmed to the longest context.
-        kd = k_blocks[tables].flatten(1, 2)[:, :length].transpose(1, 2)  # [Bd, Hkv, L, D]
-        vd = v_blocks[tables].flatten(1, 2)[:, :length].transpose(1, 2)
+        kd = _gather_blocks(k_blocks, tables, length)  # [Bd, Hkv, L, D]
+        vd = _gather_blocks(v_blocks, tables, length)
         # The G query heads sharing a KV head become G query rows of that head: no KV repeat.
         heads, kv_heads, dim = q.shape[1], kd.shape[1], q.shape[2]
-        qd = q[rows].view(-1, kv_heads, heads // kv_heads, dim)  # [Bd, Hkv, G, D]
+        all_rows = len(rows) == len(q)  # a pure decode step: rows are 0..T-1
+        qd = (q if all_rows else q[rows]).view(-1, kv_heads, heads // kv_heads, dim)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
-        out[rows] = od.reshape(-1, heads, dim)  # [Bd, H, D]
+        od = od.reshape(-1, heads, dim)  # [Bd, H, D]
+        if all_rows:
+            out = od
+        else:
+            out[rows] = od
     for p in batch.prefills:
         qp = q[p.start : p.start + p.length].transpose(0, 1)[None]  # [1, H, c, D]
         if p.slots is None:  # the chunk is the whole context: use the new K/V directly
