@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One GPU session (device tool): versions, CUDA correctness, `hearth serve` on CUDA, benchmarks.
+# Needs .whl/ (fastapi, uvicorn, pydantic... for python 3.12) and .gpu/tokenizer carried along.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+git rev-parse --short HEAD 2>/dev/null || true
+
+echo "== CUDA correctness (tiny random Llama) =="
+timeout 150 python3 bench/gpu_smoke.py --tokenizer .gpu/tokenizer --out /tmp/tiny-llama 2>&1 \
+    | grep -v "it/s]" | tee "$OUT/smoke.log"
+
+echo "== hearth serve on CUDA =="
+python3 -m hearth serve --model /tmp/tiny-llama --port 8000 > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+python3 - <<'PY'
+import json, time, urllib.request
+for _ in range(120):
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2).status == 200:
+            break
+    except Exception:
+        time.sleep(0.5)
+body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+req = urllib.request.Request("http://127.0.0.1:8000/v1/chat/completions",
+                             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+print(json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"])
+PY
+kill -TERM $SERVER; wait $SERVER; echo "serve exit code $?"
+grep -E "ready:|serving" "$OUT/serve.log"
+
+echo "== batch 1, Llama-3.1-8B shape, bf16 =="
+timeout 150 python3 bench/engine_bench.py --device cuda --shape llama-3.1-8b --requests 4 \
+    --concurrency 1 --prompt-len 128 --output-len 128 --skip cb,ceiling --sequential 1 2>&1 \
+    | grep -v "it/s]" | tee "$OUT/bench_bs1.log"
+
+echo "== 256 x 1024/128, Llama-3.1-8B shape, bf16 =="
+timeout 330 python3 bench/engine_bench.py --device cuda --shape llama-3.1-8b --requests 256 \
+    --concurrency 256 --prompt-len 1024 --output-len 128 --max-batched-tokens 8192 \
+    --sequential 0 2>&1 | grep -v "it/s]" | tee "$OUT/bench_256.log"
