@@ -92,8 +92,13 @@ def load(args: argparse.Namespace) -> LoadedModel:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        with torch.device(args.device):
-            model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build the weights in the target dtype directly
+        try:
+            with torch.device(args.device):
+                model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape]))
+        finally:
+            torch.set_default_dtype(default)
         model.eval()
         config = ModelConfig(
             id=args.shape,
@@ -360,22 +365,37 @@ def main() -> None:
         return
     prompts = make_prompts(args, loaded.model.config.vocab_size)
     skip = set(args.skip.split(","))
-    results = [bench_hearth(loaded, prompts, args)]
-    free_device_memory(args.device)  # the engine's KV cache
-    model = plain_model(loaded)
-    ceiling = None if "ceiling" in skip else decode_ceiling(model, args)
-    free_device_memory(args.device)
-    if "cb" not in skip:
-        results.append(bench_transformers_cb(model, prompts, args))
-        free_device_memory(args.device)
-    if "sequential" not in skip and args.sequential:
-        results.append(bench_sequential(model, prompts, args))
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parent,
     ).stdout.strip()
+    results = [bench_hearth(loaded, prompts, args)]
+    print(f"partial: {results[0]}", flush=True)  # survives a later stage's failure or timeout
+    free_device_memory(args.device)  # the engine's KV cache
+    model = plain_model(loaded)
+    ceiling = None
+    stages = [
+        ("ceiling", lambda: decode_ceiling(model, args)),
+        ("cb", lambda: bench_transformers_cb(model, prompts, args)),
+        ("sequential", lambda: bench_sequential(model, prompts, args) if args.sequential else None),
+    ]
+    for name, stage in stages:
+        if name in skip:
+            continue
+        try:
+            value = stage()
+        except Exception as exc:  # report and go on: the other figures are still worth having
+            print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+            value = None
+        free_device_memory(args.device)
+        if name == "ceiling":
+            ceiling = value
+            print(f"partial: ceiling {value}", flush=True)
+        elif value is not None:
+            results.append(value)
+            print(f"partial: {value.name} {value.tok_s:.1f} tok/s", flush=True)
     print(f"commit {commit}; peak RSS {rss_mb():.0f} MiB")
     print(table(results, ceiling, args))
 

@@ -40,7 +40,11 @@ class ModelRunner:
     def __init__(
         self, model: PreTrainedModel, num_blocks: int, block_size: int, dtype: torch.dtype
     ) -> None:
-        model.set_attn_implementation(register())
+        name = register()
+        try:
+            model.set_attn_implementation(name)
+        except (ValueError, AttributeError):  # older transformers: set the config directly
+            model.config._attn_implementation = name
         self.model = model
         self.block_size = block_size
         self.device = next(model.parameters()).device
