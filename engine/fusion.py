@@ -1,0 +1,78 @@
+"""Fuse sibling projections (q/k/v, gate/up) into one matmul without changing modeling code.
+
+The first projection of a group runs the fused matmul and keeps the other slices; its siblings
+return them when called with the very same input tensor (and compute normally otherwise). The
+original weights become views of the fused one, so no memory is added.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _FusedGroup:
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum(out), in]
+        biases = [layer.bias for layer in layers]
+        bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+        self.weight, self.bias = weight, bias
+        self.sizes = [layer.out_features for layer in layers]
+        start = 0
+        for layer, size in zip(layers, self.sizes, strict=True):
+            layer.weight = nn.Parameter(weight[start : start + size], requires_grad=False)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
+            start += size
+        self._input: torch.Tensor | None = None
+        self._pending: list[torch.Tensor | None] = [None] * len(layers)
+        layers[0].forward = self._first
+        for index, layer in enumerate(layers[1:], start=1):
+            layer.forward = self._sibling(index, layer)
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        self._input = x
+        self._pending = [None, *parts[1:]]
+        return parts[0]
+
+    def _sibling(self, index: int, layer: nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            part = self._pending[index]
+            if part is None or x is not self._input:  # not called as a group: compute alone
+                return F.linear(x, layer.weight, layer.bias)
+            self._pending[index] = None
+            if not any(p is not None for p in self._pending):
+                self._input = None
+            return part
+
+        return forward
+
+
+def _fusable(layers: list[nn.Module]) -> bool:
+    if not all(type(layer) is nn.Linear for layer in layers):
+        return False
+    first = layers[0].weight
+    return all(
+        layer.in_features == layers[0].in_features
+        and layer.weight.device == first.device
+        and layer.weight.dtype == first.dtype
+        and (layer.bias is None) == (layers[0].bias is None)
+        for layer in layers
+    )
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse every q/k/v and gate/up group found; returns how many groups were fused."""
+    fused = 0
+    for module in model.modules():
+        for names in GROUPS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(layer is not None for layer in layers) and _fusable(layers):
+                _FusedGroup(layers)
+                fused += 1
+    return fused
