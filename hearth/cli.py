@@ -220,6 +220,7 @@ def _load_all(
         from engine.async_engine import build_engine
         from engine.loader import LoadError, configure_cpu_threads, load_model
 
+        tqdm.monitor_interval = 0  # progress bars: no monitor thread left waking up while serving
         for config in tqdm(
             selection.models, desc="Loading models", unit="model", disable=len(selection.models) < 2
         ):
