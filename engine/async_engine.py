@@ -14,13 +14,16 @@ from engine.core import EngineCore, kv_budget_bytes
 from engine.loader import LoadedModel
 from engine.runner import kv_bytes_per_token
 from engine.tokenizer import ChatTokenizer
-from engine.types import EngineStats, GenerationOutput, GenerationRequest, ModelInfo
+from engine.types import (
+    EngineDeadError,
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    ModelInfo,
+    QueueFullError,
+)
 
 log = logging.getLogger("hearth.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; no request can be served."""
 
 
 @dataclass
@@ -71,6 +74,10 @@ class AsyncEngine:
         if self._dead:
             raise EngineDeadError(self._dead)
         self.core.check_request(request)  # ValueError now, before anything is queued
+        if len(self._streams) >= self.core.limits.max_num_seqs + self.core.limits.max_waiting:
+            raise QueueFullError(
+                f"{len(self._streams)} requests are in flight; the queue is full"
+            )
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")
@@ -211,6 +218,8 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         loaded.model, tokenizer, limits, loaded.max_model_len, num_blocks, loaded.dtype
     )
     defaults = loaded.config.defaults.model_dump(exclude_none=True)
+    vocab = getattr(loaded.tokenizer, "get_vocab", dict)()
+    longest = max((len(token) for token in vocab), default=64)
     info = ModelInfo(
         model_id=loaded.config.id,
         source=loaded.config.source,
@@ -221,6 +230,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         created=int(time.time()),
         aliases=list(loaded.config.aliases),
         default_sampling=defaults,
+        max_token_chars=max(1, longest),
     )
     engine = AsyncEngine(core, tokenizer, info, pace=loaded.device.type == "cpu")
     engine.start()

@@ -9,6 +9,14 @@ from typing import Any, Literal, Protocol
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full; the client should retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served (HTTP 503)."""
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding controls; OpenAI names where they exist, vLLM names for the extras."""
@@ -107,6 +115,7 @@ class ModelInfo:
     kv_capacity_tokens: int
     created: int
     aliases: list[str] = field(default_factory=list)
+    max_token_chars: int = 64  # longest token's text: len(text) / this <= tokens, a cheap bound
     default_sampling: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,14 +1,16 @@
-"""The FastAPI app factory: routes, error envelope, auth settings, CORS."""
+"""The FastAPI app factory: routes, error envelope, auth settings, CORS, metrics."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
 
 from hearth import __version__
 from server.errors import install_error_handlers
+from server.metrics import Metrics, RequestCounter
 from server.registry import ModelRegistry
-from server.routes import chat, models
+from server.routes import chat, completions, models, responses
 from server.settings import ServerSettings
 
 
@@ -18,6 +20,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app = FastAPI(title="hearth", version=__version__, docs_url=None, redoc_url=None)
     app.state.registry = registry
     app.state.settings = settings
+    app.state.metrics = Metrics(lambda: registry.engines)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -26,6 +29,15 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    app.add_middleware(RequestCounter, metrics=app.state.metrics)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(responses.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        body = request.app.state.metrics.render()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     return app

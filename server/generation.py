@@ -1,44 +1,135 @@
-"""Shared request plumbing: context-length checks, running a request to completion."""
+"""Shared request plumbing: tokenizing off the loop, length checks, streams, disconnects."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from engine.types import EngineClient, GenerationOutput, GenerationRequest, SamplingParams
+from fastapi import Request
+
+from engine.types import (
+    EngineClient,
+    EngineDeadError,
+    GenerationOutput,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+    TokenLogprob,
+)
 from server.errors import APIError
+from server.metrics import Metrics
+
+T = TypeVar("T")
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    sep = "_" if prefix == "resp" else "-"
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
-def resolve_max_tokens(engine: EngineClient, prompt_len: int, requested: int | None) -> int:
+def context_error(limit: int, prompt_len: int, requested: int | None, param: str) -> APIError:
+    if requested is None:
+        detail = f"your prompt has {prompt_len} tokens, leaving no room for a completion"
+    else:
+        detail = (
+            f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or {param}"
+        )
+    return APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, {detail}.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def check_text_length(engine: EngineClient, text_chars: int, param: str) -> None:
+    """Reject text that cannot fit before tokenizing it (no token is longer than the longest)."""
+    at_least = text_chars // engine.info.max_token_chars
+    if at_least >= engine.info.max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {engine.info.max_model_len} tokens. "
+            f"However, your input has {text_chars} characters, which is at least {at_least} "
+            "tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+async def tokenize(fn: Callable[..., T], *args: Any) -> T:
+    """Run tokenization / chat-template rendering in a worker thread, off the event loop."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except ValueError as exc:  # template errors and the like are the client's
+        raise APIError(400, str(exc), param="messages") from None
+
+
+def resolve_max_tokens(
+    engine: EngineClient, prompt_len: int, requested: int | None, param: str = "max_tokens"
+) -> int:
     """The request's max_tokens, or what is left of the context; 400 naming both numbers."""
     limit = engine.info.max_model_len
     if requested is None:
-        requested = engine.info.default_sampling.get("max_tokens")
-        if requested is None or prompt_len + requested > limit:
-            requested = limit - prompt_len
-        if requested < 1:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"has {prompt_len} tokens, leaving no room for a completion.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        return requested
+        default = engine.info.default_sampling.get("max_tokens")
+        left = limit - prompt_len
+        if left < 1:
+            raise context_error(limit, prompt_len, None, param)
+        return min(default, left) if default else left
     if prompt_len + requested > limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-            f"completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
+        raise context_error(limit, prompt_len, requested, param)
     return requested
+
+
+def engine_error(exc: Exception) -> APIError:
+    if isinstance(exc, QueueFullError):
+        return APIError(429, f"The server is busy: {exc}. Retry shortly.",
+                        code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_dead")
+    return APIError(400, str(exc))
+
+
+async def open_stream(
+    engine: EngineClient, request: GenerationRequest, metrics: Metrics | None = None
+) -> AsyncIterator[GenerationOutput]:
+    """Start generating; engine rejections surface here as APIErrors, before any byte is sent.
+
+    The returned iterator yields every output; closing it (client gone) aborts the request.
+    """
+    stream = engine.generate(request)
+    start = time.perf_counter()
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+    except (ValueError, QueueFullError, EngineDeadError) as exc:
+        raise engine_error(exc) from None
+    model = engine.info.model_id
+    if metrics is not None:
+        metrics.request_started(model, len(request.prompt_token_ids))
+        metrics.first_token(model, time.perf_counter() - start)
+
+    async def outputs() -> AsyncIterator[GenerationOutput]:
+        last = time.perf_counter()
+        try:
+            if first is not None:
+                yield first
+            async for output in stream:
+                if metrics is not None and output.token_ids:
+                    now = time.perf_counter()
+                    metrics.inter_token(model, now - last, len(output.token_ids))
+                    last = now
+                yield output
+        finally:
+            await stream.aclose()
+
+    return outputs()
 
 
 @dataclass
@@ -47,7 +138,8 @@ class Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    logprobs: list = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None
 
 
 @dataclass
@@ -60,11 +152,15 @@ class Completed:
         return sum(len(c.token_ids) for c in self.choices)
 
     def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+        return usage(self.prompt_tokens, self.completion_tokens)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def raise_for_output(output: GenerationOutput) -> None:
@@ -72,22 +168,49 @@ def raise_for_output(output: GenerationOutput) -> None:
         raise APIError(500, output.error or "engine error", code="engine_error")
 
 
+async def collect(outputs: AsyncIterator[GenerationOutput], n: int, prompt_len: int) -> Completed:
+    choices = [Choice(i) for i in range(n)]
+    async for output in outputs:
+        raise_for_output(output)
+        choice = choices[output.index]
+        choice.text += output.text
+        choice.token_ids += output.token_ids
+        if output.logprobs:
+            choice.logprobs += output.logprobs
+        if output.finish_reason is not None:
+            choice.finish_reason = output.finish_reason
+    return Completed(prompt_len, choices)
+
+
+async def until_disconnected(http: Request) -> None:
+    """Returns when the client has gone away (event-driven: no polling)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 async def run_to_completion(
-    engine: EngineClient, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+    http: Request, engine: EngineClient, request_id: str, prompt_ids: list[int],
+    sampling: SamplingParams,
 ) -> Completed:
-    """Run one request and collect every sample; engine-side rejections become 400s."""
-    request = GenerationRequest(request_id, prompt_ids, sampling)
-    choices = [Choice(i) for i in range(sampling.n)]
+    """Run one request to the end; a client that disconnects first aborts it at once."""
+    metrics = getattr(http.app.state, "metrics", None)
+    outputs = await open_stream(engine, GenerationRequest(request_id, prompt_ids, sampling),
+                                metrics)
+    work = asyncio.ensure_future(collect(outputs, sampling.n, len(prompt_ids)))
+    watcher = asyncio.ensure_future(until_disconnected(http))
     try:
-        async for output in engine.generate(request):
-            raise_for_output(output)
-            choice = choices[output.index]
-            choice.text += output.text
-            choice.token_ids += output.token_ids
-            if output.logprobs:
-                choice.logprobs += output.logprobs
-            if output.finish_reason is not None:
-                choice.finish_reason = output.finish_reason
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from None
-    return Completed(len(prompt_ids), choices)
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():  # the client left (or we are cancelled): abort, free the KV blocks
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if not work.done() or work.cancelled():
+        raise APIError(499, "The client closed the request.", code="client_closed_request")
+    result = work.result()
+    if metrics is not None:
+        metrics.request_finished(engine.info.model_id, result.completion_tokens)
+    return result

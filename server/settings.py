@@ -1,4 +1,4 @@
-"""Server-wide settings that are not per-model (auth, CORS)."""
+"""Server-wide settings that are not per-model (auth, CORS, the Responses store)."""
 
 from __future__ import annotations
 
@@ -9,4 +9,5 @@ from dataclasses import dataclass
 class ServerSettings:
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    base_path: str = "/v1"
+    responses_max_stored: int = 1000  # stored responses kept for previous_response_id / GET
+    responses_ttl_s: float = 3600.0  # and for how long

@@ -1,0 +1,98 @@
+"""Prometheus metrics: requests by route and status, tokens, latencies, engine load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from engine.types import EngineClient
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _EngineCollector:
+    """Reads each engine's stats at scrape time (no background work)."""
+
+    def __init__(self, engines: Callable[[], list[EngineClient]]) -> None:
+        self.engines = engines
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = {
+            "running": GaugeMetricFamily("hearth_requests_running", "Sequences decoding",
+                                         labels=["model"]),
+            "waiting": GaugeMetricFamily("hearth_requests_waiting", "Sequences queued",
+                                         labels=["model"]),
+            "kv": GaugeMetricFamily("hearth_kv_cache_usage_ratio", "KV blocks in use / total",
+                                    labels=["model"]),
+            "hits": GaugeMetricFamily("hearth_prefix_cache_hit_tokens",
+                                      "Prompt tokens served from the prefix cache",
+                                      labels=["model"]),
+        }
+        for engine in self.engines():
+            stats, model = engine.stats(), engine.info.model_id
+            families["running"].add_metric([model], stats.num_running)
+            families["waiting"].add_metric([model], stats.num_waiting)
+            total = max(1, stats.kv_blocks_total)
+            families["kv"].add_metric([model], stats.kv_blocks_used / total)
+            families["hits"].add_metric([model], stats.prefix_cache_hits)
+        yield from families.values()
+
+
+class Metrics:
+    def __init__(self, engines: Callable[[], list[EngineClient]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("hearth_http_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("hearth_prompt_tokens", "Prompt tokens of started requests",
+                                     ["model"], registry=self.registry)
+        self.generation_tokens = Counter("hearth_generation_tokens", "Generated tokens",
+                                         ["model"], registry=self.registry)
+        self.ttft = Histogram("hearth_time_to_first_token_seconds", "Time to first token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("hearth_inter_token_latency_seconds", "Time between tokens",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engines))
+
+    def request_started(self, model: str, prompt_tokens: int) -> None:
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def inter_token(self, model: str, seconds: float, tokens: int) -> None:
+        self.itl.labels(model).observe(seconds / max(1, tokens))
+
+    def request_finished(self, model: str, completion_tokens: int) -> None:
+        self.generation_tokens.labels(model).inc(completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware counting responses by route template and status code."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(path, str(status["code"])).inc()
