@@ -115,8 +115,8 @@ class ModelInfo:
     kv_capacity_tokens: int
     created: int
     aliases: list[str] = field(default_factory=list)
-    max_token_chars: int = 64  # longest token's text: len(text) / this <= tokens, a cheap bound
     default_sampling: dict[str, Any] = field(default_factory=dict)
+    max_token_chars: int = 64  # longest token's text: len(text) / this <= tokens, a cheap bound
 
 
 class EngineClient(Protocol):

@@ -88,8 +88,12 @@ def resolve_max_tokens(
 
 def engine_error(exc: Exception) -> APIError:
     if isinstance(exc, QueueFullError):
-        return APIError(429, f"The server is busy: {exc}. Retry shortly.",
-                        code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        return APIError(
+            429,
+            f"The server is busy: {exc}. Retry shortly.",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_dead")
     return APIError(400, str(exc))
@@ -191,13 +195,17 @@ async def until_disconnected(http: Request) -> None:
 
 
 async def run_to_completion(
-    http: Request, engine: EngineClient, request_id: str, prompt_ids: list[int],
+    http: Request,
+    engine: EngineClient,
+    request_id: str,
+    prompt_ids: list[int],
     sampling: SamplingParams,
 ) -> Completed:
     """Run one request to the end; a client that disconnects first aborts it at once."""
     metrics = getattr(http.app.state, "metrics", None)
-    outputs = await open_stream(engine, GenerationRequest(request_id, prompt_ids, sampling),
-                                metrics)
+    outputs = await open_stream(
+        engine, GenerationRequest(request_id, prompt_ids, sampling), metrics
+    )
     work = asyncio.ensure_future(collect(outputs, sampling.n, len(prompt_ids)))
     watcher = asyncio.ensure_future(until_disconnected(http))
     try:

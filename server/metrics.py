@@ -21,15 +21,20 @@ class _EngineCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families = {
-            "running": GaugeMetricFamily("hearth_requests_running", "Sequences decoding",
-                                         labels=["model"]),
-            "waiting": GaugeMetricFamily("hearth_requests_waiting", "Sequences queued",
-                                         labels=["model"]),
-            "kv": GaugeMetricFamily("hearth_kv_cache_usage_ratio", "KV blocks in use / total",
-                                    labels=["model"]),
-            "hits": GaugeMetricFamily("hearth_prefix_cache_hit_tokens",
-                                      "Prompt tokens served from the prefix cache",
-                                      labels=["model"]),
+            "running": GaugeMetricFamily(
+                "hearth_requests_running", "Sequences decoding", labels=["model"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "hearth_requests_waiting", "Sequences queued", labels=["model"]
+            ),
+            "kv": GaugeMetricFamily(
+                "hearth_kv_cache_usage_ratio", "KV blocks in use / total", labels=["model"]
+            ),
+            "hits": GaugeMetricFamily(
+                "hearth_prefix_cache_hit_tokens",
+                "Prompt tokens served from the prefix cache",
+                labels=["model"],
+            ),
         }
         for engine in self.engines():
             stats, model = engine.stats(), engine.info.model_id
@@ -44,16 +49,35 @@ class _EngineCollector:
 class Metrics:
     def __init__(self, engines: Callable[[], list[EngineClient]]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("hearth_http_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.prompt_tokens = Counter("hearth_prompt_tokens", "Prompt tokens of started requests",
-                                     ["model"], registry=self.registry)
-        self.generation_tokens = Counter("hearth_generation_tokens", "Generated tokens",
-                                         ["model"], registry=self.registry)
-        self.ttft = Histogram("hearth_time_to_first_token_seconds", "Time to first token",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("hearth_inter_token_latency_seconds", "Time between tokens",
-                             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "hearth_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "hearth_prompt_tokens",
+            "Prompt tokens of started requests",
+            ["model"],
+            registry=self.registry,
+        )
+        self.generation_tokens = Counter(
+            "hearth_generation_tokens", "Generated tokens", ["model"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "hearth_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "hearth_inter_token_latency_seconds",
+            "Time between tokens",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engines))
 
     def request_started(self, model: str, prompt_tokens: int) -> None:

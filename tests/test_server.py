@@ -149,3 +149,157 @@ def test_auth_accepts_any_configured_key_and_health_is_open() -> None:
         response = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert response.status_code == 200
     assert client.get("/health").status_code == 200
+
+
+def sse_events(text: str) -> list[str]:
+    """Split an SSE body into its data payloads, checking the framing on the way."""
+    assert text.endswith("\n\n")
+    events = text[:-2].split("\n\n")
+    payloads = []
+    for event in events:
+        assert event.startswith("data: "), event
+        payloads.append(event[len("data: ") :])
+    return payloads
+
+
+def test_chat_stream_framing_role_first_usage_and_done() -> None:
+    import json
+
+    client, _ = make_client()
+    response = chat(client, stream=True, stream_options={"include_usage": True}, max_tokens=50)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = sse_events(response.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "hello"
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_chat_stream_without_usage_has_no_usage_key() -> None:
+    import json
+
+    client, _ = make_client()
+    payloads = sse_events(chat(client, stream=True).text)
+    assert all("usage" not in json.loads(p) for p in payloads[:-1])
+
+
+def test_stream_options_without_stream_is_400() -> None:
+    client, _ = make_client()
+    assert_envelope(chat(client, stream_options={"include_usage": True}), 400)
+    assert_envelope(chat(client, top_logprobs=2), 400)
+
+
+def completion(client: TestClient, **body) -> object:
+    return client.post("/v1/completions", json={"model": "fake-model", **body})
+
+
+def test_completions_prompt_forms_echo_and_n() -> None:
+    client, _ = make_client()
+    data = completion(client, prompt="say: hi", max_tokens=10).json()
+    assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
+    assert data["choices"][0]["text"] == "hi" and data["choices"][0]["finish_reason"] == "stop"
+    assert data["usage"]["prompt_tokens"] == len("say: hi")
+    many = completion(client, prompt=["a: xy", "b: z"], n=2, max_tokens=10).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in many["choices"]] == ["xy", "xy", "z", "z"]
+    ids = completion(client, prompt=list(b"q: ok"), max_tokens=10).json()
+    assert ids["choices"][0]["text"] == "ok"
+    nested = completion(client, prompt=[list(b"q: ab"), list(b"q: cd")], max_tokens=10).json()
+    assert [c["text"] for c in nested["choices"]] == ["ab", "cd"]
+    echoed = completion(client, prompt="e: yes", echo=True, max_tokens=10).json()
+    assert echoed["choices"][0]["text"] == "e: yesyes"
+    cut = completion(client, prompt="l: long answer", max_tokens=3).json()
+    assert cut["choices"][0]["text"] == "lon" and cut["choices"][0]["finish_reason"] == "length"
+
+
+def test_completions_default_max_tokens_is_16_and_errors() -> None:
+    client, engine = make_client()
+    completion(client, prompt="x: y")
+    assert engine.requests[-1].sampling.max_tokens == 16
+    error = assert_envelope(completion(client, prompt="x", suffix="tail"), 400, "suffix")
+    assert "not supported" in error["message"]
+    assert_envelope(completion(client, prompt=[]), 400, "prompt")
+    assert_envelope(completion(client, prompt="x", max_tokens=10_000), 400, "max_tokens")
+
+
+def test_completions_stream() -> None:
+    import json
+
+    client, _ = make_client()
+    body = {"prompt": ["a: one", "b: two"], "stream": True, "echo": True,
+            "stream_options": {"include_usage": True}, "max_tokens": 10}
+    payloads = sse_events(completion(client, **body).text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    texts: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "a: oneone", 1: "b: twotwo"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_huge_prompt_is_rejected_before_tokenizing() -> None:
+    client, engine = make_client()
+    calls = []
+    engine.encode_chat = lambda *a, **k: calls.append(1)  # must not be reached
+    error = assert_envelope(
+        chat(client, messages=[{"role": "user", "content": "x" * 1_000_000}]), 400, "messages"
+    )
+    assert "maximum context length is 256" in error["message"] and not calls
+
+
+def test_queue_full_is_429_with_retry_after() -> None:
+    from engine.types import QueueFullError
+
+    client, engine = make_client()
+
+    async def full(request):
+        raise QueueFullError("1024 requests are in flight")
+        yield  # pragma: no cover
+
+    engine.generate = full
+    response = chat(client)
+    assert_envelope(response, 429)
+    assert response.headers["retry-after"] == "1"
+
+
+def test_engine_error_mid_stream_is_an_error_event_then_done() -> None:
+    import json
+
+    from engine.types import GenerationOutput
+
+    client, engine = make_client()
+
+    async def failing(request):
+        yield GenerationOutput(request.request_id, 0, [104], "h", 3, 1)
+        yield GenerationOutput(request.request_id, 0, [], "", 3, 1, "error", error="boom")
+
+    engine.generate = failing
+    payloads = sse_events(chat(client, stream=True).text)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["message"] == "boom" and error["type"] == "server_error"
+    assert_envelope(chat(client), 500)
+
+
+def test_metrics_exposes_requests_tokens_and_engine_gauges() -> None:
+    client, _ = make_client()
+    chat(client, max_tokens=50)
+    chat(client, model="nope")
+    text = client.get("/metrics").text
+    assert 'hearth_http_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'hearth_http_requests_total{route="/v1/chat/completions",status="404"} 1.0' in text
+    assert 'hearth_generation_tokens_total{model="fake-model"} 5.0' in text
+    assert "hearth_time_to_first_token_seconds_count" in text
+    assert 'hearth_kv_cache_usage_ratio{model="fake-model"}' in text
+    assert 'hearth_requests_running{model="fake-model"} 0.0' in text

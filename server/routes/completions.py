@@ -1,7 +1,190 @@
-"""POST /v1/completions (legacy text completions)."""
+"""POST /v1/completions: legacy text completions over one or several prompts."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from engine.types import EngineClient, GenerationOutput, GenerationRequest
+from server.auth import require_api_key
+from server.errors import APIError
+from server.generation import (
+    check_text_length,
+    new_id,
+    open_stream,
+    raise_for_output,
+    resolve_max_tokens,
+    run_to_completion,
+    tokenize,
+    usage,
+)
+from server.logprobs import completion_logprobs
+from server.protocol import CompletionRequest
+from server.streaming import event_stream, sse
 
 router = APIRouter()
+
+
+async def _prompt_ids(engine: EngineClient, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        check_text_length(engine, len(prompt), "prompt")
+        return await tokenize(engine.encode, prompt)
+    return prompt
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None)
+async def create_completion(
+    body: CompletionRequest, request: Request
+) -> dict[str, Any] | StreamingResponse:
+    if body.suffix:
+        raise APIError(400, "suffix is not supported by this server.", param="suffix")
+    engine = request.app.state.registry.get(body.model)
+    prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
+    samplings = []
+    for ids in prompts:
+        max_tokens = resolve_max_tokens(engine, len(ids), body.max_tokens)
+        samplings.append(
+            body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs)
+        )
+    request_id = new_id("cmpl")
+    created = int(time.time())
+    echoes = [engine.decode(ids) if body.echo else "" for ids in prompts]
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    if body.stream:
+        metrics = request.app.state.metrics
+        streams = [
+            await open_stream(
+                engine, GenerationRequest(f"{request_id}-{i}", ids, sampling), metrics
+            )
+            for i, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True))
+        ]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        base = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": None,
+        }
+        events = _chunks(
+            base,
+            engine,
+            streams,
+            body.n,
+            echoes,
+            prompt_tokens,
+            include_usage,
+            body.logprobs is not None,
+            metrics,
+        )
+        return event_stream(events)
+    results = await asyncio.gather(
+        *(
+            run_to_completion(request, engine, f"{request_id}-{i}", ids, sampling)
+            for i, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True))
+        )
+    )
+    choices = []
+    for p, result in enumerate(results):
+        for choice in result.choices:
+            echo = echoes[p]
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(engine, choice.logprobs, offset=len(echo))
+            choices.append(
+                {
+                    "index": p * body.n + choice.index,
+                    "text": echo + choice.text,
+                    "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason,
+                }
+            )
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+async def _merge(
+    streams: list[AsyncIterator[GenerationOutput]],
+) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    """Interleave several output streams as their items arrive: (stream number, output)."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, GenerationOutput | None]] = asyncio.Queue()
+
+    async def pump(number: int, stream: AsyncIterator[GenerationOutput]) -> None:
+        try:
+            async for output in stream:
+                await queue.put((number, output))
+        finally:
+            await queue.put((number, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            number, output = await queue.get()
+            if output is None:
+                remaining -= 1
+                continue
+            yield number, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:  # a stream that failed: report it
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+
+async def _chunks(
+    base: dict[str, Any],
+    engine: EngineClient,
+    streams: list[AsyncIterator[GenerationOutput]],
+    n: int,
+    echoes: list[str],
+    prompt_tokens: int,
+    include_usage: bool,
+    with_logprobs: bool,
+    metrics: Any,
+) -> AsyncIterator[str]:
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**base, "choices": [choice], **extra})
+
+    offsets: dict[int, int] = {}
+    for p, echo in enumerate(echoes):
+        for i in range(n):
+            offsets[p * n + i] = len(echo)
+            if echo:
+                yield chunk(p * n + i, echo)
+    completion_tokens = 0
+    async for p, output in _merge(streams):
+        raise_for_output(output)
+        index = p * n + output.index
+        completion_tokens += len(output.token_ids)
+        logprobs = None
+        if with_logprobs and output.logprobs:
+            logprobs = completion_logprobs(engine, output.logprobs, offset=offsets[index])
+        offsets[index] += len(output.text)
+        if output.text or logprobs or output.finish_reason:
+            yield chunk(index, output.text, logprobs, output.finish_reason)
+    metrics.request_finished(engine.info.model_id, completion_tokens)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
