@@ -235,8 +235,13 @@ def test_completions_stream() -> None:
     import json
 
     client, _ = make_client()
-    body = {"prompt": ["a: one", "b: two"], "stream": True, "echo": True,
-            "stream_options": {"include_usage": True}, "max_tokens": 10}
+    body = {
+        "prompt": ["a: one", "b: two"],
+        "stream": True,
+        "echo": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 10,
+    }
     payloads = sse_events(completion(client, **body).text)
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
