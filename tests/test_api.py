@@ -300,7 +300,9 @@ def test_api_document_examples(default_doc_server) -> None:
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
         )
         assert run.returncode == 0, run.stderr
-        assert run.stdout.strip()
+        # SmolLM2 answers a raw (untemplated) prompt with its end token, so only the chat
+        # example is sure to print text.
+        assert run.stdout.strip() or script is DOC_COMPLETION
 
 
 @pytest.fixture(scope="module")
