@@ -75,9 +75,7 @@ class AsyncEngine:
             raise EngineDeadError(self._dead)
         self.core.check_request(request)  # ValueError now, before anything is queued
         if len(self._streams) >= self.core.limits.max_num_seqs + self.core.limits.max_waiting:
-            raise QueueFullError(
-                f"{len(self._streams)} requests are in flight; the queue is full"
-            )
+            raise QueueFullError(f"{len(self._streams)} requests are in flight; the queue is full")
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")

@@ -93,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow browser requests from ORIGIN (repeatable; default: none)",
     )
     serve.add_argument(
+        "--responses-max-stored",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="Responses API: stored responses kept for previous_response_id and GET "
+        "(default: 1000)",
+    )
+    serve.add_argument(
+        "--responses-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="Responses API: how long a stored response is kept (default: 3600)",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -180,7 +195,13 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     registry = ModelRegistry()
-    app = create_app(registry, ServerSettings(api_keys=keys, cors_origins=tuple(args.cors_origin)))
+    settings = ServerSettings(
+        api_keys=keys,
+        cors_origins=tuple(args.cors_origin),
+        responses_max_stored=args.responses_max_stored,
+        responses_ttl_s=args.responses_ttl,
+    )
+    app = create_app(registry, settings)
     server = Server(
         uvicorn.Config(
             app,

@@ -62,12 +62,12 @@ def check_text_length(engine: EngineClient, text_chars: int, param: str) -> None
         )
 
 
-async def tokenize(fn: Callable[..., T], *args: Any) -> T:
+async def tokenize(fn: Callable[..., T], *args: Any, param: str = "messages") -> T:
     """Run tokenization / chat-template rendering in a worker thread, off the event loop."""
     try:
         return await asyncio.to_thread(fn, *args)
     except ValueError as exc:  # template errors and the like are the client's
-        raise APIError(400, str(exc), param="messages") from None
+        raise APIError(400, str(exc), param=param) from None
 
 
 def resolve_max_tokens(

@@ -283,6 +283,24 @@ max_tokens=128,
 print(completion.choices[0].text)
 """
 
+DOC_RESPONSES = """
+from openai import OpenAI
+client = OpenAI()
+response = client.responses.create(
+model="SmolLM2-135M-Instruct",
+input="Write a one-sentence bedtime story about a unicorn.",
+)
+print(response.output_text)
+response = client.responses.create(
+model="SmolLM2-135M-Instruct",
+instructions="You are a professional copywriter. Focus on benefits rather than features.",
+input="Create a product description for NoiseGuard Pro Headphones.",
+temperature=0.7,
+max_output_tokens=200,
+)
+print(response.output[0].content[0].text)
+"""
+
 
 @pytest.mark.slow
 def test_api_document_examples(default_doc_server) -> None:
@@ -295,7 +313,7 @@ def test_api_document_examples(default_doc_server) -> None:
     assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
     import sys
 
-    for script in (DOC_STREAM, DOC_COMPLETION):
+    for script in (DOC_STREAM, DOC_COMPLETION, DOC_RESPONSES):
         run = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
         )

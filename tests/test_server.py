@@ -11,13 +11,16 @@ from server.settings import ServerSettings
 from tests.fakes import FakeEngine
 
 
-def make_client(keys: tuple[str, ...] = (), ready: bool = True) -> tuple[TestClient, FakeEngine]:
+def make_client(
+    keys: tuple[str, ...] = (), ready: bool = True, origins: tuple[str, ...] = ()
+) -> tuple[TestClient, FakeEngine]:
     registry = ModelRegistry()
     engine = FakeEngine(aliases=["fake"])
     registry.add(engine)
     if ready:
         registry.mark_ready()
-    return TestClient(create_app(registry, ServerSettings(api_keys=keys))), engine
+    settings = ServerSettings(api_keys=keys, cors_origins=origins)
+    return TestClient(create_app(registry, settings)), engine
 
 
 def chat(client: TestClient, **body) -> object:
@@ -308,3 +311,13 @@ def test_metrics_exposes_requests_tokens_and_engine_gauges() -> None:
     assert "hearth_time_to_first_token_seconds_count" in text
     assert 'hearth_kv_cache_usage_ratio{model="fake-model"}' in text
     assert 'hearth_requests_running{model="fake-model"} 0.0' in text
+
+
+def test_cors_is_off_by_default_and_configurable() -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    closed, _ = make_client()
+    response = closed.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in response.headers
+    open_, _ = make_client(origins=("https://app.example",))
+    response = open_.options("/v1/chat/completions", headers=preflight)
+    assert response.headers["access-control-allow-origin"] == "https://app.example"

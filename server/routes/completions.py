@@ -33,7 +33,7 @@ router = APIRouter()
 async def _prompt_ids(engine: EngineClient, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         check_text_length(engine, len(prompt), "prompt")
-        return await tokenize(engine.encode, prompt)
+        return await tokenize(engine.encode, prompt, param="prompt")
     return prompt
 
 

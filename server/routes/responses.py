@@ -227,11 +227,7 @@ def keep(store: ResponseStore, turns: list[dict[str, str]], response: dict[str, 
 
 async def encode(engine: EngineClient, messages: list[dict[str, str]]) -> list[int]:
     check_text_length(engine, sum(len(m["content"]) for m in messages), "input")
-    try:
-        return await tokenize(engine.encode_chat, messages)
-    except APIError as exc:  # tokenize names chat's field
-        exc.param = "input"
-        raise
+    return await tokenize(engine.encode_chat, messages, param="input")
 
 
 # -- streaming ---------------------------------------------------------------------------------
