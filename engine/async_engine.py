@@ -152,11 +152,11 @@ class AsyncEngine:
                 continue
             try:
                 self.core.add_request(payload)
-            except ValueError as exc:
-                outputs.append(
+            except ValueError as exc:  # one final output per sample, so every stream ends
+                outputs += [
                     GenerationOutput(
                         payload.request_id,
-                        0,
+                        index,
                         [],
                         "",
                         len(payload.prompt_token_ids),
@@ -164,7 +164,8 @@ class AsyncEngine:
                         finish_reason="error",
                         error=str(exc),
                     )
-                )
+                    for index in range(payload.sampling.n)
+                ]
         return outputs
 
     def _dispatch(self, outputs: list[GenerationOutput]) -> None:

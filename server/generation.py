@@ -194,19 +194,35 @@ async def until_disconnected(http: Request) -> None:
             return
 
 
-async def run_to_completion(
-    http: Request,
-    engine: EngineClient,
-    request_id: str,
-    prompt_ids: list[int],
-    sampling: SamplingParams,
-) -> Completed:
-    """Run one request to the end; a client that disconnects first aborts it at once."""
+async def open_streams(
+    engine: EngineClient, requests: list[GenerationRequest], metrics: Metrics | None
+) -> list[AsyncIterator[GenerationOutput]]:
+    """Open every request's stream, or none: a refusal closes the ones already open."""
+    streams: list[AsyncIterator[GenerationOutput]] = []
+    try:
+        for request in requests:
+            streams.append(await open_stream(engine, request, metrics))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+    return streams
+
+
+async def run_all(
+    http: Request, engine: EngineClient, requests: list[GenerationRequest]
+) -> list[Completed]:
+    """Run requests to the end; a client that disconnects first aborts them all at once."""
     metrics = getattr(http.app.state, "metrics", None)
-    outputs = await open_stream(
-        engine, GenerationRequest(request_id, prompt_ids, sampling), metrics
+    streams = await open_streams(engine, requests, metrics)
+    work = asyncio.ensure_future(
+        asyncio.gather(
+            *(
+                collect(stream, r.sampling.n, len(r.prompt_token_ids))
+                for stream, r in zip(streams, requests, strict=True)
+            )
+        )
     )
-    work = asyncio.ensure_future(collect(outputs, sampling.n, len(prompt_ids)))
     watcher = asyncio.ensure_future(until_disconnected(http))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -216,9 +232,21 @@ async def run_to_completion(
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await work
-    if not work.done() or work.cancelled():
+    if work.cancelled():
         raise APIError(499, "The client closed the request.", code="client_closed_request")
-    result = work.result()
+    results = work.result()
     if metrics is not None:
-        metrics.request_finished(engine.info.model_id, result.completion_tokens)
+        metrics.request_finished(engine.info.model_id, sum(r.completion_tokens for r in results))
+    return results
+
+
+async def run_to_completion(
+    http: Request,
+    engine: EngineClient,
+    request_id: str,
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+) -> Completed:
+    """Run one request to the end (see run_all)."""
+    [result] = await run_all(http, engine, [GenerationRequest(request_id, prompt_ids, sampling)])
     return result

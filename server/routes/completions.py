@@ -16,10 +16,10 @@ from server.errors import APIError
 from server.generation import (
     check_text_length,
     new_id,
-    open_stream,
+    open_streams,
     raise_for_output,
     resolve_max_tokens,
-    run_to_completion,
+    run_all,
     tokenize,
     usage,
 )
@@ -45,75 +45,56 @@ async def create_completion(
         raise APIError(400, "suffix is not supported by this server.", param="suffix")
     engine = request.app.state.registry.get(body.model)
     prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
-    samplings = []
-    for ids in prompts:
-        max_tokens = resolve_max_tokens(engine, len(ids), body.max_tokens)
-        samplings.append(
-            body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs)
-        )
     request_id = new_id("cmpl")
-    created = int(time.time())
+    requests = []
+    for i, ids in enumerate(prompts):
+        max_tokens = resolve_max_tokens(engine, len(ids), body.max_tokens)
+        sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs)
+        requests.append(GenerationRequest(f"{request_id}-{i}", ids, sampling))
+    base = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "system_fingerprint": None,
+    }
     echoes = [engine.decode(ids) if body.echo else "" for ids in prompts]
     prompt_tokens = sum(len(ids) for ids in prompts)
     if body.stream:
         metrics = request.app.state.metrics
-        streams = [
-            await open_stream(
-                engine, GenerationRequest(f"{request_id}-{i}", ids, sampling), metrics
-            )
-            for i, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True))
-        ]
+        streams = await open_streams(engine, requests, metrics)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        base = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "system_fingerprint": None,
-        }
-        events = _chunks(
-            base,
-            engine,
-            streams,
-            body.n,
-            echoes,
-            prompt_tokens,
-            include_usage,
-            body.logprobs is not None,
-            metrics,
+        with_logprobs = body.logprobs is not None
+        return event_stream(
+            _chunks(
+                base,
+                engine,
+                streams,
+                body.n,
+                echoes,
+                prompt_tokens,
+                include_usage,
+                with_logprobs,
+                metrics,
+            )
         )
-        return event_stream(events)
-    results = await asyncio.gather(
-        *(
-            run_to_completion(request, engine, f"{request_id}-{i}", ids, sampling)
-            for i, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True))
-        )
-    )
+    results = await run_all(request, engine, requests)
     choices = []
     for p, result in enumerate(results):
         for choice in result.choices:
-            echo = echoes[p]
             logprobs = None
             if body.logprobs is not None:
-                logprobs = completion_logprobs(engine, choice.logprobs, offset=len(echo))
+                logprobs = completion_logprobs(engine, choice.logprobs, offset=len(echoes[p]))
             choices.append(
                 {
                     "index": p * body.n + choice.index,
-                    "text": echo + choice.text,
+                    "text": echoes[p] + choice.text,
                     "logprobs": logprobs,
                     "finish_reason": choice.finish_reason,
                 }
             )
     completion_tokens = sum(r.completion_tokens for r in results)
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "system_fingerprint": None,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 async def _merge(
