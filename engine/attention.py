@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ATTN_NAME = "hearth_paged"
 
@@ -66,7 +67,7 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     batch = hearth_batch
     if batch is None:  # called outside the engine (e.g. generate()): plain SDPA, no paged cache
-        sdpa = AttentionInterface._global_mapping["sdpa"]
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
     layer = module.layer_idx
     k_blocks, v_blocks = batch.k_cache[layer], batch.v_cache[layer]  # [N, bs, Hkv, D]
@@ -78,24 +79,14 @@ def paged_attention(
     v_cache.index_copy_(0, slot_mapping, new_v)
 
     q = query[0].transpose(0, 1)  # [T, H, D]
-    out = torch.empty_like(q)  # [T, H, D]
+    decoded = None
     if batch.decode_rows is not None:
-        rows = batch.decode_rows.to(q.device)
-        tables = batch.decode_tables.to(q.device)
-        mask = batch.decode_mask.to(q.device)
-        length = mask.shape[-1]
-        kd = _gather_blocks(k_blocks, tables, length)  # [Bd, Hkv, L, D]
-        vd = _gather_blocks(v_blocks, tables, length)
-        # The G query heads sharing a KV head become G query rows of that head: no KV repeat.
-        heads, kv_heads, dim = q.shape[1], kd.shape[1], q.shape[2]
-        all_rows = len(rows) == len(q)  # a pure decode step: rows are 0..T-1
-        qd = (q if all_rows else q[rows]).view(-1, kv_heads, heads // kv_heads, dim)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
-        od = od.reshape(-1, heads, dim)  # [Bd, H, D]
-        if all_rows:
-            out = od
-        else:
-            out[rows] = od
+        decoded = _decode_attention(batch, q, k_blocks, v_blocks, scaling)  # [Bd, H, D]
+        if not batch.prefills:  # a pure decode step: the rows are 0..T-1, in order
+            return decoded[None], None
+    out = torch.empty_like(q)  # [T, H, D]
+    if decoded is not None:
+        out[batch.decode_rows.to(q.device)] = decoded
     for p in batch.prefills:
         qp = q[p.start : p.start + p.length].transpose(0, 1)[None]  # [1, H, c, D]
         if p.slots is None:  # the chunk is the whole context: use the new K/V directly
@@ -114,6 +105,26 @@ def paged_attention(
             )
         out[p.start : p.start + p.length] = op[0].transpose(0, 1)
     return out[None], None  # [1, T, H, D]
+
+
+def _decode_attention(
+    batch: PagedBatch,
+    q: torch.Tensor,  # [T, H, D]
+    k_blocks: torch.Tensor,  # [N, bs, Hkv, D]
+    v_blocks: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Every single-token decode of the step in one SDPA call. Returns [Bd, H, D]."""
+    rows = batch.decode_rows.to(q.device)
+    tables = batch.decode_tables.to(q.device)
+    mask = batch.decode_mask.to(q.device)  # [Bd, 1, 1, L]
+    kd = _gather_blocks(k_blocks, tables, mask.shape[-1])  # [Bd, Hkv, L, D]
+    vd = _gather_blocks(v_blocks, tables, mask.shape[-1])
+    # The G query heads sharing a KV head become G query rows of that head: no KV repeat.
+    heads, kv_heads, dim = q.shape[1], kd.shape[1], q.shape[2]
+    qd = (q if len(rows) == len(q) else q[rows]).view(-1, kv_heads, heads // kv_heads, dim)
+    od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
+    return od.reshape(-1, heads, dim)
 
 
 def _no_mask(*_: object, **__: object) -> None:
