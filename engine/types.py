@@ -45,14 +45,14 @@ class SamplingParams:
             raise ValueError("n must be at least 1")
         if self.temperature < 0:
             raise ValueError("temperature must be non-negative")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:  # 0 keeps only the most likely token, as OpenAI's does
+            raise ValueError("top_p must be in [0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be non-negative")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature == 0 or self.top_k == 1 or self.top_p == 0
 
 
 @dataclass

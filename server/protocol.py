@@ -64,7 +64,7 @@ class SamplingFields(_Request):
     """Sampling fields shared by chat and completions; None means 'use the model's default'."""
 
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = None

@@ -281,7 +281,7 @@ def test_response_store_evicts_oldest_and_expired() -> None:
 def test_validation_errors_are_400_with_param() -> None:
     client, _ = make_client()
     assert_envelope(create(client, temperature=5), 400, "temperature")
-    assert_envelope(create(client, top_p=0), 400, "top_p")
+    assert_envelope(create(client, top_p=1.5), 400, "top_p")
     assert_envelope(create(client, max_output_tokens=0), 400, "max_output_tokens")
     assert_envelope(create(client, input=[]), 400, "input")
     missing = client.post("/v1/responses", json={"model": "fake-model"})

@@ -321,3 +321,10 @@ def test_cors_is_off_by_default_and_configurable() -> None:
     open_, _ = make_client(origins=("https://app.example",))
     response = open_.options("/v1/chat/completions", headers=preflight)
     assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_top_p_zero_is_accepted_as_greedy() -> None:
+    client, engine = make_client()
+    assert chat(client, top_p=0, max_tokens=3).status_code == 200
+    assert engine.requests[-1].sampling.greedy
+    assert_envelope(chat(client, top_p=1.5), 400, "top_p")

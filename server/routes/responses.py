@@ -88,7 +88,7 @@ class ResponseRequest(_Model):
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     stream: bool | None = None
     store: bool | None = None  # None means true
     previous_response_id: str | None = None
