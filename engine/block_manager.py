@@ -103,11 +103,9 @@ class BlockManager:
             return
         num_full = seq.num_computed_tokens // self.block_size
         size = self.block_size
-        tokens = None
         for i in range(len(seq.block_hashes), num_full):
-            tokens = tokens or seq.token_ids()
             parent = seq.block_hashes[-1] if seq.block_hashes else 0
-            key = (parent, tuple(tokens[i * size : (i + 1) * size]))
+            key = (parent, tuple(seq.tokens(i * size, (i + 1) * size)))
             seq.block_hashes.append(hash(key))
             block = seq.block_table[i]
             if self.keys[block] is None:

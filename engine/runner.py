@@ -76,7 +76,7 @@ class ModelRunner:
         for item in scheduled:
             seq, start, num = item.seq, item.start, item.num_tokens
             row = len(input_ids)
-            input_ids += seq.token_ids()[start : start + num]
+            input_ids += seq.tokens(start, start + num)
             positions += range(start, start + num)
             slot_mapping += self._slots(seq.block_table, start, start + num)
             context = start + num

@@ -162,3 +162,12 @@ def test_random_arrivals_lengths_and_aborts_end_with_every_block_free(
     assert blocks.num_free_blocks == num_blocks
     assert all(r == 0 for r in blocks.ref_counts)
     assert all(s.status is Status.FINISHED for s in live)
+
+
+def test_sequence_token_slices() -> None:
+    seq = make([1, 2, 3, 4])
+    seq.output_ids += [5, 6]
+    whole = seq.token_ids()
+    for start in range(7):
+        for stop in range(start, 7):
+            assert seq.tokens(start, stop) == whole[start:stop]
