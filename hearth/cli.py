@@ -28,9 +28,16 @@ _STARTED = time.monotonic()
 
 
 class Server(uvicorn.Server):
-    """uvicorn re-raises a caught SIGINT/SIGTERM after its graceful shutdown; hearth exits 0."""
+    """On SIGINT/SIGTERM: the registry turns to draining (new requests get 503) while uvicorn
+    finishes the requests in flight; and hearth exits 0, where uvicorn would re-raise the signal.
+    """
+
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry) -> None:
+        super().__init__(config)
+        self.registry = registry
 
     def handle_exit(self, sig: int, frame: object) -> None:
+        self.registry.state = "draining"
         super().handle_exit(sig, frame)
         getattr(self, "_captured_signals", []).clear()
 
@@ -211,7 +218,8 @@ def serve(args: argparse.Namespace) -> int:
             access_log=args.log_level == "debug",
             log_config=None,
             timeout_graceful_shutdown=10,
-        )
+        ),
+        registry,
     )
     outcome = {"code": 0}
     base_url = f"http://{'localhost' if args.host in LOOPBACK else args.host}:{args.port}/v1"

@@ -328,3 +328,19 @@ def test_top_p_zero_is_accepted_as_greedy() -> None:
     assert chat(client, top_p=0, max_tokens=3).status_code == 200
     assert engine.requests[-1].sampling.greedy
     assert_envelope(chat(client, top_p=1.5), 400, "top_p")
+
+
+def test_a_stop_signal_turns_the_server_to_draining() -> None:
+    import signal
+
+    import uvicorn
+
+    from hearth.cli import Server
+
+    client, _ = make_client()
+    registry = client.app.state.registry
+    server = Server(uvicorn.Config(client.app), registry)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and registry.state == "draining"
+    assert client.get("/health").status_code == 503
+    assert_envelope(chat(client), 503)
