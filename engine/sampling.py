@@ -60,9 +60,10 @@ def sample(
         return chosen
     probs = _filter(logits, params).softmax(dim=-1)  # [B, V]
     # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, one noise row per request.
-    noise = torch.empty_like(probs)
+    noise = torch.empty_like(probs).exponential_()  # one draw for every unseeded row
     for row, generator in enumerate(generators):
-        noise[row].exponential_(generator=generator)
+        if generator is not None:  # seeded rows redraw from their own generator
+            noise[row].exponential_(generator=generator)
     sampled = (probs / noise).argmax(dim=-1)  # [B]
     greedy = torch.tensor(greedy_rows, device=logits.device)
     return torch.where(greedy, chosen, sampled)

@@ -143,7 +143,6 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    error: str | None = None
 
 
 @dataclass
