@@ -73,6 +73,8 @@ class AsyncEngine:
         """Stream the request's outputs; closing the iterator early aborts the request."""
         if self._dead:
             raise EngineDeadError(self._dead)
+        if request.sampling.grammar is not None:  # compile (cached) off the loop and the engine
+            await asyncio.to_thread(self.core.grammars.compile, request.sampling.grammar)
         self.core.check_request(request)  # ValueError now, before anything is queued
         if len(self._streams) >= self.core.limits.max_num_seqs + self.core.limits.max_waiting:
             raise QueueFullError(f"{len(self._streams)} requests are in flight; the queue is full")
@@ -230,6 +232,8 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         aliases=list(loaded.config.aliases),
         default_sampling=defaults,
         max_token_chars=max(1, longest),
+        tool_parser=tokenizer.tool_parser(loaded.config.tool_parser),
+        template_tools=tokenizer.template_tools,
     )
     engine = AsyncEngine(core, tokenizer, info, pace=loaded.device.type == "cpu")
     engine.start()

@@ -63,6 +63,9 @@ class ModelConfig(_Strict):
     device_map: Literal["auto"] | dict[str, Any] | None = None
     max_model_len: int | None = Field(None, ge=16)
     chat_template: str | None = Field(None, description="Jinja text, or a path to a .jinja file")
+    tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto", description="tool-call format; auto: from the chat template"
+    )
     revision: str | None = None
     trust_remote_code: bool = False
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)

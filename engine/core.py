@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -12,6 +13,7 @@ from transformers import PreTrainedModel
 from engine.block_manager import BlockManager
 from engine.config import EngineLimits
 from engine.detokenizer import IncrementalDetokenizer
+from engine.grammar import CLOSE_RESERVE, GrammarCompiler
 from engine.runner import ModelRunner
 from engine.sampling import apply_penalties, logprobs_of, sample
 from engine.scheduler import Scheduler
@@ -35,6 +37,7 @@ class _SeqState:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     siblings: list[Sequence]  # samples 1..n-1, admitted once this one's prompt is computed
+    matcher: Any = None  # llguidance matcher when the request has a grammar
 
 
 def kv_budget_bytes(limits: EngineLimits, device: torch.device) -> int:
@@ -69,6 +72,7 @@ class EngineCore:
         self.device = self.runner.device
         self.vocab_size = model.config.get_text_config().vocab_size
         self._stop_ids = tokenizer.eos_token_ids
+        self.grammars = GrammarCompiler(tokenizer.hf, self.vocab_size, self._stop_ids)
         self.num_prefilled_tokens = 0
         self.num_generated_tokens = 0
 
@@ -104,8 +108,9 @@ class EngineCore:
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seq = Sequence(request.request_id, index, list(request.prompt_token_ids), params)
+            matcher = self.grammars.matcher(params.grammar) if params.grammar else None
             seq.state = _SeqState(
-                IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, []
+                IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, [], matcher
             )
             seqs.append(seq)
         seqs[0].state.siblings = seqs[1:]  # they share the first sample's prefill
@@ -180,6 +185,12 @@ class EngineCore:
             logits = logits.float().clone()
             for row, ids in blocked:
                 logits[row, ids] = float("-inf")
+        constrained = [(row, s.state.matcher) for row, s in enumerate(seqs) if s.state.matcher]
+        if constrained:
+            closing = [
+                row for row, _ in constrained if self._budget_left(seqs[row]) <= CLOSE_RESERVE
+            ]
+            logits = self.grammars.mask(logits.float(), constrained, closing)
         tokens = sample(logits, params, [s.state.generator for s in seqs])  # [n]
         want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         top = None
@@ -195,6 +206,11 @@ class EngineCore:
                 logprobs = [TokenLogprob(token_id, top[0][row], alts)]
             outputs.append(self._append(seq, token_id, logprobs))
         return outputs
+
+    def _budget_left(self, seq: Sequence) -> int:
+        """Tokens this sample may still generate."""
+        left = seq.params.max_tokens - len(seq.output_ids)
+        return min(left, self.max_model_len - seq.num_tokens)
 
     def _append(
         self, seq: Sequence, token_id: int, logprobs: list[TokenLogprob] | None
@@ -214,6 +230,14 @@ class EngineCore:
             text = state.detokenizer.push([token_id])
             if state.detokenizer.stopped:
                 reason = "stop"
+        # A complete grammar ends the sample (a refused token cannot happen under the mask).
+        matcher = state.matcher
+        if (
+            matcher is not None
+            and reason is None
+            and (not matcher.consume_token(token_id) or matcher.is_stopped())
+        ):
+            reason = "stop"
         if reason is None and (
             len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
         ):

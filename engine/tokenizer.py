@@ -29,6 +29,20 @@ class ChatTokenizer:
         return frozenset(ids)
 
     @property
+    def template_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself."""
+        return "tools" in (getattr(self.hf, "chat_template", None) or "")
+
+    def tool_parser(self, configured: str = "auto") -> str:
+        """The tool-call format: as configured, else read from the template (default Hermes)."""
+        template = getattr(self.hf, "chat_template", None) or ""
+        if configured != "auto":
+            return configured
+        if "<|python_tag|>" in template or "ipython" in template:
+            return "llama3_json"
+        return "hermes"
+
+    @property
     def vocab_size(self) -> int:
         return len(self.hf)
 

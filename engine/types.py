@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+# JSON under a grammar is spaced as models write it (`{"a": 1, "b": 2}`): a fixed spacing also
+# keeps a small model from filling its budget with optional whitespace.
+JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
 class QueueFullError(RuntimeError):
@@ -15,6 +18,15 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A decoding constraint the output must match (compiled by the engine with llguidance)."""
+
+    kind: Literal["json_schema", "lark", "regex"]
+    spec: str  # the schema as JSON text, or the grammar / regex source (llguidance's Lark)
+    param: str = "response_format"  # the request field it came from, named in errors
 
 
 @dataclass
@@ -37,6 +49,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
+    grammar: Grammar | None = None  # constrained decoding: every sample matches it
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -117,6 +130,8 @@ class ModelInfo:
     aliases: list[str] = field(default_factory=list)
     default_sampling: dict[str, Any] = field(default_factory=dict)
     max_token_chars: int = 64  # longest token's text: len(text) / this <= tokens, a cheap bound
+    tool_parser: str = "hermes"  # how the model writes tool calls: hermes | llama3_json
+    template_tools: bool = False  # the chat template renders `tools` itself
 
 
 class EngineClient(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,9 +57,17 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# pydantic names the union member a value failed as: `str`, `literal['a','b']`, `ToolDef`, ...
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[(]|^[A-Z]\w*$")
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        p
+        for p in loc
+        if p not in ("body", "query", "path", "header") and not _UNION_TAG.search(str(p))
+    ]
     text = ""
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))

@@ -336,3 +336,60 @@ def test_fused_projections_compute_the_same_function(tiny_llama_dir: Path) -> No
         x = torch.randn(1, 3, model.config.hidden_size)
         alone = attn.k_proj(x)  # a sibling called on its own computes its own slice
         assert torch.allclose(alone, x @ attn.k_proj.weight.T, atol=1e-6)
+
+
+BOUNDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["colour", "ok", "size"],
+    "additionalProperties": False,
+}
+
+
+def test_grammar_constrains_random_model_and_leaves_neighbours_alone(engine: AsyncEngine) -> None:
+    import json
+
+    from engine.types import Grammar
+
+    grammar = Grammar("json_schema", json.dumps(BOUNDED_SCHEMA))
+    free_prompt = prompts(1)[0]
+
+    async def main() -> list[dict]:
+        return await asyncio.gather(
+            collect(
+                engine,
+                "g1",
+                prompts(2)[1],
+                max_tokens=60,
+                temperature=1.0,
+                seed=3,
+                grammar=grammar,
+                n=3,
+            ),
+            collect(engine, "free", free_prompt, max_tokens=10, temperature=0),
+        )
+
+    constrained, free = asyncio.run(main())
+    for index in range(3):
+        value = json.loads(constrained["text"][index])  # complete and parseable
+        assert value["colour"] in ("red", "green", "blue") and 0 <= value["size"] <= 99
+        assert constrained["finish"][index] == "stop"  # the grammar ended it, not max_tokens
+    assert free["tokens"][0] == hf_greedy(engine, free_prompt, 10)
+
+
+def test_invalid_grammar_is_rejected_before_queueing(engine: AsyncEngine) -> None:
+    from engine.grammar import GrammarError
+    from engine.types import Grammar
+
+    bad = Grammar("json_schema", '{"type": "nope"}', param="response_format.json_schema")
+
+    async def main() -> None:
+        await collect(engine, "bad", prompts(1)[0], max_tokens=4, grammar=bad)
+
+    with pytest.raises(GrammarError, match="response_format.json_schema"):
+        asyncio.run(main())
+    assert engine.stats().num_running == engine.stats().num_waiting == 0

@@ -10,8 +10,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from engine.types import EngineClient, GenerationOutput, GenerationRequest
+from engine.types import EngineClient, GenerationOutput, GenerationRequest, Grammar, ModelInfo
 from server.auth import require_api_key
+from server.errors import APIError
 from server.generation import (
     check_text_length,
     new_id,
@@ -25,6 +26,16 @@ from server.generation import (
 from server.logprobs import chat_logprobs
 from server.protocol import ChatCompletionRequest
 from server.streaming import event_stream, sse
+from server.tools import (
+    Tool,
+    ToolCall,
+    ToolCallParser,
+    call_grammar,
+    check_schema,
+    json_grammar,
+    parse_output,
+    prepare_messages,
+)
 
 router = APIRouter()
 
@@ -38,6 +49,7 @@ class _Reply:
     created: int
     engine: EngineClient
     prompt_tokens: int
+    tools: list[Tool]  # offered to the model: its output is parsed for calls
 
     def base(self, kind: str) -> dict[str, Any]:
         return {
@@ -54,14 +66,18 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
     engine = request.app.state.registry.get(body.model)
-    messages = [m.to_template() for m in body.messages]
-    check_text_length(engine, sum(len(m["content"]) for m in messages), "messages")
-    prompt_ids = await tokenize(engine.encode_chat, messages, body.tools)
+    tools, grammar = constraints(body, engine.info)
+    messages, template_tools = prepare_messages(
+        [m.to_template() for m in body.messages], tools, engine.info.template_tools
+    )
+    check_text_length(engine, sum(len(m["content"] or "") for m in messages), "messages")
+    prompt_ids = await tokenize(engine.encode_chat, messages, template_tools)
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs_k)
-    reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids))
+    sampling.grammar = grammar
+    reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
     if body.stream:
         metrics = request.app.state.metrics
         outputs = await open_stream(
@@ -75,14 +91,77 @@ async def create_chat_completion(
         "choices": [
             {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                **_message(reply, choice.text, choice.finish_reason),
                 "logprobs": chat_logprobs(engine, choice.logprobs) if body.logprobs else None,
-                "finish_reason": choice.finish_reason,
             }
             for choice in result.choices
         ],
         "usage": result.usage(),
     }
+
+
+def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool], Grammar | None]:
+    """The tools offered to the model, and the grammar its output must follow (if any)."""
+    choice = body.tool_choice
+    if choice is not None and not body.tools:
+        raise APIError(
+            400, "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
+        )
+    tools = []
+    for i, tool in enumerate(body.tools or []):
+        parameters = tool.function.parameters or {"type": "object", "properties": {}}
+        check_schema(parameters, f"tools[{i}].function.parameters")
+        tools.append(Tool(tool.function.name, tool.function.description, parameters))
+    if choice == "none":
+        tools = []
+    elif choice == "required" or not isinstance(choice, str | None):
+        forced = tools
+        if not isinstance(choice, str):
+            forced = [t for t in tools if t.name == choice.function.name]
+            if not forced:
+                raise APIError(
+                    400,
+                    f"Tool choice '{choice.function.name}' is not one of the tools given.",
+                    param="tool_choice",
+                )
+        parallel = body.parallel_tool_calls is not False and isinstance(choice, str)
+        return tools, call_grammar(forced, info.tool_parser, parallel)
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return tools, None
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    param = "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
+    return tools, json_grammar(schema, param)
+
+
+def call_json(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, Any]:
+    """A choice's message and finish_reason; calls found in the text become tool_calls."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if reply.tools:
+        message["content"], calls = parse_output(text, reply.tools, reply.engine.info.tool_parser)
+        if calls:
+            message["tool_calls"] = [call_json(call) for call in calls]
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return {"message": message, "finish_reason": finish_reason}
+
+
+def _delta(event: tuple) -> dict[str, Any]:
+    """A parser event as a chunk's delta: content, a call's id and name, or argument text."""
+    if event[0] == "content":
+        return {"content": event[1]}
+    if event[0] == "call":
+        head = {**call_json(event[2]), "index": event[1]}
+        head["function"]["arguments"] = ""
+        return {"tool_calls": [head]}
+    return {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
 
 
 async def _chunks(
@@ -102,15 +181,28 @@ async def _chunks(
 
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
+    parsers = [ToolCallParser(reply.tools, reply.engine.info.tool_parser) for _ in range(n)]
     completion_tokens = 0
     async for output in outputs:
         raise_for_output(output)
         completion_tokens += len(output.token_ids)
-        if output.text or output.logprobs:
-            logprobs = chat_logprobs(reply.engine, output.logprobs) if output.logprobs else None
-            yield chunk(output.index, {"content": output.text}, logprobs)
+        logprobs = chat_logprobs(reply.engine, output.logprobs) if output.logprobs else None
+        if not reply.tools:
+            if output.text or output.logprobs:
+                yield chunk(output.index, {"content": output.text}, logprobs)
+        else:
+            parser = parsers[output.index]
+            events = parser.feed(output.text)
+            if output.finish_reason is not None:
+                events += parser.finish()
+            for delta in map(_delta, events):
+                yield chunk(output.index, delta, logprobs)
+                logprobs = None
         if output.finish_reason is not None:
-            yield chunk(output.index, {}, finish=output.finish_reason)
+            finish = output.finish_reason
+            if parsers[output.index].calls and finish == "stop":
+                finish = "tool_calls"
+            yield chunk(output.index, {}, finish=finish)
     metrics.request_finished(reply.engine.info.model_id, completion_tokens)
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(reply.prompt_tokens, completion_tokens)})

@@ -1,0 +1,130 @@
+"""Constrained decoding with llguidance: compile grammars once, mask logits per step."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import torch
+
+from engine.types import JSON_STYLE, Grammar
+
+_BITS = torch.arange(32, dtype=torch.int32)  # [32]
+# Near the end of its token budget a constrained sample is steered to tokens that close what is
+# open (a string, an array, an object) or end the output, so it still completes validly.
+CLOSE_RESERVE = 48  # tokens
+_CLOSERS = frozenset('"]}')
+_CLOSING_BONUS = 1e4
+
+
+class GrammarError(ValueError):
+    """A grammar or schema llguidance cannot compile; names the request field it came from."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"Invalid {param}: {message}")
+        self.param = param
+
+
+def to_llguidance(grammar: Grammar) -> str:
+    """The llguidance grammar text for a torch-free Grammar description."""
+    if grammar.kind == "json_schema":
+        schema = json.loads(grammar.spec)
+        if not isinstance(schema, dict):
+            raise GrammarError(grammar.param, "a JSON schema must be an object")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+    if grammar.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(grammar.spec)
+    return llguidance.LLMatcher.grammar_from_lark(grammar.spec)
+
+
+class GrammarCompiler:
+    """Builds llguidance's tokenizer view lazily (~1 s) and caches compiled grammars."""
+
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: Iterable[int],
+        cache_size: int = 256,
+    ) -> None:
+        self._hf = hf_tokenizer
+        self.vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._closers: torch.Tensor | None = None
+        self._cache: OrderedDict[Grammar, str] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.executor = llguidance.LLExecutor()
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf, n_vocab=self.vocab_size, eos_token=self._eos or None
+                )
+            return self._tokenizer
+
+    def closers(self, device: torch.device) -> torch.Tensor:
+        """Ids of the tokens made only of closing characters (`"`, `]`, `}`), and EOS. [C]"""
+        if self._closers is None:
+            texts = self._hf.batch_decode([[i] for i in range(len(self._hf))])
+            ids = [i for i, text in enumerate(texts) if text and set(text) <= _CLOSERS]
+            self._closers = torch.tensor(ids + self._eos, dtype=torch.long)
+        return self._closers.to(device)
+
+    def compile(self, grammar: Grammar) -> str:
+        """Validate and cache; raises GrammarError. Slow for big grammars: call off the loop."""
+        with self._lock:
+            if grammar in self._cache:
+                self._cache.move_to_end(grammar)
+                return self._cache[grammar]
+        try:
+            text = to_llguidance(grammar)
+        except ValueError as exc:  # malformed JSON and the like
+            raise GrammarError(grammar.param, str(exc)) from None
+        error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)
+        if error and not error.startswith("WARNING"):
+            raise GrammarError(grammar.param, error.strip().splitlines()[0])
+        with self._lock:
+            self._cache[grammar] = text
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return text
+
+    def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(grammar), log_level=0)
+        if matcher.is_error():
+            raise GrammarError(grammar.param, matcher.get_error())
+        return matcher
+
+    def mask(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[tuple[int, llguidance.LLMatcher]],
+        closing: Sequence[int] = (),
+    ) -> torch.Tensor:
+        """logits [B, V] with -inf on every token a row's grammar forbids next; returns [B, V].
+
+        Rows in `closing` prefer, among the allowed tokens, those that close or end the output.
+        """
+        width = (self.vocab_size + 31) // 32
+        bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)  # [R, W], bit set = allowed
+        matchers = [(matcher, i) for i, (_, matcher) in enumerate(rows)]
+        self.executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), width * 4, len(rows))
+        index = torch.tensor([row for row, _ in rows], device=logits.device)  # [R]
+        words = bitmask.to(logits.device, non_blocking=True)  # [R, W] int32
+        bits = (words[:, :, None] >> _BITS.to(logits.device)) & 1  # [R, W, 32]
+        allowed = bits.flatten(1)[:, : logits.shape[-1]].bool()  # [R, V]
+        masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))  # [R, V]
+        masked = logits.index_copy(0, index, masked)  # [B, V]
+        if closing:
+            rows_closing = torch.tensor(closing, device=logits.device)[:, None]  # [K, 1]
+            masked[rows_closing, self.closers(logits.device)[None, :]] += _CLOSING_BONUS
+        return masked
