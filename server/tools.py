@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import uuid
@@ -29,6 +30,15 @@ class Tool:
     name: str
     description: str | None
     parameters: dict[str, Any]
+
+    @classmethod
+    def checked(
+        cls, name: str, description: str | None, parameters: dict[str, Any] | None, param: str
+    ) -> Tool:
+        """A tool whose parameters schema is valid (400 naming `param` otherwise)."""
+        parameters = parameters or {"type": "object", "properties": {}}
+        check_schema(parameters, param)
+        return cls(name, description, parameters)
 
     def to_openai(self) -> dict[str, Any]:
         function = {"name": self.name, "parameters": self.parameters}
@@ -81,6 +91,36 @@ def call_grammar(tools: Sequence[Tool], parser: str, parallel: bool) -> Grammar:
     return Grammar("lark", "\n".join([start, f"call: {alternatives}", *rules]), "tools")
 
 
+def plan(
+    tools: list[Tool],
+    choice: str | None,
+    named: str | None,
+    parallel: bool | None,
+    parser: str,
+    output: Grammar | None,
+) -> tuple[list[Tool], Grammar | None]:
+    """The tools offered (their calls are parsed) and the grammar the output must follow.
+
+    `choice` is none / auto / required, `named` a forced function's name; `output` is the
+    response format's grammar, used unless a call is forced.
+    """
+    if (choice is not None or named is not None) and not tools:
+        raise APIError(
+            400, "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
+        )
+    if choice == "none":
+        return [], output
+    if named is not None:
+        forced = [tool for tool in tools if tool.name == named]
+        if not forced:
+            message = f"Tool choice '{named}' is not one of the tools given."
+            raise APIError(400, message, param="tool_choice")
+        return tools, call_grammar(forced, parser, parallel=False)
+    if choice == "required":
+        return tools, call_grammar(tools, parser, parallel is not False)
+    return tools, output
+
+
 # -- rendering ---------------------------------------------------------------------------------
 
 
@@ -118,6 +158,7 @@ def prepare_messages(
     A tool-aware template gets OpenAI tool definitions and calls with parsed arguments; for one
     without tools, the tools go into the system prompt and calls and results become text.
     """
+    messages = copy.deepcopy(messages)  # the caller's (and a stored conversation's) stay as sent
     if template_tools:
         for message in messages:
             for call in message.get("tool_calls") or []:
@@ -128,23 +169,10 @@ def prepare_messages(
         message = dict(message)
         calls = message.pop("tool_calls", None) or []
         if calls:
-            text = "\n".join(
-                f"{HERMES_OPEN}\n"
-                + json.dumps(
-                    {
-                        "name": c["function"]["name"],
-                        "arguments": _arguments(c["function"]["arguments"]),
-                    }
-                )
-                + f"\n{HERMES_CLOSE}"
-                for c in calls
-            )
+            text = "\n".join(hermes_call(c["function"]) for c in calls)
             message["content"] = "\n".join(filter(None, [message.get("content"), text]))
         if message["role"] == "tool":
-            message = {
-                "role": "user",
-                "content": f"<tool_response>\n{message['content']}\n</tool_response>",
-            }
+            message = {"role": "tool", "content": message["content"]}
         out.append(message)
     if tools:
         if out and out[0]["role"] == "system":

@@ -286,9 +286,11 @@ def test_validation_errors_are_400_with_param() -> None:
     assert_envelope(create(client, input=[]), 400, "input")
     missing = client.post("/v1/responses", json={"model": "fake-model"})
     assert_envelope(missing, 400, "input")
-    call = [{"type": "function_call_output", "call_id": "c1", "output": "42"}]
-    error = assert_envelope(create(client, input=call), 400, "input[0].type")
+    reasoning = [{"type": "reasoning", "summary": []}]
+    error = assert_envelope(create(client, input=reasoning), 400, "input[0]")
     assert "function_call_output" in error["message"]
+    call = [{"type": "function_call", "call_id": "c1", "name": "f"}]  # no arguments
+    assert_envelope(create(client, input=call), 400, "input[0].arguments")
     image = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
     assert_envelope(create(client, input=image), 400, "input[0].content[0].type")
     assert_envelope(

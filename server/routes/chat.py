@@ -12,7 +12,6 @@ from fastapi.responses import StreamingResponse
 
 from engine.types import EngineClient, GenerationOutput, GenerationRequest, Grammar, ModelInfo
 from server.auth import require_api_key
-from server.errors import APIError
 from server.generation import (
     check_text_length,
     new_id,
@@ -30,10 +29,9 @@ from server.tools import (
     Tool,
     ToolCall,
     ToolCallParser,
-    call_grammar,
-    check_schema,
     json_grammar,
     parse_output,
+    plan,
     prepare_messages,
 )
 
@@ -102,36 +100,21 @@ async def create_chat_completion(
 
 def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool], Grammar | None]:
     """The tools offered to the model, and the grammar its output must follow (if any)."""
+    tools = [
+        Tool.checked(t.function.name, t.function.description, t.function.parameters, param)
+        for i, t in enumerate(body.tools or [])
+        for param in [f"tools[{i}].function.parameters"]
+    ]
     choice = body.tool_choice
-    if choice is not None and not body.tools:
-        raise APIError(
-            400, "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
-        )
-    tools = []
-    for i, tool in enumerate(body.tools or []):
-        parameters = tool.function.parameters or {"type": "object", "properties": {}}
-        check_schema(parameters, f"tools[{i}].function.parameters")
-        tools.append(Tool(tool.function.name, tool.function.description, parameters))
-    if choice == "none":
-        tools = []
-    elif choice == "required" or not isinstance(choice, str | None):
-        forced = tools
-        if not isinstance(choice, str):
-            forced = [t for t in tools if t.name == choice.function.name]
-            if not forced:
-                raise APIError(
-                    400,
-                    f"Tool choice '{choice.function.name}' is not one of the tools given.",
-                    param="tool_choice",
-                )
-        parallel = body.parallel_tool_calls is not False and isinstance(choice, str)
-        return tools, call_grammar(forced, info.tool_parser, parallel)
-    fmt = body.response_format
-    if fmt is None or fmt.type == "text":
-        return tools, None
-    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
-    param = "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
-    return tools, json_grammar(schema, param)
+    named = None if isinstance(choice, str | None) else choice.function.name
+    fmt, output = body.response_format, None
+    if fmt is not None and fmt.type == "json_object":
+        output = json_grammar(None, "response_format")
+    elif fmt is not None and fmt.type == "json_schema":
+        output = json_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+    return plan(
+        tools, None if named else choice, named, body.parallel_tool_calls, info.tool_parser, output
+    )
 
 
 def call_json(call: ToolCall) -> dict[str, Any]:

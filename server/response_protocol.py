@@ -1,0 +1,165 @@
+"""Responses API request models: input items, function tools, tool_choice and text.format."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from engine.types import SamplingParams
+
+# Per-model defaults (models.yaml) used where the request lacks the field or leaves it unset.
+DEFAULTED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Model):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(_Model):
+    """A message item; its `content` may be a plain string."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: list[ContentPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_content(cls, value: Any) -> Any:
+        return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict chat templates expect; `developer` is rendered as `system`."""
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": "".join(part.text for part in self.content)}
+
+
+class FunctionCallItem(_Model):
+    """A call the model made earlier, sent back as conversation state."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+
+
+class FunctionCallOutputItem(_Model):
+    """The result of running a function call."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+# Capitalised tags: error locations leave them out (input[0].role, not input[0].message.role).
+_ITEM_TAGS = {
+    "message": "Message",
+    "function_call": "FunctionCall",
+    "function_call_output": "FunctionCallOutput",
+}
+
+
+def _item_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return _ITEM_TAGS.get(kind or "message")
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("Message")]
+    | Annotated[FunctionCallItem, Tag("FunctionCall")]
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")],
+    Discriminator(
+        _item_tag,
+        custom_error_type="invalid_item",
+        custom_error_message="input items must be of type message, function_call or "
+        "function_call_output",
+    ),
+]
+
+
+class FunctionTool(_Model):
+    """A function tool, flat as the Responses API has it."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(_Model):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Model):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+class ResponseRequest(_Model):
+    model: str
+    input: list[InputItem] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool | None = None
+    store: bool | None = None  # None means true
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _string_input(cls, value: Any) -> Any:
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+    def sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
+        params = {name: defaults[name] for name in DEFAULTED if name in defaults}
+        params.update(self.model_dump(include={"temperature", "top_p"}, exclude_none=True))
+        return SamplingParams(max_tokens=max_tokens, **params)
+
+    def turns(self) -> list[dict[str, Any]]:
+        """The input as chat-template messages; calls join the assistant turn they follow."""
+        turns: list[dict[str, Any]] = []
+        for item in self.input:
+            if isinstance(item, InputMessage):
+                turns.append(item.to_template())
+            elif isinstance(item, FunctionCallOutputItem):
+                turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            else:
+                call = {
+                    "id": item.call_id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments},
+                }
+                if not turns or turns[-1]["role"] != "assistant":
+                    turns.append({"role": "assistant", "content": ""})
+                turns[-1].setdefault("tool_calls", []).append(call)
+        return turns
