@@ -396,3 +396,38 @@ def test_live_responses_tool_round_trip(sdk: Any) -> None:
     for item in final.output:
         assert item.type == "function_call"
         jsonschema.validate(json.loads(item.arguments), WEATHER)
+
+
+def test_tool_aware_templates_render_tools_and_pick_the_parser(smollm_tokenizer_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from engine.tokenizer import ChatTokenizer
+
+    hf = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    plain = ChatTokenizer(hf)
+    assert not plain.template_tools and plain.tool_parser() == "hermes"
+    hf.chat_template = (
+        "{% if tools %}<|python_tag|>{% for t in tools %}{{ t.function.name }};{% endfor %}"
+        "{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n"
+        "{% for c in m.tool_calls or [] %}{{ c.function.arguments.city }}{% endfor %}{% endfor %}"
+    )
+    llama = ChatTokenizer(hf)
+    assert llama.template_tools and llama.tool_parser() == "llama3_json"
+    assert llama.tool_parser("hermes") == "hermes"  # models.yaml wins
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'},
+                }
+            ],
+        },
+    ]
+    messages, tools = prepare_messages(history, TOOLS[:1], template_tools=True)
+    text = hf.decode(llama.encode_chat(messages, tools))
+    assert "get_weather;" in text and "Lima" in text  # tools and parsed arguments reached it
