@@ -64,19 +64,14 @@ class GrammarCompiler:
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
-            if self._tokenizer is None:
+            if self._tokenizer is None:  # built on the first compile, in a worker thread
                 self._tokenizer = llguidance.hf.from_tokenizer(
                     self._hf, n_vocab=self.vocab_size, eos_token=self._eos or None
                 )
+                texts = self._hf.batch_decode([[i] for i in range(len(self._hf))])
+                ids = [i for i, text in enumerate(texts) if text and set(text) <= _CLOSERS]
+                self._closers = torch.tensor(ids + self._eos, dtype=torch.long)  # [C]
             return self._tokenizer
-
-    def closers(self, device: torch.device) -> torch.Tensor:
-        """Ids of the tokens made only of closing characters (`"`, `]`, `}`), and EOS. [C]"""
-        if self._closers is None:
-            texts = self._hf.batch_decode([[i] for i in range(len(self._hf))])
-            ids = [i for i, text in enumerate(texts) if text and set(text) <= _CLOSERS]
-            self._closers = torch.tensor(ids + self._eos, dtype=torch.long)
-        return self._closers.to(device)
 
     def compile(self, grammar: Grammar) -> str:
         """Validate and cache; raises GrammarError. Slow for big grammars: call off the loop."""
@@ -127,5 +122,6 @@ class GrammarCompiler:
         masked = logits.index_copy(0, index, masked)  # [B, V]
         if closing:
             rows_closing = torch.tensor(closing, device=logits.device)[:, None]  # [K, 1]
-            masked[rows_closing, self.closers(logits.device)[None, :]] += _CLOSING_BONUS
+            closers = self._closers.to(logits.device)[None, :]  # [1, C]: close or end tokens
+            masked[rows_closing, closers] += _CLOSING_BONUS
         return masked
