@@ -35,12 +35,5 @@ PY
 kill -TERM $SERVER; wait $SERVER; echo "serve exit code $?"
 grep -E "ready:|serving" "$OUT/serve.log"
 
-echo "== batch 1, Llama-3.1-8B shape, bf16 =="
-timeout 120 python3 bench/engine_bench.py --device cuda --shape llama-3.1-8b --requests 4 \
-    --concurrency 1 --prompt-len 128 --output-len 128 --skip cb,ceiling --sequential 1 2>&1 \
-    | grep -v "it/s]" | tee "$OUT/bench_bs1.log"
-
-echo "== 256 x 1024/128, Llama-3.1-8B shape, bf16 =="
-timeout 300 python3 bench/engine_bench.py --device cuda --shape llama-3.1-8b --requests 256 \
-    --concurrency 256 --prompt-len 1024 --output-len 128 --max-batched-tokens 8192 \
-    --sequential 0 2>&1 | grep -v "it/s]" | tee "$OUT/bench_256.log"
+echo "== gpu_bench: batch 1 vs bandwidth bound; 256 x 1024/128 vs transformers CB =="
+timeout 480 python3 bench/gpu_bench.py 2>&1 | grep -v "it/s]" | tee "$OUT/gpu_bench.log"
