@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine import distributed
 from engine.core import EngineCore, kv_budget_bytes
 from engine.loader import LoadedModel
-from engine.runner import kv_bytes_per_token
+from engine.runner import ModelRunner, kv_bytes_per_token
 from engine.tokenizer import ChatTokenizer
 from engine.types import (
     EngineDeadError,
@@ -145,6 +146,7 @@ class AsyncEngine:
             raise
         finally:
             self._dispatch(self.core.fail_all(self._dead or "engine is shutting down"))
+            self.core.runner.close()  # tensor-parallel followers stop too
 
     def _apply(self, commands: list[tuple[str, Any]]) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
@@ -204,19 +206,40 @@ class AsyncEngine:
             loop.call_soon(done.set)
 
 
+def kv_blocks(loaded: LoadedModel) -> int:
+    """KV blocks for the model's budget; under tensor parallelism, what fits on every rank."""
+    limits, tp_size = loaded.config.engine, loaded.config.tensor_parallel_size
+    per_block = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size) * limits.block_size
+    return distributed.agree_min(kv_budget_bytes(limits, loaded.device) // per_block)
+
+
+def follow(loaded: LoadedModel) -> None:
+    """A tensor-parallel rank other than 0: run rank 0's steps on this rank's shard until it
+    shuts down (every rank sizes the same cache, so block ids mean the same everywhere)."""
+    limits = loaded.config.engine
+    runner = ModelRunner(
+        loaded.model,
+        kv_blocks(loaded),
+        limits.block_size,
+        loaded.dtype,
+        loaded.config.tensor_parallel_size,
+    )
+    runner.follow()
+
+
 def build_engine(loaded: LoadedModel) -> AsyncEngine:
     """Size the KV cache, wrap the tokenizer, and start the engine thread."""
     limits = loaded.config.engine
-    per_block = kv_bytes_per_token(loaded.model, loaded.dtype) * limits.block_size
-    num_blocks = kv_budget_bytes(limits, loaded.device) // per_block
+    num_blocks = kv_blocks(loaded)
     if num_blocks < 2:
         raise MemoryError(
             f"{loaded.config.id}: no memory left for the KV cache (raise gpu_memory_utilization "
             "or kv_cache_memory)"
         )
     tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
+    tp_size = loaded.config.tensor_parallel_size
     core = EngineCore(
-        loaded.model, tokenizer, limits, loaded.max_model_len, num_blocks, loaded.dtype
+        loaded.model, tokenizer, limits, loaded.max_model_len, num_blocks, loaded.dtype, tp_size
     )
     defaults = loaded.config.defaults.model_dump(exclude_none=True)
     vocab = getattr(loaded.tokenizer, "get_vocab", dict)()

@@ -68,6 +68,9 @@ class ModelConfig(_Strict):
     )
     revision: str | None = None
     trust_remote_code: bool = False
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs (processes, under torchrun) the weights are split over"
+    )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     engine: EngineLimits = Field(default_factory=EngineLimits)
 
@@ -82,6 +85,8 @@ class ModelConfig(_Strict):
     def _device_or_map(self) -> ModelConfig:
         if self.device_map is not None and self.device not in ("auto", "cuda"):
             raise ValueError("set either device or device_map, not both")
+        if self.device_map is not None and self.tensor_parallel_size > 1:
+            raise ValueError("set either device_map or tensor_parallel_size, not both")
         return self
 
     @property

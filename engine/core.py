@@ -62,13 +62,14 @@ class EngineCore:
         max_model_len: int,
         num_blocks: int,
         dtype: torch.dtype,
+        tp_size: int = 1,
     ) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_model_len = max_model_len
         self.blocks = BlockManager(num_blocks, limits.block_size)
         self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, limits.block_size, dtype)
+        self.runner = ModelRunner(model, num_blocks, limits.block_size, dtype, tp_size)
         self.device = self.runner.device
         self.vocab_size = model.config.get_text_config().vocab_size
         self._stop_ids = tokenizer.eos_token_ids

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from engine import distributed
 from engine.config import ModelConfig
 from engine.gguf_cache import converted_checkpoint
 from engine.sources import Source
@@ -112,7 +113,15 @@ def load_model(
     path = checkpoint_dir(source, config, torch_dtype)
     trust = config.trust_remote_code
     placement: dict[str, Any]
-    if config.device_map is not None and device_name.startswith("cuda"):
+    if config.tensor_parallel_size > 1:  # each rank loads its shard (transformers' TP plan)
+        if distributed.world_size() != config.tensor_parallel_size:
+            raise LoadError(
+                f"{config.id}: tensor_parallel_size {config.tensor_parallel_size} needs "
+                f"`torchrun --nproc-per-node {config.tensor_parallel_size} -m hearth serve ...` "
+                f"(this process group has {distributed.world_size()})"
+            )
+        placement = {"tp_plan": "auto"}
+    elif config.device_map is not None and device_name.startswith("cuda"):
         placement = {"device_map": config.device_map}
     else:
         placement = {"device_map": device_name}

@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import PreTrainedModel
 
+from engine import distributed
 from engine.attention import PagedBatch, Prefill, register
 from engine.fusion import fuse_projections
 from engine.scheduler import Scheduled
 
 
-def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a decoder-only model."""
+def kv_shape(model: PreTrainedModel, tp_size: int = 1) -> tuple[int, int, int]:
+    """(layers, KV heads on this rank, head dim) of a decoder-only model."""
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
+    if kv_heads % tp_size:
+        raise ValueError(f"{kv_heads} KV heads cannot be split over {tp_size} ranks")
+    return cfg.num_hidden_layers, kv_heads // tp_size, head_dim
 
 
-def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
-    layers, kv_heads, head_dim = kv_shape(model)
+def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype, tp_size: int = 1) -> int:
+    layers, kv_heads, head_dim = kv_shape(model, tp_size)
     return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+@dataclass
+class StepInputs:
+    """One step's packed tokens and cache addressing (plain lists: cheap to send to other ranks)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    decode_rows: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    prefills: list[tuple[int, int, int, list[int] | None]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
 
 
 def _layer_devices(model: PreTrainedModel, num_layers: int) -> list[torch.device]:
@@ -38,19 +57,29 @@ def _layer_devices(model: PreTrainedModel, num_layers: int) -> list[torch.device
 
 
 class ModelRunner:
+    """Owns the KV cache and runs steps. Under tensor parallelism rank 0 (the engine's) sends
+    each step's inputs to the other ranks, which run the same forward in `follow()`."""
+
     def __init__(
-        self, model: PreTrainedModel, num_blocks: int, block_size: int, dtype: torch.dtype
+        self,
+        model: PreTrainedModel,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        tp_size: int = 1,
     ) -> None:
         name = register()
         try:
             model.set_attn_implementation(name)
         except (ValueError, AttributeError):  # older transformers: set the config directly
             model.config._attn_implementation = name
-        fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
+        if tp_size == 1:  # sharded (DTensor) weights stay as transformers split them
+            fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
         self.model = model
+        self.tp_size = tp_size
         self.block_size = block_size
         self.device = next(model.parameters()).device
-        layers, kv_heads, head_dim = kv_shape(model)
+        layers, kv_heads, head_dim = kv_shape(model, tp_size)
         # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
         self.k_cache = [
             torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=d)
@@ -62,60 +91,76 @@ class ModelRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, stop)]
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[Scheduled]) -> torch.Tensor:
         """Run the step; returns logits [n, V] for the items that sample, in schedule order."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int, list[int] | None]] = []
-        sample_rows: list[int] = []
+        inputs = self.prepare(scheduled)
+        if self.tp_size > 1:
+            distributed.broadcast(inputs)
+        return self.forward(inputs)
+
+    def follow(self) -> None:
+        """Other ranks: run every step rank 0 sends, until it sends None (close())."""
+        while (inputs := distributed.broadcast()) is not None:
+            self.forward(inputs)
+
+    def close(self) -> None:
+        if self.tp_size > 1:
+            distributed.broadcast(None)
+
+    def prepare(self, scheduled: list[Scheduled]) -> StepInputs:
+        step = StepInputs()
         for item in scheduled:
             seq, start, num = item.seq, item.start, item.num_tokens
-            row = len(input_ids)
-            input_ids += seq.tokens(start, start + num)
-            positions += range(start, start + num)
-            slot_mapping += self._slots(seq.block_table, start, start + num)
+            row = len(step.input_ids)
+            step.input_ids += seq.tokens(start, start + num)
+            step.positions += range(start, start + num)
+            step.slot_mapping += self._slots(seq.block_table, start, start + num)
             context = start + num
             if num == 1:
-                decode_rows.append(row)
-                decode_tables.append(seq.block_table)
-                decode_lens.append(context)
+                step.decode_rows.append(row)
+                step.decode_tables.append(seq.block_table)
+                step.decode_lens.append(context)
             else:
                 slots = None if start == 0 else self._slots(seq.block_table, 0, context)
-                prefills.append((row, num, context, slots))
+                step.prefills.append((row, num, context, slots))
             if item.samples:
-                sample_rows.append(row + num - 1)
+                step.sample_rows.append(row + num - 1)
+        return step
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor:
         dev = self.device
 
         def longs(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
 
+        prefills = [
+            Prefill(r, n, c, None if s is None else longs(s)) for r, n, c, s in step.prefills
+        ]
         batch = PagedBatch(
             k_cache=self.k_cache,
             v_cache=self.v_cache,
-            slot_mapping=longs(slot_mapping),
+            slot_mapping=longs(step.slot_mapping),
             decode_rows=None,
             decode_tables=None,
             decode_mask=None,
-            prefills=[Prefill(r, n, c, None if s is None else longs(s)) for r, n, c, s in prefills],
+            prefills=prefills,
         )
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            longest = max(decode_lens)
-            lens = longs(decode_lens)
-            batch.decode_rows = longs(decode_rows)
-            batch.decode_tables = longs([t + [0] * (width - len(t)) for t in decode_tables])
-            mask = torch.arange(longest, device=dev)[None, :] < lens[:, None]  # [Bd, L]
+        if step.decode_rows:
+            tables = step.decode_tables
+            width = max(len(t) for t in tables)
+            lens = longs(step.decode_lens)
+            batch.decode_rows = longs(step.decode_rows)
+            batch.decode_tables = longs([t + [0] * (width - len(t)) for t in tables])
+            mask = (
+                torch.arange(max(step.decode_lens), device=dev)[None, :] < lens[:, None]
+            )  # [Bd, L]
             batch.decode_mask = mask[:, None, None, :]
         out = self.model(
-            input_ids=longs([input_ids]),
-            position_ids=longs([positions]),
+            input_ids=longs([step.input_ids]),
+            position_ids=longs([step.positions]),
             use_cache=False,
-            logits_to_keep=longs(sample_rows),
+            logits_to_keep=longs(step.sample_rows),
             hearth_batch=batch,
         )
         return out.logits[0]  # [n, V]

@@ -195,6 +195,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"hearth: error: {exc}", file=sys.stderr)
         return 2
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: tensor parallelism
+        rank = _join_tensor_parallel(selection)
+        if rank < 0:
+            return 2
+        if rank > 0:
+            return _follow(selection)
+
     if args.host not in LOOPBACK and not keys:
         log.warning(
             "binding %s without an API key: anyone who can reach this port can use "
@@ -237,6 +244,35 @@ def serve(args: argparse.Namespace) -> int:
         for engine in registry.engines:
             engine.shutdown()
     return outcome["code"]
+
+
+def _join_tensor_parallel(selection: Selection) -> int:
+    """Join torchrun's process group; this rank, or -1 when the config does not fit it."""
+    from engine import distributed
+
+    world = distributed.init_from_env()
+    sizes = [config.tensor_parallel_size for config in selection.models]
+    if sizes != [world]:
+        print(
+            f"hearth: error: under torchrun ({world} processes) serve exactly one model with "
+            f"tensor_parallel_size: {world} (got {sizes})",
+            file=sys.stderr,
+        )
+        return -1
+    return distributed.rank()
+
+
+def _follow(selection: Selection) -> int:
+    """A tensor-parallel rank other than 0: load this rank's shard and run rank 0's steps."""
+    from engine.async_engine import follow
+    from engine.loader import configure_cpu_threads, load_model
+
+    [config] = selection.models
+    loaded = load_model(config, selection.sources[config.id], base_dir=selection.base_dir)
+    if loaded.device.type == "cpu":
+        configure_cpu_threads()
+    follow(loaded)
+    return 0
 
 
 def _load_all(

@@ -79,11 +79,17 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 180.0
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+    launcher: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start `hearth serve ARGS` on a free port; yield (base URL of /v1, process); stop it."""
+    """Start `hearth serve ARGS` on a free port; yield (base URL of /v1, process); stop it.
+
+    `launcher`: python arguments before `-m hearth` (e.g. torch.distributed.run's).
+    """
     port = free_port()
-    command = [sys.executable, "-m", "hearth", "serve", "--port", str(port), *args]
+    command = [sys.executable, *launcher, "-m", "hearth", "serve", "--port", str(port), *args]
     proc = subprocess.Popen(
         command,
         cwd=ROOT,
