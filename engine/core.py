@@ -195,11 +195,23 @@ class EngineCore:
         tokens = sample(logits, params, [s.state.generator for s in seqs])  # [n]
         want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         top = None
-        if want_logprobs:
-            top = logprobs_of(logits, tokens, max(want_logprobs))
-            top = tuple(t.tolist() for t in top)
+        if want_logprobs:  # one device-to-host copy for the tokens and their logprobs
+            k = max(want_logprobs)
+            chosen, values, ids = logprobs_of(logits, tokens, k)
+            packed = torch.cat(
+                [tokens[:, None].double(), chosen[:, None].double(), values.double(), ids.double()],
+                dim=1,
+            ).tolist()  # [n, 2 + 2k]
+            token_ids = [int(row[0]) for row in packed]
+            top = (
+                [row[1] for row in packed],
+                [row[2 : 2 + k] for row in packed],
+                [[int(i) for i in row[2 + k :]] for row in packed],
+            )
+        else:
+            token_ids = tokens.tolist()  # the step's one device-to-host copy
         outputs = []
-        for row, (seq, token_id) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+        for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
             logprobs = None
             if top is not None and seq.params.logprobs is not None:
                 k = seq.params.logprobs

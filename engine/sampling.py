@@ -18,10 +18,12 @@ def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Ten
     temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
     logits = logits / temps[:, None]  # [B, V]
     vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    # Which filters run is decided from the parameters on the host: no device sync.
+    k_values = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_k = torch.tensor(k_values, device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
     min_p = torch.tensor([p.min_p for p in params], device=device)
-    if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
+    if any(k < vocab for k in k_values) or any(p.top_p < 1 for p in params):
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
         ranks = torch.arange(vocab, device=device)[None, :]  # [1, V]
         probs = sorted_logits.softmax(dim=-1)
@@ -30,7 +32,7 @@ def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Ten
         drop[:, 0] = False  # always keep the most likely token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
         probs = logits.softmax(dim=-1)
         floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
         logits = logits.masked_fill(probs < floor, float("-inf"))
@@ -48,12 +50,18 @@ def sample(
     whatever else is in the batch.
     """
     logits = logits.float()
-    if any(p.logit_bias for p in params):
-        logits = logits.clone()
-    for row, p in enumerate(params):
-        for token_id, bias in p.logit_bias.items():
-            if 0 <= token_id < logits.shape[-1]:
-                logits[row, token_id] += bias
+    biased = [
+        (row, token_id, bias)
+        for row, p in enumerate(params)
+        for token_id, bias in p.logit_bias.items()
+        if 0 <= token_id < logits.shape[-1]
+    ]
+    if biased:  # one scatter for every bias of the batch
+        rows, ids, values = zip(*biased, strict=True)
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        logits = logits.index_put(
+            index, torch.tensor(values, device=logits.device), accumulate=True
+        )
     greedy_rows = [p.greedy for p in params]
     chosen = logits.argmax(dim=-1)  # [B]
     if all(greedy_rows):
