@@ -131,6 +131,8 @@ def engine_limits(args: argparse.Namespace) -> dict:
         limits["kv_cache_memory"] = args.kv_memory
     if args.max_batched_tokens:
         limits["max_num_batched_tokens"] = args.max_batched_tokens
+    if getattr(args, "decode_kernel", None):
+        limits["decode_kernel"] = args.decode_kernel
     return limits
 
 

@@ -223,6 +223,7 @@ def follow(loaded: LoadedModel) -> None:
         limits.block_size,
         loaded.dtype,
         loaded.config.tensor_parallel_size,
+        limits.decode_kernel,
     )
     runner.follow()
 

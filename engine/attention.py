@@ -35,6 +35,8 @@ class PagedBatch:
     decode_tables: torch.Tensor | None  # [Bd, nb] block tables of the decodes (padded with 0)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where a position is real
     prefills: list[Prefill]
+    decode_lens: torch.Tensor | None = None  # [Bd] context lengths (for the Triton kernel)
+    decode_kernel: str = "sdpa"  # sdpa: gather blocks + SDPA; triton: read blocks in place
 
 
 def _gather_blocks(blocks: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -114,8 +116,15 @@ def _decode_attention(
     v_blocks: torch.Tensor,
     scaling: float | None,
 ) -> torch.Tensor:
-    """Every single-token decode of the step in one SDPA call. Returns [Bd, H, D]."""
+    """Every single-token decode of the step in one call. Returns [Bd, H, D]."""
     rows = batch.decode_rows.to(q.device)
+    if batch.decode_kernel == "triton":
+        from engine.triton_attention import paged_decode
+
+        qd = q if len(rows) == len(q) else q[rows]  # [Bd, H, D]
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        tables, lens = batch.decode_tables.to(q.device), batch.decode_lens.to(q.device)
+        return paged_decode(qd, k_blocks, v_blocks, tables, lens, scale)
     tables = batch.decode_tables.to(q.device)
     mask = batch.decode_mask.to(q.device)  # [Bd, 1, 1, L]
     kd = _gather_blocks(k_blocks, tables, mask.shape[-1])  # [Bd, Hkv, L, D]

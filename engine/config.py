@@ -48,6 +48,11 @@ class EngineLimits(_Strict):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="fraction of GPU memory for weights plus KV cache"
     )
+    decode_kernel: Literal["sdpa", "triton"] = Field(
+        "sdpa",
+        description="decode attention: gather blocks + SDPA, or a Triton kernel reading the "
+        "paged cache in place (CUDA; not yet measured on a GPU, so not the default)",
+    )
 
 
 class ModelConfig(_Strict):

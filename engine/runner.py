@@ -67,6 +67,7 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         tp_size: int = 1,
+        decode_kernel: str = "sdpa",
     ) -> None:
         name = register()
         try:
@@ -77,6 +78,7 @@ class ModelRunner:
             fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
         self.model = model
         self.tp_size = tp_size
+        self.decode_kernel = decode_kernel
         self.block_size = block_size
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_shape(model, tp_size)
@@ -156,6 +158,8 @@ class ModelRunner:
                 torch.arange(max(step.decode_lens), device=dev)[None, :] < lens[:, None]
             )  # [Bd, L]
             batch.decode_mask = mask[:, None, None, :]
+            batch.decode_lens = lens
+            batch.decode_kernel = self.decode_kernel
         out = self.model(
             input_ids=longs([step.input_ids]),
             position_ids=longs([step.positions]),
