@@ -216,14 +216,13 @@ def kv_blocks(loaded: LoadedModel) -> int:
 def follow(loaded: LoadedModel) -> None:
     """A tensor-parallel rank other than 0: run rank 0's steps on this rank's shard until it
     shuts down (every rank sizes the same cache, so block ids mean the same everywhere)."""
-    limits = loaded.config.engine
     runner = ModelRunner(
         loaded.model,
         kv_blocks(loaded),
-        limits.block_size,
         loaded.dtype,
+        loaded.config.engine,
+        loaded.max_model_len,
         loaded.config.tensor_parallel_size,
-        limits.decode_kernel,
     )
     runner.follow()
 

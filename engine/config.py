@@ -53,6 +53,15 @@ class EngineLimits(_Strict):
         description="decode attention: gather blocks + SDPA, or a Triton kernel reading the "
         "paged cache in place (CUDA; not yet measured on a GPU, so not the default)",
     )
+    cuda_graphs: bool = Field(
+        False, description="replay pure decode steps as CUDA graphs (needs decode_kernel: triton)"
+    )
+
+    @model_validator(mode="after")
+    def _graphs_need_the_kernel(self) -> EngineLimits:
+        if self.cuda_graphs and self.decode_kernel != "triton":
+            raise ValueError("cuda_graphs needs decode_kernel: triton")
+        return self
 
 
 class ModelConfig(_Strict):

@@ -69,9 +69,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.blocks = BlockManager(num_blocks, limits.block_size)
         self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
-        self.runner = ModelRunner(
-            model, num_blocks, limits.block_size, dtype, tp_size, limits.decode_kernel
-        )
+        self.runner = ModelRunner(model, num_blocks, dtype, limits, max_model_len, tp_size)
         self.device = self.runner.device
         self.vocab_size = model.config.get_text_config().vocab_size
         self._stop_ids = tokenizer.eos_token_ids

@@ -9,6 +9,8 @@ from transformers import PreTrainedModel
 
 from engine import distributed
 from engine.attention import PagedBatch, Prefill, register
+from engine.config import EngineLimits
+from engine.cuda_graphs import DecodeGraphs
 from engine.fusion import fuse_projections
 from engine.scheduler import Scheduled
 
@@ -64,10 +66,10 @@ class ModelRunner:
         self,
         model: PreTrainedModel,
         num_blocks: int,
-        block_size: int,
         dtype: torch.dtype,
+        limits: EngineLimits,
+        max_model_len: int,
         tp_size: int = 1,
-        decode_kernel: str = "sdpa",
     ) -> None:
         name = register()
         try:
@@ -78,16 +80,33 @@ class ModelRunner:
             fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
         self.model = model
         self.tp_size = tp_size
-        self.decode_kernel = decode_kernel
-        self.block_size = block_size
+        self.decode_kernel = limits.decode_kernel
+        self.block_size = block_size = limits.block_size
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_shape(model, tp_size)
+        # With CUDA graphs one more block: the scratch block padding rows write to.
+        allocated = num_blocks + 1 if limits.cuda_graphs else num_blocks
         # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
         self.k_cache = [
-            torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=d)
+            torch.zeros(allocated, block_size, kv_heads, head_dim, dtype=dtype, device=d)
             for d in _layer_devices(model, layers)
         ]  # per layer [num_blocks, block_size, Hkv, D]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self.graphs = None
+        if limits.cuda_graphs:
+            max_blocks = -(-max_model_len // block_size)
+            self.graphs = DecodeGraphs(
+                self._run_model,
+                self.k_cache,
+                self.v_cache,
+                limits.max_num_seqs,
+                max_blocks,
+                scratch_block=num_blocks,
+            )
+
+    @torch.inference_mode()
+    def _run_model(self, kwargs: dict) -> torch.Tensor:
+        return self.model(**kwargs).logits[0]  # [n, V]
 
     def _slots(self, table: list[int], start: int, stop: int) -> list[int]:
         bs = self.block_size
@@ -131,6 +150,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
+        pure_decode = not step.prefills and len(step.sample_rows) == len(step.input_ids)
+        if self.graphs is not None and pure_decode:
+            logits = self.graphs.run(
+                step.input_ids,
+                step.positions,
+                step.slot_mapping,
+                step.decode_tables,
+                step.decode_lens,
+            )
+            if logits is not None:
+                return logits
         dev = self.device
 
         def longs(values: list) -> torch.Tensor:
@@ -160,11 +190,12 @@ class ModelRunner:
             batch.decode_mask = mask[:, None, None, :]
             batch.decode_lens = lens
             batch.decode_kernel = self.decode_kernel
-        out = self.model(
-            input_ids=longs([step.input_ids]),
-            position_ids=longs([step.positions]),
-            use_cache=False,
-            logits_to_keep=longs(step.sample_rows),
-            hearth_batch=batch,
+        return self._run_model(
+            {
+                "input_ids": longs([step.input_ids]),
+                "position_ids": longs([step.positions]),
+                "use_cache": False,
+                "logits_to_keep": longs(step.sample_rows),
+                "hearth_batch": batch,
+            }
         )
-        return out.logits[0]  # [n, V]

@@ -35,7 +35,7 @@ print("kernel ok")
 """
 
 ENGINE_CHECK = """
-import asyncio, sys, torch
+import asyncio, json, sys, torch
 from transformers import AutoModelForCausalLM
 from engine.async_engine import build_engine
 from engine.config import ModelConfig
@@ -43,10 +43,14 @@ from engine.loader import load_model
 from engine.sources import resolve_source
 from engine.types import GenerationRequest, SamplingParams
 path = sys.argv[1]
-config = ModelConfig(id="t", source=path, device="cpu",
-                     engine={"kv_cache_memory": "16MiB", "decode_kernel": "triton"})
+limits = {"kv_cache_memory": "16MiB", "decode_kernel": "triton", **json.loads(sys.argv[2])}
+config = ModelConfig(id="t", source=path, device="cpu", engine=limits)
 engine = build_engine(load_model(config, resolve_source(path)))
-prompts = [[5, 6, 7, 8, 9], [100, 200, 300] * 7]
+graphs, replays = engine.core.runner.graphs, []
+if graphs is not None:
+    run_graph = graphs.run
+    graphs.run = lambda *a: replays.append(len(a[0])) or run_graph(*a)
+prompts = [[5, 6, 7, 8, 9], [100, 200, 300] * 7, [42] * 17]  # 3 decodes: bucket 4, one pad
 async def run(prompt):
     tokens = []
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -62,6 +66,8 @@ for prompt, tokens in zip(prompts, got):
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6,
                          do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
     assert tokens == ref, (tokens, ref)
+if graphs is not None:
+    assert 3 in replays and graphs.sizes == [1, 2, 4, 8], (replays, graphs.sizes)
 print("engine ok")
 """
 
@@ -84,5 +90,9 @@ def test_kernel_matches_reference_attention() -> None:
     assert "kernel ok" in interpret(KERNEL_CHECK)
 
 
-def test_engine_with_the_kernel_equals_generate(tiny_llama_dir: Path) -> None:
-    assert "engine ok" in interpret(ENGINE_CHECK, str(tiny_llama_dir))
+@pytest.mark.parametrize(
+    "limits", ["{}", '{"cuda_graphs": true, "max_num_seqs": 8}'], ids=["eager", "graph-buffers"]
+)
+def test_engine_with_the_kernel_equals_generate(tiny_llama_dir: Path, limits: str) -> None:
+    """With cuda_graphs the padded static-buffer path runs (eagerly: no CUDA here)."""
+    assert "engine ok" in interpret(ENGINE_CHECK, str(tiny_llama_dir), limits)
