@@ -133,6 +133,8 @@ def engine_limits(args: argparse.Namespace) -> dict:
         limits["max_num_batched_tokens"] = args.max_batched_tokens
     if getattr(args, "decode_kernel", None):
         limits["decode_kernel"] = args.decode_kernel
+    if getattr(args, "cuda_graphs", False):
+        limits["cuda_graphs"] = True
     return limits
 
 

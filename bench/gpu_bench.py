@@ -118,11 +118,14 @@ def main() -> None:
     kv = kv_bytes_per_token(loaded.model, loaded.dtype) * int(args.batch1_tokens * 1.5)
     bound = bandwidth / (weights + kv)
     # The engine as configured by default, then with the Triton decode kernel where it can run.
-    kernels = ["sdpa"] + (["triton"] if args.device == "cuda" and _has_triton() else [])
+    kernels = ["sdpa"]
+    if args.device == "cuda" and _has_triton():
+        kernels += ["triton", "triton+graphs"]
     batch1, hearth = {}, {}
     prompts = make_prompts(big, vocab)
     for kernel in kernels:
-        one.decode_kernel = big.decode_kernel = kernel
+        one.decode_kernel = big.decode_kernel = kernel.split("+")[0]
+        one.cuda_graphs = big.cuda_graphs = kernel.endswith("+graphs")
         batch1[kernel] = bench_hearth(loaded, make_prompts(one, vocab), one)
         free_device_memory(args.device)
         hearth[kernel] = bench_hearth(loaded, prompts, big)
@@ -147,7 +150,7 @@ def main() -> None:
     )
     rows = [("measure", "value", "baseline", "ratio", "target")]
     for kernel in kernels:
-        tag = "" if kernel == "sdpa" else " [triton]"
+        tag = "" if kernel == "sdpa" else f" [{kernel}]"
         one_s, many = batch1[kernel], hearth[kernel]
         rows += [
             (
