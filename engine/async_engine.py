@@ -31,6 +31,7 @@ log = logging.getLogger("hearth.engine")
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[list[GenerationOutput]]
+    n: int  # samples: the stream ends after n final outputs
 
 
 class AsyncEngine:
@@ -82,23 +83,36 @@ class AsyncEngine:
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request.sampling.n)
         self._streams[rid] = stream
-        self._submit("add", request)
+        try:
+            self._submit("add", request)
+        except EngineDeadError:
+            self._streams.pop(rid, None)
+            raise
         remaining = request.sampling.n
         try:
-            while remaining:
+            while remaining > 0:
                 for output in await stream.queue.get():
                     if output.finished:
                         remaining -= 1
                     yield output
         finally:
             self._streams.pop(rid, None)
-            if remaining:
+            if remaining > 0:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
+
+    def fail_all(self, message: str) -> None:
+        """End every request in flight with an error (a drain that ran out of time)."""
+        self._submit("fail_all", message)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose streams are open (queued, running, or not yet read to the end)."""
+        return len(self._streams)
 
     def stats(self) -> EngineStats:
         return self.core.stats()
@@ -120,6 +134,8 @@ class AsyncEngine:
     # -- engine thread ----------------------------------------------------------------------
     def _submit(self, kind: str, payload: Any) -> None:
         with self._wake:
+            if self._dead is not None and kind == "add":  # nothing would ever answer it
+                raise EngineDeadError(self._dead)
             self._inbox.append((kind, payload))
             self._wake.notify()
 
@@ -141,11 +157,20 @@ class AsyncEngine:
                         outputs += self.core.fail_all(f"engine error: {type(exc).__name__}: {exc}")
                 self._dispatch(outputs)
         except BaseException as exc:
-            self._dead = f"engine thread died: {type(exc).__name__}: {exc}"
+            with self._wake:
+                self._dead = f"engine thread died: {type(exc).__name__}: {exc}"
             log.exception("engine thread died")
             raise
         finally:
-            self._dispatch(self.core.fail_all(self._dead or "engine is shutting down"))
+            with self._wake:
+                self._dead = self._dead or "engine is shutting down"
+                self._inbox = []
+            outputs = self.core.fail_all(self._dead)
+            ended = {o.request_id for o in outputs}
+            for rid, stream in list(self._streams.items()):  # queued or mid-apply: end them too
+                if rid not in ended:
+                    outputs += _failed(rid, stream.n, 0, self._dead)
+            self._dispatch(outputs)
             self.core.runner.close()  # tensor-parallel followers stop too
 
     def _apply(self, commands: list[tuple[str, Any]]) -> list[GenerationOutput]:
@@ -153,23 +178,16 @@ class AsyncEngine:
         for kind, payload in commands:
             if kind == "abort":
                 outputs += self.core.abort(payload)
-                continue
-            try:
-                self.core.add_request(payload)
-            except ValueError as exc:  # one final output per sample, so every stream ends
-                outputs += [
-                    GenerationOutput(
-                        payload.request_id,
-                        index,
-                        [],
-                        "",
-                        len(payload.prompt_token_ids),
-                        0,
-                        finish_reason="error",
-                        error=str(exc),
-                    )
-                    for index in range(payload.sampling.n)
-                ]
+            elif kind == "fail_all":
+                outputs += self.core.fail_all(payload)
+            else:
+                try:
+                    self.core.add_request(payload)
+                except Exception as exc:  # a bad request fails alone; the thread goes on
+                    if not isinstance(exc, ValueError):
+                        log.exception("adding request %s failed", payload.request_id)
+                    n, prompt_len = payload.sampling.n, len(payload.prompt_token_ids)
+                    outputs += _failed(payload.request_id, n, prompt_len, str(exc))
         return outputs
 
     def _dispatch(self, outputs: list[GenerationOutput]) -> None:
@@ -204,6 +222,14 @@ class AsyncEngine:
             queue.put_nowait(batch)
         if done is not None:  # runs after the tasks just woken have had their turn
             loop.call_soon(done.set)
+
+
+def _failed(request_id: str, n: int, prompt_len: int, message: str) -> list[GenerationOutput]:
+    """One final error output per sample, so that every stream of the request ends."""
+    return [
+        GenerationOutput(request_id, i, [], "", prompt_len, 0, "error", error=message)
+        for i in range(n)
+    ]
 
 
 def kv_blocks(loaded: LoadedModel) -> int:

@@ -16,7 +16,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.grammar import CLOSE_RESERVE, GrammarCompiler
 from engine.runner import ModelRunner
 from engine.sampling import apply_penalties, logprobs_of, sample
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, Status
 from engine.tokenizer import ChatTokenizer
 from engine.types import (
@@ -28,6 +28,7 @@ from engine.types import (
 )
 
 log = logging.getLogger("hearth.engine")
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -99,6 +100,11 @@ class EngineCore:
             raise ValueError(f"request needs {total} KV slots; the cache holds {capacity}")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in request.sampling.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        seed = request.sampling.seed
+        if seed is not None and not SEED_MIN <= seed <= SEED_MAX - request.sampling.n:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX - request.sampling.n}]")
 
     def add_request(self, request: GenerationRequest) -> None:
         self.check_request(request)
@@ -122,8 +128,17 @@ class EngineCore:
         return self._finish_matching(lambda s: s.request_id == request_id, "abort")
 
     def fail_all(self, message: str) -> list[GenerationOutput]:
-        """Finish every sequence with an error (after a failed step)."""
+        """Finish every sequence with an error (engine stopping, or an unexpected failure)."""
         return self._finish_matching(lambda s: True, "error", message)
+
+    def fail_requests(self, errors: dict[str, str]) -> list[GenerationOutput]:
+        """Finish every sample of each request id with its error message; frees their blocks."""
+        outputs = []
+        for request_id, message in errors.items():
+            outputs += self._finish_matching(
+                lambda s, r=request_id: s.request_id == r, "error", message
+            )
+        return outputs
 
     def _finish_matching(
         self, match: Callable[[Sequence], bool], reason: FinishReason, error: str | None = None
@@ -157,18 +172,58 @@ class EngineCore:
 
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
+        """Run one step. A failure fails only the requests it can be pinned on (see _execute)."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("no KV blocks for the next waiting sequence")
+                head = self.scheduler.waiting[0].request_id  # can never fit: fail it, not all
+                return self.fail_requests({head: "no KV blocks for this request"})
             return []
-        logits = self.runner.execute(plan.scheduled)  # [n, V]
+        logits, failed = self._execute(plan)
+        outputs = self.fail_requests(failed) if failed else []
+        if failed:
+            plan.scheduled = [i for i in plan.scheduled if i.seq.request_id not in failed]
         sampling = [item.seq for item in plan.scheduled if item.samples]
         for item in plan.scheduled:
             prompt_left = item.seq.num_prompt_tokens - item.seq.num_computed_tokens
             self.num_prefilled_tokens += max(0, min(item.num_tokens, prompt_left))
         self.scheduler.after_step(plan)
-        return self._sample_and_emit(sampling, logits) if sampling else []
+        if not sampling:
+            return outputs
+        try:
+            return outputs + self._sample_and_emit(sampling, logits)
+        except Exception as exc:  # sampling the batch failed: fail the requests that sampled
+            log.exception("sampling failed")
+            message = _describe(exc)
+            return outputs + self.fail_requests({s.request_id: message for s in sampling})
+
+    def _execute(self, plan: SchedulerOutput) -> tuple[torch.Tensor, dict[str, str]]:
+        """The step's logits, and {request id: error} for requests whose forward fails.
+
+        A failed batch is retried one sequence at a time (the forward only reads the cache and
+        writes each sequence's own slots, so a rerun is safe): the requests that still fail are
+        the ones to blame, and the rest of the batch goes on as if nothing had happened.
+        """
+        try:
+            return self.runner.execute(plan.scheduled), {}
+        except Exception as exc:
+            if len(plan.scheduled) == 1:
+                log.exception("request %s failed in a step", plan.scheduled[0].seq.request_id)
+                return self._no_logits(), {plan.scheduled[0].seq.request_id: _describe(exc)}
+            log.warning("a step of %d sequences failed; retrying each alone", len(plan.scheduled))
+        rows: list[tuple[str, torch.Tensor]] = []
+        failed: dict[str, str] = {}
+        for item in plan.scheduled:
+            try:
+                rows.append((item.seq.request_id, self.runner.execute([item])))
+            except Exception as exc:
+                log.exception("request %s failed in a step", item.seq.request_id)
+                failed[item.seq.request_id] = _describe(exc)
+        kept = [r for rid, r in rows if rid not in failed]
+        return (torch.cat(kept) if kept else self._no_logits()), failed
+
+    def _no_logits(self) -> torch.Tensor:
+        return torch.empty(0, self.vocab_size, device=self.device)
 
     def _sample_and_emit(
         self, seqs: list[Sequence], logits: torch.Tensor
@@ -211,13 +266,21 @@ class EngineCore:
         else:
             token_ids = tokens.tolist()  # the step's one device-to-host copy
         outputs = []
+        failed: dict[str, str] = {}
         for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
             logprobs = None
             if top is not None and seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 alts = list(zip(top[2][row][:k], top[1][row][:k], strict=True))
                 logprobs = [TokenLogprob(token_id, top[0][row], alts)]
-            outputs.append(self._append(seq, token_id, logprobs))
+            try:
+                outputs.append(self._append(seq, token_id, logprobs))
+            except Exception as exc:  # e.g. detokenizing: this request only
+                log.exception("request %s failed after sampling", seq.request_id)
+                failed[seq.request_id] = _describe(exc)
+        if failed:
+            outputs = [o for o in outputs if o.request_id not in failed]
+            outputs += self.fail_requests(failed)
         return outputs
 
     def _budget_left(self, seq: Sequence) -> int:
@@ -280,3 +343,7 @@ class EngineCore:
             logprobs=logprobs,
             error=error,
         )
+
+
+def _describe(exc: Exception) -> str:
+    return f"engine error: {type(exc).__name__}: {exc}"

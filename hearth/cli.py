@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from pydantic import ValidationError
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from engine.config import ConfigError, HearthConfig, ModelConfig, load_config, resolve_sources
 from engine.sources import Source, looks_like_hub_id
@@ -23,23 +24,86 @@ from server.settings import ServerSettings
 
 log = logging.getLogger("hearth")
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _STARTED = time.monotonic()
 
 
 class Server(uvicorn.Server):
-    """On SIGINT/SIGTERM: the registry turns to draining (new requests get 503) while uvicorn
-    finishes the requests in flight; and hearth exits 0, where uvicorn would re-raise the signal.
+    """On the first SIGINT/SIGTERM the registry turns to draining: /health and new requests get
+    503 (the port stays open), requests in flight may finish for `drain_timeout` seconds, then
+    the rest are ended with an error and hearth exits 0 (uvicorn would re-raise the signal). A
+    second signal stops at once.
     """
 
-    def __init__(self, config: uvicorn.Config, registry: ModelRegistry) -> None:
+    abort_grace = 3.0  # seconds for aborted requests to send their error and close
+
+    def __init__(
+        self, config: uvicorn.Config, registry: ModelRegistry, drain_timeout: float = 30.0
+    ) -> None:
         super().__init__(config)
         self.registry = registry
+        self.drain_timeout = drain_timeout
+        self.drain_deadline: float | None = None
+        self.aborted = False
 
     def handle_exit(self, sig: int, frame: object) -> None:
-        self.registry.state = "draining"
-        super().handle_exit(sig, frame)
+        if self.drain_deadline is None and not self.should_exit:
+            self.registry.state = "draining"
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+            log.info(
+                "draining: %d request(s) in flight, up to %g s (signal again to stop now)",
+                self.registry.in_flight,
+                self.drain_timeout,
+            )
+        else:
+            self.registry.state = "draining"
+            super().handle_exit(sig, frame)
         getattr(self, "_captured_signals", []).clear()
+
+    def drain_step(self) -> None:
+        """Called every tick while draining: exit when idle, abort what is left at the deadline."""
+        if self.drain_deadline is None or self.should_exit:
+            return
+        now = time.monotonic()
+        if self.registry.in_flight == 0:
+            self.should_exit = True
+        elif not self.aborted and now >= self.drain_deadline:
+            log.warning("drain timeout: ending %d request(s)", self.registry.in_flight)
+            for engine in self.registry.engines:
+                engine.fail_all("the server is shutting down")
+            self.aborted = True
+        elif self.aborted and now >= self.drain_deadline + self.abort_grace:
+            self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        self.drain_step()
+        return await super().on_tick(counter)
+
+
+def bind_warning(host: str, keys: tuple[str, ...]) -> str | None:
+    """The warning for serving a non-loopback address without an API key, else None."""
+    if keys or is_loopback(host):
+        return None
+    return (
+        f"SECURITY WARNING: binding {host} without an API key: anyone who can reach this port "
+        "can use the models. Set --api-key (or HEARTH_API_KEY), or bind 127.0.0.1."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def byte_size(text: str) -> int:
+    """'4MiB', '512kB' or a plain number of bytes (argparse type)."""
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4MiB)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +179,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="Responses API: how long a stored response is kept (default: 3600)",
     )
     serve.add_argument(
+        "--max-body-size",
+        type=byte_size,
+        default=4 << 20,
+        metavar="BYTES",
+        help="larger request bodies get 413 before they are read (default: 4MiB)",
+    )
+    serve.add_argument(
+        "--max-n",
+        type=int,
+        default=16,
+        metavar="N",
+        help="most samples (n) a request may ask for per prompt (default: 16)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="abort a request after this long, queueing included; 0 disables (default: 600)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may finish before they are ended "
+        "(default: 30)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        metavar="N",
+        help="override every model's engine.max_waiting: queued requests before 429",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -157,12 +256,19 @@ def select_models(args: argparse.Namespace) -> Selection:
             name = "--model"
             base_dir = Path.cwd()
     overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
-    if overrides:
+    if overrides or args.max_waiting is not None:
         try:
-            models = [ModelConfig.model_validate({**m.model_dump(), **overrides}) for m in models]
+            models = [_override(m, overrides, args.max_waiting) for m in models]
         except ValidationError as exc:
-            raise ConfigError(f"--device/--dtype: {exc.errors()[0]['msg']}") from None
+            raise ConfigError(f"--device/--dtype/--max-waiting: {exc.errors()[0]['msg']}") from None
     return Selection(models, resolve_sources(HearthConfig(models=models), name, base_dir), base_dir)
+
+
+def _override(model: ModelConfig, overrides: dict, max_waiting: int | None) -> ModelConfig:
+    data = {**model.model_dump(), **overrides}
+    if max_waiting is not None:
+        data["engine"] = {**data["engine"], "max_waiting": max_waiting}
+    return ModelConfig.model_validate(data)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -202,18 +308,18 @@ def serve(args: argparse.Namespace) -> int:
         if rank > 0:
             return _follow(selection)
 
-    if args.host not in LOOPBACK and not keys:
-        log.warning(
-            "binding %s without an API key: anyone who can reach this port can use "
-            "the models (set --api-key or HEARTH_API_KEY)",
-            args.host,
-        )
+    warning = bind_warning(args.host, keys)
+    if warning:
+        log.warning("%s\n%s\n%s", "!" * 80, warning, "!" * 80)
     registry = ModelRegistry()
     settings = ServerSettings(
         api_keys=keys,
         cors_origins=tuple(args.cors_origin),
         responses_max_stored=args.responses_max_stored,
         responses_ttl_s=args.responses_ttl,
+        max_body_bytes=args.max_body_size,
+        max_n=args.max_n,
+        request_timeout_s=args.request_timeout or None,
     )
     app = create_app(registry, settings)
     server = Server(
@@ -224,12 +330,13 @@ def serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             access_log=args.log_level == "debug",
             log_config=None,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=5,  # after the drain, only closing is left
         ),
         registry,
+        drain_timeout=args.drain_timeout,
     )
     outcome = {"code": 0}
-    base_url = f"http://{'localhost' if args.host in LOOPBACK else args.host}:{args.port}/v1"
+    base_url = f"http://{'localhost' if is_loopback(args.host) else args.host}:{args.port}/v1"
     loader = threading.Thread(
         target=_load_all,
         args=(selection, registry, server, outcome, base_url),

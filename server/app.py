@@ -8,6 +8,7 @@ from fastapi.responses import Response
 
 from hearth import __version__
 from server.errors import install_error_handlers
+from server.limits import RequestGuard
 from server.metrics import Metrics, RequestCounter
 from server.registry import ModelRegistry
 from server.routes import chat, completions, models, responses
@@ -29,6 +30,13 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    app.add_middleware(
+        RequestGuard,
+        registry=registry,
+        max_body_bytes=settings.max_body_bytes,
+        max_n=settings.max_n,
+        request_timeout_s=settings.request_timeout_s,
+    )
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     app.include_router(models.router)
     app.include_router(chat.router)

@@ -21,6 +21,7 @@ from engine.types import (
     SamplingParams,
     TokenLogprob,
 )
+from server import limits
 from server.errors import APIError
 from server.metrics import Metrics
 
@@ -104,16 +105,26 @@ async def open_stream(
 ) -> AsyncIterator[GenerationOutput]:
     """Start generating; engine rejections surface here as APIErrors, before any byte is sent.
 
-    The returned iterator yields every output; closing it (client gone) aborts the request.
+    The returned iterator yields every output; closing it (client gone) aborts the request. Past
+    the request's deadline (see server.limits) the engine request is aborted and the iterator
+    raises a 504 APIError (an error event once streaming).
     """
+    deadline = limits.check_request(request)
+    expiry = _Expiry(engine, request.request_id, deadline)
     stream = engine.generate(request)
     start = time.perf_counter()
     try:
         first = await anext(stream)
+        expiry.check(first)
     except StopAsyncIteration:
         first = None
     except (ValueError, QueueFullError, EngineDeadError) as exc:
+        expiry.cancel()
         raise engine_error(exc) from None
+    except BaseException:
+        expiry.cancel()
+        await stream.aclose()
+        raise
     model = engine.info.model_id
     if metrics is not None:
         metrics.request_started(model, len(request.prompt_token_ids))
@@ -125,15 +136,41 @@ async def open_stream(
             if first is not None:
                 yield first
             async for output in stream:
+                expiry.check(output)
                 if metrics is not None and output.token_ids:
                     now = time.perf_counter()
                     metrics.inter_token(model, now - last, len(output.token_ids))
                     last = now
                 yield output
         finally:
+            expiry.cancel()
             await stream.aclose()
 
     return outputs()
+
+
+class _Expiry:
+    """A timer that aborts the engine request at its deadline; its abort becomes a 504."""
+
+    def __init__(self, engine: EngineClient, request_id: str, deadline: float | None) -> None:
+        self.expired = False
+        self.timer: asyncio.TimerHandle | None = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self.seconds = max(0.0, deadline - loop.time())
+            self.timer = loop.call_at(deadline, self._expire, engine, request_id)
+
+    def _expire(self, engine: EngineClient, request_id: str) -> None:
+        self.expired = True
+        engine.abort(request_id)
+
+    def check(self, output: GenerationOutput) -> None:
+        if self.expired and output.finish_reason == "abort":
+            raise limits.timeout_error(self.seconds)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 @dataclass

@@ -15,6 +15,7 @@ class ModelRegistry:
         self.state: State = "loading"
         self._engines: dict[str, EngineClient] = {}  # id -> engine
         self._names: dict[str, str] = {}  # id or alias -> id
+        self.in_flight = 0  # HTTP requests being served (server.limits.RequestGuard counts)
 
     def add(self, engine: EngineClient) -> None:
         info = engine.info
@@ -23,7 +24,8 @@ class ModelRegistry:
             self._names[name] = info.model_id
 
     def mark_ready(self) -> None:
-        self.state = "ready"
+        if self.state == "loading":  # a stop signal during loading keeps it draining
+            self.state = "ready"
 
     @property
     def engines(self) -> list[EngineClient]:

@@ -1,4 +1,4 @@
-"""Server-wide settings that are not per-model (auth, CORS, the Responses store)."""
+"""Server-wide settings that are not per-model (auth, CORS, the Responses store, limits)."""
 
 from __future__ import annotations
 
@@ -11,3 +11,6 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     responses_max_stored: int = 1000  # stored responses kept for previous_response_id / GET
     responses_ttl_s: float = 3600.0  # and for how long
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
+    max_n: int = 16  # samples per prompt
+    request_timeout_s: float | None = 600.0  # then the request is aborted (504 / error event)

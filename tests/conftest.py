@@ -83,18 +83,21 @@ def running_server(
     env: dict[str, str] | None = None,
     timeout: float = 180.0,
     launcher: tuple[str, ...] = (),
+    log_path: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start `hearth serve ARGS` on a free port; yield (base URL of /v1, process); stop it.
 
-    `launcher`: python arguments before `-m hearth` (e.g. torch.distributed.run's).
+    `launcher`: python arguments before `-m hearth` (e.g. torch.distributed.run's). With
+    `log_path`, the server's output goes to that file (never a full pipe) instead.
     """
     port = free_port()
     command = [sys.executable, *launcher, "-m", "hearth", "serve", "--port", str(port), *args]
+    log_file = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         command,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
+        stdout=log_file or subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -103,7 +106,8 @@ def running_server(
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}:\n{proc.stdout.read()}")
+                output = log_path.read_text() if log_path else proc.stdout.read()
+                raise RuntimeError(f"server exited {proc.returncode}:\n{output}")
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
@@ -121,3 +125,19 @@ def running_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if log_file is not None:
+            log_file.close()
+
+
+def tiny_config(path: Path, checkpoint: Path, **engine: object) -> Path:
+    """A models.yaml serving the tiny checkpoint as 'tiny' with these engine limits."""
+    import json
+
+    model = {
+        "id": "tiny",
+        "source": str(checkpoint),
+        "device": "cpu",
+        "engine": {"kv_cache_memory": "64MiB", **engine},
+    }
+    path.write_text(json.dumps({"models": [model]}))
+    return path

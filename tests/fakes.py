@@ -69,6 +69,9 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    def fail_all(self, message: str) -> None:
+        self.failed_all = message
+
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0, 256, 16)
 

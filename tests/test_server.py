@@ -341,6 +341,14 @@ def test_a_stop_signal_turns_the_server_to_draining() -> None:
     registry = client.app.state.registry
     server = Server(uvicorn.Config(client.app), registry)
     server.handle_exit(signal.SIGTERM, None)
-    assert server.should_exit and registry.state == "draining"
+    assert registry.state == "draining" and not server.should_exit  # still answering: 503
     assert client.get("/health").status_code == 503
     assert_envelope(chat(client), 503)
+    registry.mark_ready()  # a model that finishes loading now does not undo the drain
+    assert registry.state == "draining"
+    registry.in_flight = 1
+    server.drain_step()
+    assert not server.should_exit
+    registry.in_flight = 0
+    server.drain_step()
+    assert server.should_exit

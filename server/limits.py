@@ -1,0 +1,161 @@
+"""Per-request guards: body size (413 before the body is read), a deadline, n and stop limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.types import GenerationRequest
+from server.errors import APIError, error_body
+from server.registry import ModelRegistry
+from server.streaming import dumps
+
+MAX_STOP_CHARS = 256  # per stop string (OpenAI caps their number at 4; so does the protocol)
+DRAIN_AT_MOST = 64 << 20  # an oversized body is read and dropped up to this, so the 413 arrives
+UNGUARDED = ("/health", "/metrics")  # never counted in flight, never limited
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and by when (event-loop time) it must be done."""
+
+    max_n: int
+    deadline: float | None = None
+
+
+_current: contextvars.ContextVar[Limits | None] = contextvars.ContextVar("limits", default=None)
+
+
+def check_request(request: GenerationRequest) -> float | None:
+    """Raise a 400 for an n or a stop string over the limits; returns the request's deadline."""
+    limits = _current.get()
+    if limits is None:
+        return None
+    sampling = request.sampling
+    if sampling.n > limits.max_n:
+        raise APIError(400, f"n must be at most {limits.max_n}, got {sampling.n}.", param="n")
+    for stop in sampling.stop:
+        if len(stop) > MAX_STOP_CHARS:
+            raise APIError(
+                400, f"Each stop string may have at most {MAX_STOP_CHARS} characters.", param="stop"
+            )
+    return limits.deadline
+
+
+def timeout_error(seconds: float) -> APIError:
+    return APIError(
+        504,
+        f"The request did not finish within the server's request timeout ({seconds:g} s).",
+        code="request_timeout",
+    )
+
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RequestGuard:
+    """ASGI middleware: refuses oversized bodies with 413 before parsing them, counts requests
+    in flight on the registry (for draining), and sets each request's limits and deadline.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        registry: ModelRegistry,
+        max_body_bytes: int,
+        max_n: int,
+        request_timeout_s: float | None,
+    ) -> None:
+        self.app = app
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+        self.max_n = max_n
+        self.request_timeout_s = request_timeout_s
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNGUARDED:
+            await self.app(scope, receive, send)
+            return
+        self.registry.in_flight += 1
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                await _too_large(send, self.max_body_bytes)
+                return
+            deadline = None
+            if self.request_timeout_s is not None:
+                deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+            _current.set(Limits(self.max_n, deadline))
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.registry.in_flight -= 1
+
+    async def _read_body(self, scope: dict[str, Any], receive: Receive) -> bytes | None:
+        """The whole body, or None when it is over the limit (then drained, up to a bound)."""
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            if int(declared) <= DRAIN_AT_MOST:
+                await _drain(receive, DRAIN_AT_MOST)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                return b"".join(chunks) if size else b""
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive, DRAIN_AT_MOST - size)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body already read, then the client's next messages."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        budget -= len(message.get("body", b""))
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    payload = error_body(
+        f"The request body is larger than the server's limit of {limit} bytes.",
+        "invalid_request_error",
+        code="request_too_large",
+    )
+    data = dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
