@@ -75,7 +75,9 @@ _ITEM_TAGS = {
 
 def _item_tag(value: Any) -> str | None:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return _ITEM_TAGS.get(kind or "message")
+    if kind is None:
+        return _ITEM_TAGS["message"]
+    return _ITEM_TAGS.get(kind) if isinstance(kind, str) else None
 
 
 InputItem = Annotated[

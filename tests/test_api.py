@@ -307,7 +307,7 @@ def test_api_document_examples(default_doc_server) -> None:
     base_url = default_doc_server
     env = {"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "doc-key", "PATH": "/usr/bin:/bin"}
     curl = subprocess.run(
-        ["bash", "-c", DOC_CURL], env=env, capture_output=True, text=True, timeout=120
+        ["bash", "-c", DOC_CURL], env=env, capture_output=True, text=True, timeout=300
     )
     reply = json.loads(curl.stdout)
     assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
@@ -315,7 +315,7 @@ def test_api_document_examples(default_doc_server) -> None:
 
     for script in (DOC_STREAM, DOC_COMPLETION, DOC_RESPONSES):
         run = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
         )
         assert run.returncode == 0, run.stderr
         # SmolLM2 answers a raw (untemplated) prompt with its end token, so only the chat

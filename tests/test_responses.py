@@ -289,6 +289,8 @@ def test_validation_errors_are_400_with_param() -> None:
     reasoning = [{"type": "reasoning", "summary": []}]
     error = assert_envelope(create(client, input=reasoning), 400, "input[0]")
     assert "function_call_output" in error["message"]
+    odd = [{"type": ["message"], "role": "user", "content": "x"}]
+    assert_envelope(create(client, input=odd), 400, "input[0]")
     call = [{"type": "function_call", "call_id": "c1", "name": "f"}]  # no arguments
     assert_envelope(create(client, input=call), 400, "input[0].arguments")
     image = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
