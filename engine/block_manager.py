@@ -56,14 +56,17 @@ class BlockManager:
         return block
 
     # -- admission ----------------------------------------------------------------------------
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks holding a computed prefix of seq; at least one token is left to compute."""
+    def prefix_keys(self, seq: Sequence) -> list[BlockKey]:
+        """Keys of seq's full blocks that could come from the cache (one token is always left)."""
         if not self.prefix_caching:
             return []
         tokens = seq.token_ids()
-        usable = (len(tokens) - 1) // self.block_size
+        return self._block_keys(tokens, (len(tokens) - 1) // self.block_size)
+
+    def cached_prefix(self, seq: Sequence, keys: list[BlockKey] | None = None) -> list[int]:
+        """Blocks holding a computed prefix of seq; at least one token is left to compute."""
         hits = []
-        for key in self._block_keys(tokens, usable):
+        for key in self.prefix_keys(seq) if keys is None else keys:
             block = self.cached.get(key)
             if block is None:
                 break

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockKey, BlockManager
 from engine.sequence import Sequence, Status
 
 
@@ -85,14 +85,22 @@ class Scheduler:
             out.scheduled.append(Scheduled(seq, num))
             budget -= num
         # New arrivals (and preempted sequences, which were put at the front), in order.
+        computing: set[BlockKey] = set()  # prompt blocks first computed by this step
+        size = self.blocks.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if out.preempted:  # memory is short: admit nothing new this step
                 break
             seq = self.waiting[0]
-            hits = self.blocks.cached_prefix(seq)
-            num = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
+            keys = self.blocks.prefix_keys(seq)
+            hits = self.blocks.cached_prefix(seq, keys)
+            if len(keys) > len(hits) and keys[len(hits)] in computing:
+                # A sequence admitted this step computes this prefix block (a shared system
+                # prompt in a burst of arrivals): start next step and reuse it from the cache.
+                break
+            num = min(seq.num_tokens - len(hits) * size, budget)
             if not self.blocks.can_admit(seq, num, hits):
                 break
+            computing.update(keys[len(hits) : (len(hits) * size + num) // size])
             self.waiting.popleft()
             self.blocks.admit(seq, hits)
             self.blocks.grow(seq, num)

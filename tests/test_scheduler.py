@@ -171,3 +171,25 @@ def test_sequence_token_slices() -> None:
     for start in range(7):
         for stop in range(start, 7):
             assert seq.tokens(start, stop) == whole[start:stop]
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once() -> None:
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=256)
+    system = [9, 8, 7, 6, 5, 4, 3, 2]  # two full blocks every request shares
+    burst = [make(system + [20 + i, 30 + i, 40 + i], rid=f"r{i}") for i in range(4)]
+    other = make([1, 1, 1, 1, 1], rid="other")
+    for seq in burst:
+        sched.add(seq)
+    sched.add(other)
+    first = sched.schedule()
+    assert [item.seq.request_id for item in first.scheduled] == ["r0"]  # the rest wait a step
+    sched.after_step(first)
+    burst[0].output_ids.append(7)  # r0 sampled its first token
+    second = sched.schedule()
+    names = [item.seq.request_id for item in second.scheduled]
+    assert names == ["r0", "r1", "r2", "r3", "other"]
+    assert [item.num_tokens for item in second.scheduled] == [1, 3, 3, 3, 5]  # prefix cached
+    assert blocks.num_cache_hits == 3 * len(system)
+    sched.after_step(second)
+    check_invariants(blocks, sched)
