@@ -177,7 +177,7 @@ def test_a_burst_sharing_a_prefix_computes_it_once() -> None:
     blocks = BlockManager(64, 4)
     sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=256)
     system = [9, 8, 7, 6, 5, 4, 3, 2]  # two full blocks every request shares
-    burst = [make(system + [20 + i, 30 + i, 40 + i], rid=f"r{i}") for i in range(4)]
+    burst = [make([*system, 20 + i, 30 + i, 40 + i], rid=f"r{i}") for i in range(4)]
     other = make([1, 1, 1, 1, 1], rid="other")
     for seq in burst:
         sched.add(seq)
