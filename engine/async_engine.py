@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import distributed
-from engine.core import EngineCore, kv_budget_bytes
+from engine.core import EngineCore, FatalStepError, kv_budget_bytes
 from engine.loader import LoadedModel
 from engine.runner import ModelRunner, kv_bytes_per_token
 from engine.tokenizer import ChatTokenizer
@@ -75,11 +75,11 @@ class AsyncEngine:
         """Stream the request's outputs; closing the iterator early aborts the request."""
         if self._dead:
             raise EngineDeadError(self._dead)
-        if request.sampling.grammar is not None:  # compile (cached) off the loop and the engine
-            await asyncio.to_thread(self.core.grammars.compile, request.sampling.grammar)
         self.core.check_request(request)  # ValueError now, before anything is queued
         if len(self._streams) >= self.core.limits.max_num_seqs + self.core.limits.max_waiting:
             raise QueueFullError(f"{len(self._streams)} requests are in flight; the queue is full")
+        if request.sampling.grammar is not None:  # compile (cached) off the loop and the engine
+            await asyncio.to_thread(self.core.grammars.compile, request.sampling.grammar)
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")
@@ -152,6 +152,8 @@ class AsyncEngine:
                 if self.core.has_unfinished():
                     try:
                         outputs += self.core.step()
+                    except FatalStepError:
+                        raise
                     except Exception as exc:  # fail the affected requests, keep serving
                         log.exception("engine step failed")
                         outputs += self.core.fail_all(f"engine error: {type(exc).__name__}: {exc}")

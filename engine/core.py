@@ -28,6 +28,12 @@ from engine.types import (
 )
 
 log = logging.getLogger("hearth.engine")
+
+
+class FatalStepError(RuntimeError):
+    """A step failed in a way the engine cannot recover from (the engine thread stops)."""
+
+
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
@@ -207,6 +213,8 @@ class EngineCore:
         try:
             return self.runner.execute(plan.scheduled), {}
         except Exception as exc:
+            if self.runner.tp_size > 1:  # the other ranks are mid-collective: no safe retry
+                raise FatalStepError(f"tensor-parallel step failed: {_describe(exc)}") from exc
             if len(plan.scheduled) == 1:
                 log.exception("request %s failed in a step", plan.scheduled[0].seq.request_id)
                 return self._no_logits(), {plan.scheduled[0].seq.request_id: _describe(exc)}
@@ -242,12 +250,15 @@ class EngineCore:
             for row, ids in blocked:
                 logits[row, ids] = float("-inf")
         constrained = [(row, s.state.matcher) for row, s in enumerate(seqs) if s.state.matcher]
+        scores = logits
         if constrained:
+            logits = scores = self.grammars.mask(logits.float(), constrained)
             closing = [
                 row for row, _ in constrained if self._budget_left(seqs[row]) <= CLOSE_RESERVE
             ]
-            logits = self.grammars.mask(logits.float(), constrained, closing)
-        tokens = sample(logits, params, [s.state.generator for s in seqs])  # [n]
+            if closing:  # sampling is steered; logprobs stay the model's (masked) ones
+                scores = self.grammars.steer_to_close(logits, closing)
+        tokens = sample(scores, params, [s.state.generator for s in seqs])  # [n]
         want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         top = None
         if want_logprobs:  # one device-to-host copy for the tokens and their logprobs

@@ -122,4 +122,4 @@ class DecodeGraphs:
         else:
             graph.replay()
         assert dev == out.device
-        return out[:count]
+        return out[:count].clone()  # the graph's buffer is overwritten by the next replay

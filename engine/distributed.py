@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,11 +26,13 @@ def init_from_env() -> int:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or dist.is_initialized():
         return world_size()
+    # Followers wait in a broadcast for as long as the server is idle: no collective timeout.
+    idle = timedelta(days=3650)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=idle)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=idle)
     return world_size()
 
 

@@ -57,7 +57,7 @@ class GrammarCompiler:
         self._eos = sorted(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._closers: torch.Tensor | None = None
-        self._cache: OrderedDict[Grammar, str] = OrderedDict()
+        self._cache: OrderedDict[Grammar, llguidance.LLMatcher] = OrderedDict()  # fresh ones
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -73,8 +73,9 @@ class GrammarCompiler:
                 self._closers = torch.tensor(ids + self._eos, dtype=torch.long)  # [C]
             return self._tokenizer
 
-    def compile(self, grammar: Grammar) -> str:
-        """Validate and cache; raises GrammarError. Slow for big grammars: call off the loop."""
+    def compile(self, grammar: Grammar) -> llguidance.LLMatcher:
+        """Validate, compile and cache a fresh matcher; raises GrammarError. Slow for big
+        grammars (up to ~1 s): call it off the event loop and the engine thread."""
         with self._lock:
             if grammar in self._cache:
                 self._cache.move_to_end(grammar)
@@ -86,28 +87,23 @@ class GrammarCompiler:
         error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)
         if error and not error.startswith("WARNING"):
             raise GrammarError(grammar.param, error.strip().splitlines()[0])
-        with self._lock:
-            self._cache[grammar] = text
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return text
-
-    def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
-        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(grammar), log_level=0)
+        matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0)
         if matcher.is_error():
             raise GrammarError(grammar.param, matcher.get_error())
+        with self._lock:
+            self._cache[grammar] = matcher
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return matcher
 
-    def mask(
-        self,
-        logits: torch.Tensor,
-        rows: Sequence[tuple[int, llguidance.LLMatcher]],
-        closing: Sequence[int] = (),
-    ) -> torch.Tensor:
-        """logits [B, V] with -inf on every token a row's grammar forbids next; returns [B, V].
+    def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
+        """A matcher at the grammar's start: a copy of the compiled one (cheap)."""
+        return self.compile(grammar).deep_copy()
 
-        Rows in `closing` prefer, among the allowed tokens, those that close or end the output.
-        """
+    def mask(
+        self, logits: torch.Tensor, rows: Sequence[tuple[int, llguidance.LLMatcher]]
+    ) -> torch.Tensor:
+        """logits [B, V] with -inf on every token a row's grammar forbids next; returns [B, V]."""
         width = (self.vocab_size + 31) // 32
         bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)  # [R, W], bit set = allowed
         # On this thread, one matcher after another: a worker pool's spinning threads would
@@ -119,9 +115,12 @@ class GrammarCompiler:
         bits = (words[:, :, None] >> _BITS.to(logits.device)) & 1  # [R, W, 32]
         allowed = bits.flatten(1)[:, : logits.shape[-1]].bool()  # [R, V]
         masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))  # [R, V]
-        masked = logits.index_copy(0, index, masked)  # [B, V]
-        if closing:
-            rows_closing = torch.tensor(closing, device=logits.device)[:, None]  # [K, 1]
-            closers = self._closers.to(logits.device)[None, :]  # [1, C]: close or end tokens
-            masked[rows_closing, closers] += _CLOSING_BONUS
-        return masked
+        return logits.index_copy(0, index, masked)  # [B, V]
+
+    def steer_to_close(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """logits [B, V] where `rows` prefer, among allowed tokens, those that close or end."""
+        steered = logits.clone()
+        index = torch.tensor(rows, device=logits.device)[:, None]  # [K, 1]
+        closers = self._closers.to(logits.device)[None, :]  # [1, C]: close or end tokens
+        steered[index, closers] += _CLOSING_BONUS
+        return steered

@@ -84,6 +84,10 @@ class ModelRunner:
         self.block_size = block_size = limits.block_size
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_shape(model, tp_size)
+        if self.decode_kernel == "triton":
+            from engine.triton_attention import check_shape
+
+            check_shape(block_size, head_dim)
         # With CUDA graphs one more block: the scratch block padding rows write to.
         allocated = num_blocks + 1 if limits.cuda_graphs else num_blocks
         # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.

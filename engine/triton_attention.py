@@ -49,7 +49,7 @@ def _paged_decode_kernel(
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for j in range(0, tl.cdiv(length, BLOCK_SIZE)):
-        block = tl.load(tables_ptr + seq * stride_tb + j)
+        block = tl.load(tables_ptr + seq * stride_tb + j).to(tl.int64)  # big caches: 64-bit
         offsets = block * stride_kn + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
         k = tl.load(k_ptr + offsets)  # [bs, D]
         v = tl.load(v_ptr + offsets)
@@ -67,6 +67,16 @@ def _paged_decode_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=(g < GROUP)[:, None],
     )
+
+
+def check_shape(block_size: int, head_dim: int) -> None:
+    """The kernel tiles a KV block and a head: both powers of two, the block at least 16."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(
+            f"decode_kernel triton needs block_size a power of two >= 16, not {block_size}"
+        )
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"decode_kernel triton needs a power-of-two head size, not {head_dim}")
 
 
 def paged_decode(

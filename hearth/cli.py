@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -374,6 +375,10 @@ def _follow(selection: Selection) -> int:
     from engine.async_engine import follow
     from engine.loader import configure_cpu_threads, load_model
 
+    # torchrun passes SIGTERM/SIGINT to every rank: only rank 0 acts on them (it drains, then
+    # its close() ends this loop); a follower that left early would stall rank 0's collectives.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     [config] = selection.models
     loaded = load_model(config, selection.sources[config.id], base_dir=selection.base_dir)
     if loaded.device.type == "cpu":

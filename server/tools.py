@@ -214,8 +214,11 @@ def _json_value_end(text: str, start: int, state: list[Any]) -> int | None:
         elif ch in "{[":
             depth, begun = depth + 1, True
         elif ch in "}]":
+            if depth == 0:  # closes the enclosing call object: a bare value ended before it
+                state[:] = [0, False, False, begun]
+                return i
             depth -= 1
-            if depth <= 0:
+            if depth == 0:
                 state[:] = [0, False, False, begun]
                 return i + 1
         elif not ch.isspace():
@@ -360,10 +363,10 @@ class ToolCallParser:
                 value, end = decoder.raw_decode(text, at)
             except ValueError:
                 return None
-            args = (
-                value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
-            )
-            if value.get("name") not in self.names or not isinstance(args, dict):
+            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+                return None
+            args = value.get("parameters", value.get("arguments"))
+            if value["name"] not in self.names or not isinstance(args, dict):
                 return None
             calls.append(ToolCall(value["name"], json.dumps(args)))
             at = end

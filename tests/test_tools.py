@@ -79,6 +79,10 @@ def test_parser_finds_real_calls_and_leaves_lookalikes_as_text() -> None:
     assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
     for text in SAMPLES[1:3] + SAMPLES[5:]:
         assert parse_output(text, TOOLS, "hermes") == (text, [])
+    for odd in ["<tool_call>[1]</tool_call>", '<tool_call>{"name": ["x"]}</tool_call>']:
+        assert parse_output(odd, TOOLS, "hermes") == (odd, [])  # not calls, and no crash
+    bare = '<tool_call>{"name": "noop", "arguments": 42}</tool_call>'
+    assert parse_output(bare, TOOLS, "hermes")[1][0].arguments == "42"
     reordered = parse_output(SAMPLES[3], TOOLS, "hermes")[1]
     assert json.loads(reordered[0].arguments) == {"city": "Rome", "unit": "celsius"}
     truncated = parse_output(SAMPLES[4], TOOLS, "hermes")
@@ -91,7 +95,8 @@ def test_llama3_json_calls_are_whole_outputs_naming_a_tool() -> None:
     )
     content, calls = parse_output(text, TOOLS, "llama3_json")
     assert content is None and json.loads(calls[0].arguments)["city"] == "Oslo"
-    for lookalike in ['{"name": "other", "parameters": {}}', '{"a": 1}', 'Sure: {"name": "noop"}']:
+    lookalikes = ['{"name": "other", "parameters": {}}', '{"a": 1}', 'Sure: {"name": "noop"}']
+    for lookalike in [*lookalikes, "<|python_tag|>[1]", '{"name": ["x"], "parameters": {}}']:
         assert parse_output(lookalike, TOOLS, "llama3_json") == (lookalike, [])
 
 
