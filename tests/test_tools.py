@@ -436,3 +436,20 @@ def test_tool_aware_templates_render_tools_and_pick_the_parser(smollm_tokenizer_
     messages, tools = prepare_messages(history, TOOLS[:1], template_tools=True)
     text = hf.decode(llama.encode_chat(messages, tools))
     assert "get_weather;" in text and "Lima" in text  # tools and parsed arguments reached it
+
+
+def test_live_streamed_logprobs_with_tools_cover_every_token(sdk: Any) -> None:
+    stream = ask_weather(
+        sdk,
+        tool_choice="required",
+        stream=True,
+        logprobs=True,
+        stream_options={"include_usage": True},
+    )
+    entries, completion_tokens = 0, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            completion_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            entries += len(choice.logprobs.content or []) if choice.logprobs else 0
+    assert completion_tokens and entries == completion_tokens

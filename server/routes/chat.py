@@ -165,27 +165,32 @@ async def _chunks(
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
     parsers = [ToolCallParser(reply.tools, reply.engine.info.tool_parser) for _ in range(n)]
+    held: list[list] = [[] for _ in range(n)]  # logprobs of text the tool parser holds back
     completion_tokens = 0
     async for output in outputs:
         raise_for_output(output)
         completion_tokens += len(output.token_ids)
-        logprobs = chat_logprobs(reply.engine, output.logprobs) if output.logprobs else None
         if not reply.tools:
             if output.text or output.logprobs:
+                logprobs = chat_logprobs(reply.engine, output.logprobs) if output.logprobs else None
                 yield chunk(output.index, {"content": output.text}, logprobs)
         else:
-            parser = parsers[output.index]
+            parser, entries = parsers[output.index], held[output.index]
+            entries += output.logprobs or []
             events = parser.feed(output.text)
             if output.finish_reason is not None:
                 events += parser.finish()
             for delta in map(_delta, events):
+                logprobs = chat_logprobs(reply.engine, entries) if entries else None
                 yield chunk(output.index, delta, logprobs)
-                logprobs = None
+                entries.clear()
         if output.finish_reason is not None:
             finish = output.finish_reason
             if parsers[output.index].calls and finish == "stop":
                 finish = "tool_calls"
-            yield chunk(output.index, {}, finish=finish)
+            entries = held[output.index]
+            logprobs = chat_logprobs(reply.engine, entries) if entries else None
+            yield chunk(output.index, {}, logprobs, finish=finish)
     metrics.request_finished(reply.engine.info.model_id, completion_tokens)
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(reply.prompt_tokens, completion_tokens)})
