@@ -325,9 +325,7 @@ class EngineCore:
             and (not matcher.consume_token(token_id) or matcher.is_stopped())
         ):
             reason = "stop"
-        if reason is None and (
-            len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
-        ):
+        if reason is None and self._budget_left(seq) <= 0:
             reason = "length"
         if reason is not None:
             text += state.detokenizer.finish()

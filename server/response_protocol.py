@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from engine.types import SamplingParams
+from server.protocol import FunctionDef
 
 # Per-model defaults (models.yaml) used where the request lacks the field or leaves it unset.
 DEFAULTED = (
@@ -93,14 +94,10 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(_Model):
-    """A function tool, flat as the Responses API has it."""
+class FunctionTool(FunctionDef):
+    """A function tool, flat as the Responses API has it: chat's function definition plus type."""
 
     type: Literal["function"]
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class NamedFunction(_Model):

@@ -70,6 +70,18 @@ def json_grammar(schema: dict[str, Any] | None, param: str) -> Grammar:
     return Grammar("json_schema", json.dumps(schema, sort_keys=False), param)
 
 
+def format_grammar(
+    kind: str, schema: dict[str, Any] | None, param: str, schema_param: str
+) -> Grammar | None:
+    """The grammar of a response format: none for text, any object for json_object, the schema
+    for json_schema (`param` / `schema_param` name the request fields in errors)."""
+    if kind == "json_object":
+        return json_grammar(None, param)
+    if kind == "json_schema":
+        return json_grammar(schema, schema_param)
+    return None
+
+
 def call_grammar(tools: Sequence[Tool], parser: str, parallel: bool) -> Grammar:
     """Output must be a call (several if `parallel`) of one of `tools`, in the model's format."""
     key = "parameters" if parser == "llama3_json" else "arguments"

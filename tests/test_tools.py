@@ -109,20 +109,22 @@ def test_grammar_forces_the_named_format() -> None:
     assert "call: call_0 | call_1" in llama.spec
 
 
-def test_templates_without_tools_get_them_in_the_system_prompt() -> None:
-    history = [
-        {"role": "user", "content": "Weather in Paris?"},
+def weather_call_turns(city: str, call_id: str) -> list[dict[str, Any]]:
+    """A user question and the assistant's get_weather call, as chat messages."""
+    call = {"name": "get_weather", "arguments": json.dumps({"city": city})}
+    return [
+        {"role": "user", "content": f"Weather in {city}?"},
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
+            "tool_calls": [{"id": call_id, "type": "function", "function": call}],
         },
+    ]
+
+
+def test_templates_without_tools_get_them_in_the_system_prompt() -> None:
+    history = [
+        *weather_call_turns("Paris", "call_1"),
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 18}'},
     ]
     plain, template_tools = prepare_messages(history, TOOLS[:1], template_tools=False)
@@ -419,20 +421,7 @@ def test_tool_aware_templates_render_tools_and_pick_the_parser(smollm_tokenizer_
     llama = ChatTokenizer(hf)
     assert llama.template_tools and llama.tool_parser() == "llama3_json"
     assert llama.tool_parser("hermes") == "hermes"  # models.yaml wins
-    history = [
-        {"role": "user", "content": "Weather?"},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [
-                {
-                    "id": "c",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'},
-                }
-            ],
-        },
-    ]
+    history = weather_call_turns("Lima", "c")
     messages, tools = prepare_messages(history, TOOLS[:1], template_tools=True)
     text = hf.decode(llama.encode_chat(messages, tools))
     assert "get_weather;" in text and "Lima" in text  # tools and parsed arguments reached it

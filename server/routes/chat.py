@@ -29,7 +29,7 @@ from server.tools import (
     Tool,
     ToolCall,
     ToolCallParser,
-    json_grammar,
+    format_grammar,
     parse_output,
     plan,
     prepare_messages,
@@ -107,11 +107,13 @@ def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool
     ]
     choice = body.tool_choice
     named = None if isinstance(choice, str | None) else choice.function.name
-    fmt, output = body.response_format, None
-    if fmt is not None and fmt.type == "json_object":
-        output = json_grammar(None, "response_format")
-    elif fmt is not None and fmt.type == "json_schema":
-        output = json_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+    fmt = body.response_format
+    output = format_grammar(
+        fmt.type if fmt else "text",
+        fmt.json_schema.schema_ if fmt and fmt.json_schema else None,
+        "response_format",
+        "response_format.json_schema.schema",
+    )
     return plan(
         tools, None if named else choice, named, body.parallel_tool_calls, info.tool_parser, output
     )

@@ -24,7 +24,7 @@ from server.response_output import OutputItems, Reply, assistant_turn
 from server.response_protocol import ResponseRequest
 from server.response_store import ResponseStore, get_store
 from server.streaming import event_stream, sse
-from server.tools import Tool, json_grammar, plan, prepare_messages
+from server.tools import Tool, format_grammar, plan, prepare_messages
 
 log = logging.getLogger("hearth.server")
 router = APIRouter()
@@ -66,11 +66,13 @@ def constraints(body: ResponseRequest, info: ModelInfo) -> tuple[list[Tool], Gra
     ]
     choice = body.tool_choice
     named = None if isinstance(choice, str | None) else choice.name
-    fmt, output = body.text.format if body.text else None, None
-    if fmt is not None and fmt.type == "json_object":
-        output = json_grammar(None, "text.format")
-    elif fmt is not None and fmt.type == "json_schema":
-        output = json_grammar(fmt.schema_, "text.format.schema")
+    fmt = body.text.format if body.text else None
+    output = format_grammar(
+        fmt.type if fmt else "text",
+        fmt.schema_ if fmt else None,
+        "text.format",
+        "text.format.schema",
+    )
     return plan(
         tools, None if named else choice, named, body.parallel_tool_calls, info.tool_parser, output
     )
