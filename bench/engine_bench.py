@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import resource
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import engine.core
 from engine.async_engine import AsyncEngine, build_engine
-from engine.config import ModelConfig
+from engine.config import EngineLimits, ModelConfig
 from engine.loader import LoadedModel, configure_cpu_threads, load_model
 from engine.sources import resolve_source
 from engine.types import GenerationRequest, Grammar, SamplingParams
@@ -64,6 +65,7 @@ class Result:
     seconds: float
     ttfts: list[float]
     decode_tok_s: float | None = None  # after every request has its first token
+    setup_seconds: float = 0.0  # engine build: KV cache, CUDA graph capture
 
     @property
     def tok_s(self) -> float:
@@ -182,8 +184,16 @@ async def _run_hearth(engine: AsyncEngine, prompts, args, grammar: Grammar | Non
     return Result(name, sum(counts), end - start, ttfts, decode)
 
 
+def with_limits(loaded: LoadedModel, args: argparse.Namespace) -> LoadedModel:
+    """The loaded model with the engine limits of these arguments (kernel, graphs, batch)."""
+    config = loaded.config.model_copy(update={"engine": EngineLimits(**engine_limits(args))})
+    return dataclasses.replace(loaded, config=config)
+
+
 def bench_hearth(loaded: LoadedModel, prompts, args, grammar: Grammar | None = None) -> Result:
-    engine = build_engine(loaded)
+    built = time.perf_counter()
+    engine = build_engine(with_limits(loaded, args))
+    built = time.perf_counter() - built
     try:
         warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
@@ -198,6 +208,7 @@ def bench_hearth(loaded: LoadedModel, prompts, args, grammar: Grammar | None = N
         if grammar is not None:
             share = masking[0] / result.seconds
             print(f"grammar masks: {masking[1]} calls, {masking[0]:.2f} s ({share:.1%} of the run)")
+        result.setup_seconds = built
         return result
     finally:
         engine.shutdown()

@@ -1,8 +1,9 @@
-"""CUDA smoke check: hearth's engine on a tiny random Llama equals transformers' generate().
+"""CUDA smoke check: the Triton decode kernel against float64 attention, and hearth's engine
+(sdpa, triton, triton + CUDA graphs) on a tiny random Llama against transformers' generate().
 
     python bench/gpu_smoke.py --tokenizer DIR --out /tmp/tiny-llama
-Builds the checkpoint (so `hearth serve --model OUT` can serve it), then compares greedy tokens
-of 8 concurrent requests with generate() in fp32 and reports bf16 agreement.
+Builds the checkpoint (so `hearth serve --model OUT` can serve it), then compares the greedy
+tokens of 11 concurrent requests with generate() in fp32 and reports bf16 agreement.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ def build(out: Path, tokenizer_dir: Path) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=512,
+        intermediate_size=1024,
         num_hidden_layers=4,
-        num_attention_heads=8,
+        num_attention_heads=4,  # head size 128, as in Llama 3
         num_key_value_heads=2,
         max_position_embeddings=2048,
         bos_token_id=1,
@@ -56,46 +57,125 @@ async def run(engine, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
+KERNEL_CASES = ((torch.float32, 37, 300), (torch.bfloat16, 256, 1100))  # dtype, batch, longest
+
+
+def check_kernel(device: str, cases=KERNEL_CASES, timing: bool = True) -> None:
+    """paged_decode on random data against float64 attention; then, at the last case's shape
+    (a Llama-3-8B layer, 256 sequences of up to 1100 tokens), its time against gather + SDPA."""
+    from engine.attention import PagedBatch, _decode_attention
+    from engine.triton_attention import paged_decode
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    heads, kv_heads, dim, bs = 32, 8, 128, 16
+    for dtype, batch, longest in cases:
+        lens = torch.randint(1, longest + 1, (batch,), device=device, generator=gen)
+        per_seq = -(-longest // bs)
+        blocks = batch * per_seq + 3
+        tables = torch.randperm(blocks, device=device, generator=gen)[: batch * per_seq]
+        tables = tables.view(batch, per_seq)
+        k = torch.randn(blocks, bs, kv_heads, dim, device=device, dtype=dtype, generator=gen)
+        v = torch.randn(blocks, bs, kv_heads, dim, device=device, dtype=dtype, generator=gen)
+        q = torch.randn(batch, heads, dim, device=device, dtype=dtype, generator=gen)
+        out = paged_decode(q, k, v, tables, lens, dim**-0.5)
+        worst = 0.0
+        for b in range(batch):
+            length = int(lens[b])
+            slots = (tables[b, torch.arange(length, device=device) // bs] * bs) + (
+                torch.arange(length, device=device) % bs
+            )
+            kk = k.flatten(0, 1)[slots].double().repeat_interleave(heads // kv_heads, 1)
+            vv = v.flatten(0, 1)[slots].double().repeat_interleave(heads // kv_heads, 1)
+            weights = torch.softmax(torch.einsum("hd,lhd->hl", q[b].double(), kk) / dim**0.5, -1)
+            ref = torch.einsum("hl,lhd->hd", weights, vv)
+            err = ((out[b].double() - ref).norm() / ref.norm()).item()
+            worst = max(worst, err if err == err else float("inf"))
+        print(f"kernel {dtype} batch {batch}: worst relative error {worst:.2e}", flush=True)
+        assert worst < (1e-5 if dtype == torch.float32 else 1e-2), worst
+    if not timing:
+        return
+    import triton.testing
+
+    # Time at the bf16 shape: the kernel vs gather + SDPA (the engine's default path).
+    mask = torch.arange(longest, device=device)[None, :] < lens[:, None]
+    paged = PagedBatch([k], [v], lens, torch.arange(batch, device=device), tables, None, [])
+    paged.decode_mask, paged.decode_lens = mask[:, None, None, :], lens
+    kernel_ms = triton.testing.do_bench(
+        lambda: paged_decode(q, k, v, tables, lens, dim**-0.5), return_mode="median"
+    )
+    sdpa_ms = triton.testing.do_bench(
+        lambda: _decode_attention(paged, q, k, v, dim**-0.5), return_mode="median"
+    )
+    read = 2 * int(lens.sum()) * kv_heads * dim * k.element_size()
+    print(
+        f"decode attention, 256 x ~{int(lens.float().mean())} tokens, one layer: triton "
+        f"{kernel_ms * 1e3:.0f} us ({read / kernel_ms / 1e6:.0f} GB/s of KV), gather + SDPA "
+        f"{sdpa_ms * 1e3:.0f} us",
+        flush=True,
+    )
+
+
+VARIANTS = {
+    "sdpa": {},
+    "triton": {"decode_kernel": "triton"},
+    "triton+graphs": {"decode_kernel": "triton", "cuda_graphs": True},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("/tmp/tiny-llama"))
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    check_kernel(args.device)
     build(args.out, args.tokenizer)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 49152, (8 + 37 * i,), generator=gen).tolist() for i in range(8)]
+    # 11 requests: CUDA graphs replay bucket 16 with 5 padding rows.
+    prompts = [torch.randint(3, 49152, (8 + 37 * i,), generator=gen).tolist() for i in range(11)]
     for dtype in ("float32", "bfloat16"):
-        config = ModelConfig(
-            id="tiny",
-            source=str(args.out),
-            device=args.device,
-            dtype=dtype,
-            engine={"kv_cache_memory": "256MiB", "max_num_batched_tokens": 128},
-        )
-        loaded = load_model(config, resolve_source(config.source))
-        engine = build_engine(loaded)
-        try:
-            got = asyncio.run(run(engine, prompts, 24))
-        finally:
-            engine.shutdown()
-        reference = loaded.model
-        reference.set_attn_implementation("sdpa")
-        same = 0
-        for prompt, tokens in zip(prompts, got, strict=True):
-            ids = torch.tensor([prompt], device=args.device)
-            want = reference.generate(
-                ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0
-            )[0, len(prompt) :].tolist()
-            same += want == tokens
-        stats = engine.stats()
-        print(
-            f"{dtype}: {same}/8 requests identical to generate(); KV blocks used after: "
-            f"{stats.kv_blocks_used}; prefilled {stats.num_prefilled_tokens}",
-            flush=True,
-        )
-        del engine, loaded, reference
-        if args.device.startswith("cuda"):
+        reference = None
+        for variant, limits in VARIANTS.items():
+            config = ModelConfig(
+                id="tiny",
+                source=str(args.out),
+                device=args.device,
+                dtype=dtype,
+                engine={
+                    "kv_cache_memory": "256MiB",
+                    "max_num_batched_tokens": 128,
+                    "max_num_seqs": 16,
+                    **limits,
+                },
+            )
+            loaded = load_model(config, resolve_source(config.source))
+            engine = build_engine(loaded)
+            try:
+                got = asyncio.run(run(engine, prompts, 24))
+            finally:
+                engine.shutdown()
+            if reference is None:
+                model = loaded.model
+                model.set_attn_implementation("sdpa")
+                reference = [
+                    model.generate(
+                        torch.tensor([prompt], device=args.device),
+                        max_new_tokens=24,
+                        min_new_tokens=24,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )[0, len(prompt) :].tolist()
+                    for prompt in prompts
+                ]
+            same = sum(want == tokens for want, tokens in zip(reference, got, strict=True))
+            stats = engine.stats()
+            print(
+                f"{dtype} {variant}: {same}/{len(prompts)} requests identical to generate(); "
+                f"KV blocks used after: {stats.kv_blocks_used}; prefilled "
+                f"{stats.num_prefilled_tokens}",
+                flush=True,
+            )
+            del engine, loaded
             torch.cuda.empty_cache()
 
 

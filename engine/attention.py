@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ATTN_NAME = "hearth_paged"
@@ -136,12 +135,11 @@ def _decode_attention(
     return od.reshape(-1, heads, dim)
 
 
-def _no_mask(*_: object, **__: object) -> None:
-    return None
-
-
 def register() -> str:
-    """Make `hearth_paged` a transformers attention implementation (idempotent)."""
+    """Make `hearth_paged` a transformers attention implementation (idempotent).
+
+    No mask function is registered with it, so transformers builds no mask at all (the attention
+    masks from the batch layout itself) and skips its packed-sequence check, a host sync per step.
+    """
     AttentionInterface.register(ATTN_NAME, paged_attention)
-    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
     return ATTN_NAME

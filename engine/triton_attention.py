@@ -1,8 +1,9 @@
 """A Triton kernel for decode attention that reads the paged KV cache in place (no gather).
 
 One program per (sequence, KV head): it loads the G query heads that share the KV head, walks the
-sequence's block table up to its context length with an online softmax, and writes [G, D]. The
-context length is read from memory, so the launch has fixed shapes (CUDA-graph friendly).
+sequence's context TILE tokens at a time (each token's block looked up in the block table) with an
+online softmax, and writes [G, D]. The context length is read from memory, so the launch has
+fixed shapes (CUDA-graph friendly).
 Checked against the gather + SDPA path in Triton's interpreter on CPU (tests/test_triton_attention).
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+TILE_TOKENS = 64  # context tokens each iteration reads: several blocks, more loads in flight
 
 
 @triton.jit
@@ -31,13 +34,14 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_G: tl.constexpr,  # GROUP rounded up (tl.dot needs >= 16)
     BLOCK_SIZE: tl.constexpr,  # KV block size
+    TILE: tl.constexpr,  # context tokens per iteration: a multiple of BLOCK_SIZE
     HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" keeps float32 exact
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HEAD_DIM)
-    s = tl.arange(0, BLOCK_SIZE)
     heads = kv_head * GROUP + g
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
@@ -48,18 +52,23 @@ def _paged_decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for j in range(0, tl.cdiv(length, BLOCK_SIZE)):
-        block = tl.load(tables_ptr + seq * stride_tb + j).to(tl.int64)  # big caches: 64-bit
-        offsets = block * stride_kn + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        k = tl.load(k_ptr + offsets)  # [bs, D]
-        v = tl.load(v_ptr + offsets)
-        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [G, bs]
-        scores = tl.where((j * BLOCK_SIZE + s)[None, :] < length, scores, float("-inf"))
+    for start in range(0, length, TILE):
+        t = start + tl.arange(0, TILE)  # [TILE] context positions
+        real = t < length
+        # Each position's block (64-bit: big caches), then its row inside the block.
+        block = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=real, other=0)
+        rows = block.to(tl.int64) * stride_kn + (t % BLOCK_SIZE) * stride_ks
+        offsets = rows[:, None] + kv_head * stride_kh + d[None, :]  # [TILE, D]
+        k = tl.load(k_ptr + offsets, mask=real[:, None], other=0.0)
+        v = tl.load(v_ptr + offsets, mask=real[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)  # [G, TILE]
+        scores = tl.where(real[None, :], scores * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         correction = tl.exp(m - m_new)
         total = total * correction + tl.sum(p, 1)
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [G, D]
+        acc = acc * correction[:, None] + pv.to(tl.float32)
         m = m_new
     out = acc / total[:, None]
     tl.store(
@@ -112,6 +121,8 @@ def paged_decode(
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size,
+        TILE=max(block_size, TILE_TOKENS),
         HEAD_DIM=dim,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
