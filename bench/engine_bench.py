@@ -135,8 +135,9 @@ def engine_limits(args: argparse.Namespace) -> dict:
         limits["max_num_batched_tokens"] = args.max_batched_tokens
     if getattr(args, "decode_kernel", None):
         limits["decode_kernel"] = args.decode_kernel
-    if getattr(args, "cuda_graphs", False):
-        limits["cuda_graphs"] = True
+    for name in ("cuda_graphs", "fused_kernels"):
+        if getattr(args, name, None) is not None:
+            limits[name] = getattr(args, name)
     return limits
 
 
@@ -254,9 +255,12 @@ def grammar_overhead(loaded: LoadedModel, prompts, args) -> None:
 
 
 def plain_model(loaded: LoadedModel):
-    """The same weights as a stock transformers model (SDPA attention)."""
+    """The same weights as a stock transformers model (SDPA attention, the modules' own forwards
+    instead of hearth's fused ones)."""
     model = loaded.model
     model.set_attn_implementation("sdpa")
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
     return model
 
 

@@ -89,8 +89,9 @@ def main() -> None:
     parser.add_argument("--skip-cb", action="store_true")
     parser.add_argument(
         "--kernels",
-        default="sdpa,triton,triton+graphs",
-        help="decode variants (comma list); only sdpa runs without CUDA and Triton",
+        default="sdpa,triton+graphs,triton+graphs+fused",
+        help="variants (comma list): decode kernel sdpa or triton, +graphs (CUDA graphs), "
+        "+fused (Triton RMSNorm and SiLU * up); only sdpa runs without CUDA and Triton",
     )
     args = parser.parse_args()
     args.shape, args.device = "llama-3.1-8b", "cuda"
@@ -130,8 +131,11 @@ def main() -> None:
     prompts = make_prompts(big, vocab)
     batch1, hearth = {}, {}
     for kernel in kernels:
-        one.decode_kernel = big.decode_kernel = kernel.split("+")[0]
-        one.cuda_graphs = big.cuda_graphs = kernel.endswith("+graphs")
+        parts = kernel.split("+")
+        for ns in (one, big):
+            ns.decode_kernel = parts[0]
+            ns.cuda_graphs = "graphs" in parts
+            ns.fused_kernels = "fused" in parts
         try:  # a variant that fails (a kernel that does not compile, say) leaves the others
             batch1[kernel] = bench_hearth(loaded, make_prompts(one, vocab), one)
             free_device_memory(args.device)

@@ -14,8 +14,27 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 echo "== CUDA correctness: Triton kernel vs float64; sdpa / triton / graphs vs generate() =="
-timeout 120 python3 bench/gpu_smoke.py --tokenizer .gpu/tokenizer --out /tmp/tiny-llama 2>&1 \
+timeout 100 python3 bench/gpu_smoke.py --tokenizer .gpu/tokenizer --out /tmp/tiny-llama 2>&1 \
     | grep -v "it/s]" | tee "$OUT/smoke.log"
+
+echo "== hearth serve on CUDA (defaults) =="
+timeout 60 python3 -m hearth serve --model /tmp/tiny-llama --port 8000 > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+timeout 50 python3 - <<'PY'
+import json, time, urllib.request
+for _ in range(90):
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2).status == 200:
+            break
+    except Exception:
+        time.sleep(0.5)
+body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+req = urllib.request.Request("http://127.0.0.1:8000/v1/chat/completions",
+                             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+print(json.loads(urllib.request.urlopen(req, timeout=30).read())["usage"])
+PY
+kill -TERM $SERVER; wait $SERVER; echo "serve exit code $?"
+grep -E "decode attention|ready|ERROR|Traceback" "$OUT/serve.log"
 
 echo "== gpu_bench: batch 1 vs bandwidth bound; 256 x 1024/128 vs transformers CB =="
 timeout "${GPU_BENCH_TIMEOUT:-400}" python3 bench/gpu_bench.py "$@" 2>&1 | grep -v "it/s]" \

@@ -269,6 +269,14 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
     core = EngineCore(
         loaded.model, tokenizer, limits, loaded.max_model_len, num_blocks, loaded.dtype, tp_size
     )
+    kernels = core.runner.kernels
+    log.info(
+        "%s: decode attention %s, CUDA graphs %s, fused kernels %s",
+        loaded.config.id,
+        kernels.decode,
+        "on" if kernels.graphs else "off",
+        "on" if kernels.fused else "off",
+    )
     defaults = loaded.config.defaults.model_dump(exclude_none=True)
     vocab = getattr(loaded.tokenizer, "get_vocab", dict)()
     longest = max((len(token) for token in vocab), default=64)

@@ -48,19 +48,26 @@ class EngineLimits(_Strict):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="fraction of GPU memory for weights plus KV cache"
     )
-    decode_kernel: Literal["sdpa", "triton"] = Field(
-        "sdpa",
-        description="decode attention: gather blocks + SDPA, or a Triton kernel reading the "
-        "paged cache in place (CUDA; not yet measured on a GPU, so not the default)",
+    decode_kernel: Literal["auto", "sdpa", "triton"] = Field(
+        "auto",
+        description="decode attention: triton reads the paged cache in place (CUDA), sdpa "
+        "gathers the blocks and calls SDPA; auto: triton on CUDA where it can run, else sdpa",
     )
-    cuda_graphs: bool = Field(
-        False, description="replay pure decode steps as CUDA graphs (needs decode_kernel: triton)"
+    cuda_graphs: bool | None = Field(
+        None,
+        description="replay pure decode steps as CUDA graphs (needs the triton kernel); "
+        "default: on where the triton kernel runs on one CUDA device",
+    )
+    fused_kernels: bool | None = Field(
+        None,
+        description="Triton kernels for RMSNorm and SiLU(gate) * up (Llama, Mistral, Qwen2/3); "
+        "default: on where the triton decode kernel runs",
     )
 
     @model_validator(mode="after")
     def _graphs_need_the_kernel(self) -> EngineLimits:
-        if self.cuda_graphs and self.decode_kernel != "triton":
-            raise ValueError("cuda_graphs needs decode_kernel: triton")
+        if self.cuda_graphs and self.decode_kernel == "sdpa":
+            raise ValueError("cuda_graphs needs decode_kernel: triton (or auto)")
         return self
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -45,6 +47,45 @@ class StepInputs:
     sample_rows: list[int] = field(default_factory=list)
 
 
+class Kernels(NamedTuple):
+    decode: str  # decode attention: "triton" (paged cache in place) or "sdpa" (gather + SDPA)
+    graphs: bool  # CUDA graphs for pure decode steps
+    fused: bool  # Triton RMSNorm and SiLU * up
+
+
+def choose_kernels(
+    limits: EngineLimits, devices: set[torch.device], head_dim: int, tp_size: int = 1
+) -> Kernels:
+    """What limits ask for, with `auto`/unset (the default) choosing the Triton kernels and CUDA
+    graphs wherever they run, the fastest path on GPUs (docs/benchmarks.md), SDPA elsewhere."""
+    cuda = all(device.type == "cuda" for device in devices)
+    kernel = limits.decode_kernel
+    if kernel == "auto":
+        usable = cuda and importlib.util.find_spec("triton") is not None
+        kernel = "triton" if usable and _triton_shape_problem(limits, head_dim) is None else "sdpa"
+    if kernel == "triton" and (problem := _triton_shape_problem(limits, head_dim)):
+        raise ValueError(problem)
+    graphs = limits.cuda_graphs
+    if graphs is None:  # not under device_map or tensor parallelism: captures are unverified there
+        graphs = kernel == "triton" and cuda and len(devices) == 1 and tp_size == 1
+    if graphs and kernel != "triton":
+        raise ValueError(
+            "cuda_graphs needs the triton decode kernel, which cannot run here (CUDA and Triton)"
+        )
+    fused = limits.fused_kernels
+    if fused is None:
+        fused = kernel == "triton" and cuda
+    if fused and tp_size > 1:  # the fused MLP needs gate and up fused, which TP leaves split
+        fused = False
+    return Kernels(kernel, graphs, fused)
+
+
+def _triton_shape_problem(limits: EngineLimits, head_dim: int) -> str | None:
+    from engine.triton_attention import shape_problem
+
+    return shape_problem(limits.block_size, head_dim)
+
+
 def _layer_devices(model: PreTrainedModel, num_layers: int) -> list[torch.device]:
     """The device of each attention layer (they differ under device_map)."""
     devices: dict[int, torch.device] = {}
@@ -80,24 +121,26 @@ class ModelRunner:
             fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
         self.model = model
         self.tp_size = tp_size
-        self.decode_kernel = limits.decode_kernel
         self.block_size = block_size = limits.block_size
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_shape(model, tp_size)
-        if self.decode_kernel == "triton":
-            from engine.triton_attention import check_shape
+        devices = _layer_devices(model, layers)
+        self.kernels = kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
+        self.decode_kernel, graphs = kernels.decode, kernels.graphs
+        if kernels.fused:
+            from engine.fused_ops import patch_model
 
-            check_shape(block_size, head_dim)
+            patch_model(model)
         # With CUDA graphs one more block: the scratch block padding rows write to.
-        allocated = num_blocks + 1 if limits.cuda_graphs else num_blocks
+        allocated = num_blocks + 1 if graphs else num_blocks
         # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
         self.k_cache = [
             torch.zeros(allocated, block_size, kv_heads, head_dim, dtype=dtype, device=d)
-            for d in _layer_devices(model, layers)
+            for d in devices
         ]  # per layer [num_blocks, block_size, Hkv, D]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
         self.graphs = None
-        if limits.cuda_graphs:
+        if graphs:
             max_blocks = -(-max_model_len // block_size)
             self.graphs = DecodeGraphs(
                 self._run_model,

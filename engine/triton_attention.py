@@ -78,14 +78,14 @@ def _paged_decode_kernel(
     )
 
 
-def check_shape(block_size: int, head_dim: int) -> None:
-    """The kernel tiles a KV block and a head: both powers of two, the block at least 16."""
+def shape_problem(block_size: int, head_dim: int) -> str | None:
+    """Why the kernel cannot tile this cache, or None: it needs a power-of-two KV block of at
+    least 16 tokens and a power-of-two head size."""
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(
-            f"decode_kernel triton needs block_size a power of two >= 16, not {block_size}"
-        )
+        return f"decode_kernel triton needs block_size a power of two >= 16, not {block_size}"
     if head_dim & (head_dim - 1):
-        raise ValueError(f"decode_kernel triton needs a power-of-two head size, not {head_dim}")
+        return f"decode_kernel triton needs a power-of-two head size, not {head_dim}"
+    return None
 
 
 def paged_decode(

@@ -1,4 +1,5 @@
-"""The Triton paged decode kernel, run by Triton's interpreter on CPU: equal to gather + SDPA."""
+"""The Triton paged decode kernel (in Triton's interpreter on CPU: equal to gather + SDPA) and the
+choice of decode path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from engine.config import EngineLimits
+from engine.runner import Kernels, choose_kernels
 from tests.conftest import ROOT
 
 pytest.importorskip("triton")
@@ -32,6 +36,37 @@ for b in range(4):
         err = (out[b, h] - weights @ vv[:, h // 3]).abs().max().item()
         assert err < 1e-4, (b, h, err)
 print("kernel ok")
+"""
+
+FUSED_CHECK = """
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from engine.fused_ops import patch_model, rms_norm, silu_mul
+from engine.fusion import fuse_projections
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(96).to(dtype)
+    x = torch.randn(3, 5, 96).to(dtype)
+    err = (rms_norm(x, norm.weight, 1e-5).float() - norm(x).float()).abs().max().item()
+    assert err <= tol * 10, ("norm", dtype, err)
+    gu = torch.randn(7, 2 * 1500).to(dtype)  # two column tiles, the second partial
+    want = F.silu(gu[:, :1500]) * gu[:, 1500:]
+    err = (silu_mul(gu).float() - want.float()).abs().max().item()
+    assert err <= tol * 10, ("silu_mul", dtype, err)
+config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+model = LlamaForCausalLM(config).eval()
+ids = torch.randint(0, 300, (2, 9))
+with torch.no_grad():
+    want = model(ids).logits
+    fuse_projections(model)
+    assert patch_model(model) == 2 * 2 + 1 + 2  # 2 norms and an MLP per layer, the final norm
+    got = model(ids).logits
+assert (got - want).abs().max().item() < 1e-5
+print("fused ok")
 """
 
 ENGINE_CHECK = """
@@ -90,9 +125,59 @@ def test_kernel_matches_reference_attention() -> None:
     assert "kernel ok" in interpret(KERNEL_CHECK)
 
 
+def test_fused_norm_and_mlp_match_transformers() -> None:
+    assert "fused ok" in interpret(FUSED_CHECK)
+
+
 @pytest.mark.parametrize(
-    "limits", ["{}", '{"cuda_graphs": true, "max_num_seqs": 8}'], ids=["eager", "graph-buffers"]
+    "limits",
+    [
+        '{"cuda_graphs": false}',
+        '{"cuda_graphs": true, "max_num_seqs": 8}',
+        '{"cuda_graphs": true, "max_num_seqs": 8, "fused_kernels": true}',
+    ],
+    ids=["eager", "graph-buffers", "graph-buffers-fused"],
 )
 def test_engine_with_the_kernel_equals_generate(tiny_llama_dir: Path, limits: str) -> None:
     """With cuda_graphs the padded static-buffer path runs (eagerly: no CUDA here)."""
     assert "engine ok" in interpret(ENGINE_CHECK, str(tiny_llama_dir), limits)
+
+
+CPU, GPU, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize(
+    ("limits", "devices", "head_dim", "tp", "want"),
+    [
+        ({}, {CPU}, 64, 1, ("sdpa", False, False)),  # auto off CUDA: SDPA
+        ({}, {GPU}, 128, 1, ("triton", True, True)),  # auto on one GPU: all the kernels
+        ({}, {GPU}, 96, 1, ("sdpa", False, False)),  # a head size the kernel cannot tile
+        ({"block_size": 8}, {GPU}, 128, 1, ("sdpa", False, False)),
+        ({}, {GPU, GPU1}, 128, 1, ("triton", False, True)),  # device_map: no graphs
+        ({}, {GPU}, 128, 2, ("triton", False, False)),  # tensor parallel: no graphs, no fusion
+        ({"cuda_graphs": False}, {GPU}, 128, 1, ("triton", False, True)),
+        ({"fused_kernels": False}, {GPU}, 128, 1, ("triton", True, False)),
+        ({"decode_kernel": "sdpa"}, {GPU}, 128, 1, ("sdpa", False, False)),
+        ({"decode_kernel": "triton", "cuda_graphs": True}, {CPU}, 64, 1, ("triton", True, False)),
+        ({"fused_kernels": True}, {CPU}, 64, 1, ("sdpa", False, True)),
+    ],
+)
+def test_kernel_defaults(limits, devices, head_dim, tp, want) -> None:
+    assert choose_kernels(EngineLimits(**limits), devices, head_dim, tp) == Kernels(*want)
+
+
+@pytest.mark.parametrize(
+    ("limits", "head_dim", "message"),
+    [
+        ({"decode_kernel": "triton"}, 96, "power-of-two head size"),
+        ({"cuda_graphs": True}, 96, "cuda_graphs needs the triton decode kernel"),
+    ],
+)
+def test_kernel_choice_rejects_what_cannot_run(limits, head_dim, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        choose_kernels(EngineLimits(**limits), {GPU}, head_dim)
+
+
+def test_graphs_with_sdpa_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="cuda_graphs needs decode_kernel"):
+        EngineLimits(decode_kernel="sdpa", cuda_graphs=True)
