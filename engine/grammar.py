@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -9,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import torch
 
 from engine.types import JSON_STYLE, Grammar
@@ -42,6 +42,24 @@ def to_llguidance(grammar: Grammar) -> str:
     return llguidance.LLMatcher.grammar_from_lark(grammar.spec)
 
 
+def token_view(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> llguidance.LLTokenizer:
+    """llguidance's view of a fast Hugging Face tokenizer (what llguidance.hf does), with the
+    decoder of byte-level BPE vocabularies reduced to ByteLevel: transformers' GGUF conversion
+    (5.17) wraps it in sentencepiece steps (ByteFallback, Fuse, Replace) that make llguidance
+    read 'Ġ' as two bytes instead of a space."""
+    backend = copy.copy(hf_tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    spec = json.loads(backend.to_str())
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") == "Sequence":
+        byte_level = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
+        if byte_level:
+            spec["decoder"] = byte_level[0]
+    eos_token = eos or hf_tokenizer.eos_token_id
+    return llguidance.LLTokenizer(json.dumps(spec), n_vocab=vocab_size, eos_token=eos_token)
+
+
 class GrammarCompiler:
     """Builds llguidance's tokenizer view lazily (~1 s) and caches compiled grammars."""
 
@@ -65,9 +83,7 @@ class GrammarCompiler:
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:  # built on the first compile, in a worker thread
-                self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf, n_vocab=self.vocab_size, eos_token=self._eos or None
-                )
+                self._tokenizer = token_view(self._hf, self.vocab_size, self._eos)
                 texts = self._hf.batch_decode([[i] for i in range(len(self._hf))])
                 ids = [i for i, text in enumerate(texts) if text and set(text) <= _CLOSERS]
                 self._closers = torch.tensor(ids + self._eos, dtype=torch.long)  # [C]

@@ -393,3 +393,20 @@ def test_invalid_grammar_is_rejected_before_queueing(engine: AsyncEngine) -> Non
     with pytest.raises(GrammarError, match=r"response_format\.json_schema"):
         asyncio.run(main())
     assert engine.stats().num_running == engine.stats().num_waiting == 0
+
+
+def test_grammar_token_view_reads_byte_level_tokens(smollm_tokenizer_dir: Path) -> None:
+    """transformers 5.17 converts SmolLM2's GGUF vocabulary with a sentencepiece-style decoder
+    around ByteLevel; llguidance must still read 'Ġ' as a space, or JSON grammars stall."""
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    from engine.grammar import token_view
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    tokenizer.backend_tokenizer.decoder = decoders.Sequence(
+        [decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " "), decoders.ByteLevel()]
+    )
+    space_quote = tokenizer.convert_tokens_to_ids('Ġ"')
+    view = token_view(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    assert view.decode_bytes([space_quote]) == b' "'
