@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -15,6 +16,8 @@ from engine.config import EngineLimits
 from engine.cuda_graphs import DecodeGraphs
 from engine.fusion import fuse_projections
 from engine.scheduler import Scheduled
+
+log = logging.getLogger("hearth.engine")
 
 
 def kv_shape(model: PreTrainedModel, tp_size: int = 1) -> tuple[int, int, int]:
@@ -142,14 +145,20 @@ class ModelRunner:
         self.graphs = None
         if graphs:
             max_blocks = -(-max_model_len // block_size)
-            self.graphs = DecodeGraphs(
-                self._run_model,
-                self.k_cache,
-                self.v_cache,
-                limits.max_num_seqs,
-                max_blocks,
-                scratch_block=num_blocks,
-            )
+            try:
+                self.graphs = DecodeGraphs(
+                    self._run_model,
+                    self.k_cache,
+                    self.v_cache,
+                    limits.max_num_seqs,
+                    max_blocks,
+                    scratch_block=num_blocks,
+                )
+            except Exception as exc:  # a model whose forward cannot be captured
+                if limits.cuda_graphs:  # asked for by name: say so at startup
+                    raise
+                log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
+                self.kernels = self.kernels._replace(graphs=False)
 
     @torch.inference_mode()
     def _run_model(self, kwargs: dict) -> torch.Tensor:

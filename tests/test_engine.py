@@ -410,3 +410,30 @@ def test_grammar_token_view_reads_byte_level_tokens(smollm_tokenizer_dir: Path) 
     space_quote = tokenizer.convert_tokens_to_ids('Ġ"')
     view = token_view(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
     assert view.decode_bytes([space_quote]) == b' "'
+
+
+@pytest.mark.parametrize("asked", [None, True], ids=["auto", "asked-for"])
+def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog, asked
+) -> None:
+    import engine.runner as runner_module
+    from engine.config import EngineLimits
+
+    def no_capture(*_, **__):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner_module, "DecodeGraphs", no_capture)
+    monkeypatch.setattr(  # as on a GPU: the kernels and graphs chosen
+        runner_module, "choose_kernels", lambda *_: runner_module.Kernels("sdpa", True, False)
+    )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    limits = EngineLimits(cuda_graphs=asked)
+    if asked:
+        with pytest.raises(RuntimeError, match="capturing"):
+            runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
+        return
+    runner = runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
+    assert runner.graphs is None and not runner.kernels.graphs
+    assert "CUDA graph capture failed, decoding eagerly" in caplog.text

@@ -41,7 +41,7 @@ print("kernel ok")
 FUSED_CHECK = """
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from engine.fused_ops import patch_model, rms_norm, silu_mul
 from engine.fusion import fuse_projections
@@ -56,16 +56,16 @@ for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
     want = F.silu(gu[:, :1500]) * gu[:, 1500:]
     err = (silu_mul(gu).float() - want.float()).abs().max().item()
     assert err <= tol * 10, ("silu_mul", dtype, err)
-config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
-model = LlamaForCausalLM(config).eval()
-ids = torch.randint(0, 300, (2, 9))
-with torch.no_grad():
-    want = model(ids).logits
-    fuse_projections(model)
-    assert patch_model(model) == 2 * 2 + 1 + 2  # 2 norms and an MLP per layer, the final norm
-    got = model(ids).logits
-assert (got - want).abs().max().item() < 1e-5
+shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+for model in (LlamaForCausalLM(LlamaConfig(**shape)), Qwen2ForCausalLM(Qwen2Config(**shape))):
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        want = model.eval()(ids).logits
+        fuse_projections(model)
+        assert patch_model(model) == 2 * 2 + 1 + 2  # 2 norms and an MLP a layer, the final norm
+        got = model(ids).logits
+    assert (got - want).abs().max().item() < 1e-5, type(model).__name__
 print("fused ok")
 """
 
