@@ -106,7 +106,7 @@ class AsyncEngine:
         self._submit("abort", request_id)
 
     def fail_all(self, message: str) -> None:
-        """End every request in flight with an error (a drain that ran out of time)."""
+        """End every request in flight with a retryable error (a drain that ran out of time)."""
         self._submit("fail_all", message)
 
     @property
@@ -181,7 +181,7 @@ class AsyncEngine:
             if kind == "abort":
                 outputs += self.core.abort(payload)
             elif kind == "fail_all":
-                outputs += self.core.fail_all(payload)
+                outputs += self.core.fail_all(payload, retryable=True)
             else:
                 try:
                     self.core.add_request(payload)

@@ -133,9 +133,10 @@ class EngineCore:
         """Drop every sample of the request; returns their final 'abort' outputs."""
         return self._finish_matching(lambda s: s.request_id == request_id, "abort")
 
-    def fail_all(self, message: str) -> list[GenerationOutput]:
-        """Finish every sequence with an error (engine stopping, or an unexpected failure)."""
-        return self._finish_matching(lambda s: True, "error", message)
+    def fail_all(self, message: str, retryable: bool = False) -> list[GenerationOutput]:
+        """Finish every sequence with an error: an unexpected failure, or (retryable) the
+        server shutting down."""
+        return self._finish_matching(lambda s: True, "error", message, retryable)
 
     def fail_requests(self, errors: dict[str, str]) -> list[GenerationOutput]:
         """Finish every sample of each request id with its error message; frees their blocks."""
@@ -147,7 +148,11 @@ class EngineCore:
         return outputs
 
     def _finish_matching(
-        self, match: Callable[[Sequence], bool], reason: FinishReason, error: str | None = None
+        self,
+        match: Callable[[Sequence], bool],
+        reason: FinishReason,
+        error: str | None = None,
+        retryable: bool = False,
     ) -> list[GenerationOutput]:
         outputs = []
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
@@ -156,7 +161,9 @@ class EngineCore:
             self.scheduler.finish(seq)
             for one in [seq, *seq.state.siblings]:  # siblings not yet admitted end with it
                 one.status, one.finish_reason = Status.FINISHED, reason
-                outputs.append(self._output(one, [], "", None, error))
+                output = self._output(one, [], "", None, error)
+                output.retryable = retryable
+                outputs.append(output)
             seq.state.siblings = []
         return outputs
 

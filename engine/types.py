@@ -97,6 +97,7 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # set with finish_reason "error"
+    retryable: bool = False  # the error is the server going away, not the request (HTTP 503)
 
     @property
     def finished(self) -> bool:

@@ -204,8 +204,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def raise_for_output(output: GenerationOutput) -> None:
-    if output.finish_reason == "error":
-        raise APIError(500, output.error or "engine error", code="engine_error")
+    if output.finish_reason != "error":
+        return
+    if output.retryable:  # the server is going away: another replica (or a retry) will do
+        raise APIError(503, output.error or "unavailable", code="service_unavailable")
+    raise APIError(500, output.error or "engine error", code="engine_error")
 
 
 async def collect(outputs: AsyncIterator[GenerationOutput], n: int, prompt_len: int) -> Completed:

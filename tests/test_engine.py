@@ -437,3 +437,21 @@ def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
     runner = runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
     assert runner.graphs is None and not runner.kernels.graphs
     assert "CUDA graph capture failed, decoding eagerly" in caplog.text
+
+
+def test_fail_all_ends_requests_with_a_retryable_error(engine: AsyncEngine) -> None:
+    """What a drain that runs out of time does: every stream ends, marked for a 503."""
+
+    async def main() -> list:
+        params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True, n=2)
+        stream = engine.generate(GenerationRequest("long", prompts(1)[0], params))
+        outputs = [await anext(stream)]
+        engine.fail_all("the server is shutting down")
+        outputs += [out async for out in stream]
+        return outputs
+
+    outputs = asyncio.run(main())
+    ended = [out for out in outputs if out.finished]
+    assert sorted(out.index for out in ended) == [0, 1]
+    assert all(out.finish_reason == "error" and out.retryable for out in ended)
+    assert engine.stats().kv_blocks_used == 0

@@ -300,6 +300,21 @@ def test_engine_error_mid_stream_is_an_error_event_then_done() -> None:
     assert_envelope(chat(client), 500)
 
 
+def test_requests_ended_by_shutdown_are_503() -> None:
+    """A drain that runs out of time ends requests with a retryable error: 503, not 500."""
+    from engine.types import GenerationOutput
+
+    client, engine = make_client()
+
+    async def shutting_down(request):
+        yield GenerationOutput(
+            request.request_id, 0, [], "", 3, 0, "error", error="shutting down", retryable=True
+        )
+
+    engine.generate = shutting_down
+    assert assert_envelope(chat(client), 503)["code"] == "service_unavailable"
+
+
 def test_metrics_exposes_requests_tokens_and_engine_gauges() -> None:
     client, _ = make_client()
     chat(client, max_tokens=50)
