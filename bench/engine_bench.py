@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine.core
 from engine.async_engine import AsyncEngine, build_engine
 from engine.config import EngineLimits, ModelConfig
+from engine.fusion import restore_forwards
 from engine.loader import LoadedModel, configure_cpu_threads, load_model
 from engine.sources import resolve_source
 from engine.types import GenerationRequest, Grammar, SamplingParams
@@ -186,7 +187,9 @@ async def _run_hearth(engine: AsyncEngine, prompts, args, grammar: Grammar | Non
 
 
 def with_limits(loaded: LoadedModel, args: argparse.Namespace) -> LoadedModel:
-    """The loaded model with the engine limits of these arguments (kernel, graphs, batch)."""
+    """The loaded model with the engine limits of these arguments (kernel, graphs, batch), its
+    modules' own forwards back (an earlier variant's fused kernels must not carry over)."""
+    restore_forwards(loaded.model)
     config = loaded.config.model_copy(update={"engine": EngineLimits(**engine_limits(args))})
     return dataclasses.replace(loaded, config=config)
 
@@ -259,8 +262,7 @@ def plain_model(loaded: LoadedModel):
     instead of hearth's fused ones)."""
     model = loaded.model
     model.set_attn_implementation("sdpa")
-    for module in model.modules():
-        module.__dict__.pop("forward", None)
+    restore_forwards(model)
     return model
 
 

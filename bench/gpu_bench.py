@@ -10,6 +10,7 @@ targets of issue 6 and each figure's same-run baseline.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -163,9 +164,13 @@ def main() -> None:
         except Exception:  # the table then has no baseline column
             traceback.print_exc()
         free_device_memory(args.device)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    # A copy of the tree on a GPU machine may carry stale git metadata: the launcher can say.
+    commit = (
+        os.environ.get("HEARTH_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
         f"device {device}; torch {torch.__version__}; commit {commit}; shape {args.shape} "

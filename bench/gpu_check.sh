@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session (device tool): versions, CUDA correctness of every decode path, then gpu_bench.
 # Needs .whl/ (fastapi, uvicorn, pydantic, llguidance... for python 3.12) and .gpu/tokenizer.
-#   bench/gpu_check.sh [gpu_bench arguments...]
+#   HEARTH_COMMIT=$(git rev-parse --short HEAD) bench/gpu_check.sh [gpu_bench arguments...]
+# (the commit is passed in: the device's copy of the tree may carry stale git metadata)
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"

@@ -18,6 +18,10 @@ from engine.attention import PagedBatch
 Forward = Callable[[dict[str, Any]], torch.Tensor]  # model kwargs -> logits [B, V]
 
 
+class GraphCaptureError(RuntimeError):
+    """The forward ran eagerly but could not be captured (a host sync or dynamic control flow)."""
+
+
 def buckets(max_batch: int) -> list[int]:
     """Batch sizes to capture: 1, 2, 4, 8, then every 16 up to max_batch (always included)."""
     sizes = [size for size in (1, 2, 4, 8) if size < max_batch]
@@ -88,8 +92,11 @@ class DecodeGraphs:
                 self._forward(kwargs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = self._forward(kwargs)
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(kwargs)
+        except Exception as exc:  # the eager warm-up above ran: it is the capture that failed
+            raise GraphCaptureError(f"batch {size}: {exc}") from exc
         return graph, out
 
     def run(

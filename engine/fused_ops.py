@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from engine.fusion import set_forward
+from engine.triton_attention import on_device
+
 # Norms computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) (not Gemma's 1 + weight).
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}  # down(act(gate(x)) * up(x))
@@ -53,9 +56,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = x.reshape(-1, size).contiguous()  # [M, H]
     out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     block = triton.next_power_of_2(size)
-    _rms_norm_kernel[(rows.shape[0],)](
-        rows, weight, out, size, eps, BLOCK=block, num_warps=min(16, max(1, block // 512))
-    )
+    with on_device(x):
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, weight, out, size, eps, BLOCK=block, num_warps=min(16, max(1, block // 512))
+        )
     return out.view(*x.shape[:-1], size)
 
 
@@ -65,9 +69,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.reshape(-1, 2 * size).contiguous()  # [M, 2I]
     out = torch.empty(rows.shape[0], size, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows.shape[0], triton.cdiv(size, block))](
-        rows, out, size, BLOCK=block, num_warps=4
-    )
+    with on_device(gate_up):
+        _silu_mul_kernel[(rows.shape[0], triton.cdiv(size, block))](
+            rows, out, size, BLOCK=block, num_warps=4
+        )
     return out.view(*gate_up.shape[:-1], size)
 
 
@@ -109,8 +114,10 @@ def patch_model(model: nn.Module) -> int:
     patched = 0
     for module in model.modules():
         kind = type(module).__name__
+        if hasattr(module, "_hf_hook"):  # accelerate's device hook lives in forward: keep it
+            continue
         if kind in NORMS and hasattr(module, "variance_epsilon"):
-            module.forward = _norm_forward(module)
+            set_forward(module, _norm_forward(module))
             patched += 1
         elif kind in MLPS and _is_silu(getattr(module, "act_fn", None)):
             gate, up = module.gate_proj, module.up_proj
@@ -118,6 +125,6 @@ def patch_model(model: nn.Module) -> int:
             bias = _joined(gate.bias, up.bias)
             if weight is None or (bias is None) != (gate.bias is None):
                 continue
-            module.forward = _mlp_forward(module, weight, bias)
+            set_forward(module, _mlp_forward(module, weight, bias))
             patched += 1
     return patched

@@ -29,9 +29,9 @@ class _FusedGroup:
             start += size
         self._input: torch.Tensor | None = None
         self._pending: list[torch.Tensor | None] = [None] * len(layers)
-        layers[0].forward = self._first
+        set_forward(layers[0], self._first)
         for index, layer in enumerate(layers[1:], start=1):
-            layer.forward = self._sibling(index, layer)
+            set_forward(layer, self._sibling(index, layer))
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
@@ -50,6 +50,20 @@ class _FusedGroup:
             return part
 
         return forward
+
+
+def set_forward(module: nn.Module, forward) -> None:
+    """Give one module instance its own forward, marked as hearth's (see restore_forwards)."""
+    module.forward = forward
+    module._hearth_forward = True
+
+
+def restore_forwards(model: nn.Module) -> None:
+    """Back to the modules' own forwards (the stock model, for comparisons); fused weights
+    stay in place, their values unchanged. Hooks others installed (accelerate's) are kept."""
+    for module in model.modules():
+        if module.__dict__.pop("_hearth_forward", False):
+            module.__dict__.pop("forward", None)
 
 
 def _fusable(layers: list[nn.Module]) -> bool:

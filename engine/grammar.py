@@ -42,20 +42,24 @@ def to_llguidance(grammar: Grammar) -> str:
     return llguidance.LLMatcher.grammar_from_lark(grammar.spec)
 
 
+_GGUF_BYTE_LEVEL = ["ByteFallback", "Fuse", "Replace", "ByteLevel"]
+
+
 def token_view(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> llguidance.LLTokenizer:
-    """llguidance's view of a fast Hugging Face tokenizer (what llguidance.hf does), with the
-    decoder of byte-level BPE vocabularies reduced to ByteLevel: transformers' GGUF conversion
-    (5.17) wraps it in sentencepiece steps (ByteFallback, Fuse, Replace) that make llguidance
-    read 'Ġ' as two bytes instead of a space."""
+    """llguidance's view of a fast Hugging Face tokenizer (what llguidance.hf does). One fix:
+    transformers 5.17 converts byte-level GGUF vocabularies with sentencepiece decoder steps
+    (ByteFallback, Fuse, Replace) before ByteLevel, which make llguidance read 'Ġ' as two
+    bytes instead of a space; exactly that sequence is reduced to its ByteLevel step."""
+    if not hasattr(hf_tokenizer, "backend_tokenizer"):
+        raise ValueError("constrained decoding needs a fast (Rust) Hugging Face tokenizer")
     backend = copy.copy(hf_tokenizer.backend_tokenizer)
     backend.no_padding()
     backend.no_truncation()
     spec = json.loads(backend.to_str())
     decoder = spec.get("decoder") or {}
-    if decoder.get("type") == "Sequence":
-        byte_level = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
-        if byte_level:
-            spec["decoder"] = byte_level[0]
+    steps = decoder.get("decoders") or []
+    if decoder.get("type") == "Sequence" and [d.get("type") for d in steps] == _GGUF_BYTE_LEVEL:
+        spec["decoder"] = steps[-1]
     eos_token = eos or hf_tokenizer.eos_token_id
     return llguidance.LLTokenizer(json.dumps(spec), n_vocab=vocab_size, eos_token=eos_token)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -13,7 +14,7 @@ from transformers import PreTrainedModel
 from engine import distributed
 from engine.attention import PagedBatch, Prefill, register
 from engine.config import EngineLimits
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from engine.fusion import fuse_projections
 from engine.scheduler import Scheduled
 
@@ -60,27 +61,85 @@ def choose_kernels(
     limits: EngineLimits, devices: set[torch.device], head_dim: int, tp_size: int = 1
 ) -> Kernels:
     """What limits ask for, with `auto`/unset (the default) choosing the Triton kernels and CUDA
-    graphs wherever they run, the fastest path on GPUs (docs/benchmarks.md), SDPA elsewhere."""
+    graphs on one CUDA device (per rank under tensor parallelism), the fastest path there
+    (docs/benchmarks.md), and SDPA elsewhere: CPU, device_map over several GPUs, no Triton.
+    Raises ValueError for an explicit choice that cannot run."""
     cuda = all(device.type == "cuda" for device in devices)
+    one_gpu = cuda and len(devices) == 1
+    # Triton kernels need CUDA tensors, unless Triton's CPU interpreter runs them (tests).
+    runnable = cuda or os.environ.get("TRITON_INTERPRET") == "1"
     kernel = limits.decode_kernel
     if kernel == "auto":
-        usable = cuda and importlib.util.find_spec("triton") is not None
+        usable = one_gpu and importlib.util.find_spec("triton") is not None
         kernel = "triton" if usable and _triton_shape_problem(limits, head_dim) is None else "sdpa"
-    if kernel == "triton" and (problem := _triton_shape_problem(limits, head_dim)):
-        raise ValueError(problem)
+    elif kernel == "triton":
+        if not runnable:
+            raise ValueError("decode_kernel triton needs CUDA")
+        if problem := _triton_shape_problem(limits, head_dim):
+            raise ValueError(problem)
     graphs = limits.cuda_graphs
-    if graphs is None:  # not under device_map or tensor parallelism: captures are unverified there
-        graphs = kernel == "triton" and cuda and len(devices) == 1 and tp_size == 1
+    if graphs is None:  # not under tensor parallelism: captures there are unverified
+        graphs = kernel == "triton" and one_gpu and tp_size == 1
     if graphs and kernel != "triton":
         raise ValueError(
             "cuda_graphs needs the triton decode kernel, which cannot run here (CUDA and Triton)"
         )
     fused = limits.fused_kernels
-    if fused is None:
-        fused = kernel == "triton" and cuda
-    if fused and tp_size > 1:  # the fused MLP needs gate and up fused, which TP leaves split
-        fused = False
+    if fused is None:  # the fused MLP needs gate and up fused, which TP leaves split
+        fused = kernel == "triton" and one_gpu and tp_size == 1
+    elif fused and (not runnable or tp_size > 1):
+        raise ValueError("fused_kernels needs CUDA and tensor_parallel_size 1")
     return Kernels(kernel, graphs, fused)
+
+
+class _Shapes:
+    """The sizes the Triton kernels see on this rank."""
+
+    def __init__(self, model: PreTrainedModel, tp_size: int) -> None:
+        cfg = model.config.get_text_config()
+        _, self.kv_heads, self.head_dim = kv_shape(model, tp_size)
+        self.heads = cfg.num_attention_heads // tp_size
+        self.hidden = cfg.hidden_size
+
+
+def _probe(
+    kernels: Kernels, limits: EngineLimits, device: torch.device, dtype: torch.dtype, shape: _Shapes
+) -> Kernels:
+    """Launch each Triton kernel that `auto` chose once, on tiny inputs of the model's shapes:
+    one that cannot run on this GPU (too little shared memory, an old architecture) gives way
+    to the PyTorch path, with a warning. Explicit choices are left to fail loudly."""
+    if kernels.decode == "triton" and limits.decode_kernel == "auto":
+        try:
+            from engine.triton_attention import paged_decode
+
+            q = torch.randn(1, shape.heads, shape.head_dim, device=device).to(dtype)  # [1, H, D]
+            kv = torch.randn(1, limits.block_size, shape.kv_heads, shape.head_dim, device=device)
+            kv = kv.to(dtype)  # [1, bs, Hkv, D]
+            ones = torch.ones(1, 1, dtype=torch.int32, device=device)
+            paged_decode(q, kv, kv, ones - 1, ones[0], 1.0)
+            _sync(device)
+        except Exception as exc:
+            if limits.cuda_graphs:
+                raise
+            log.warning("the Triton decode kernel cannot run here, using SDPA: %s", exc)
+            kernels = kernels._replace(decode="sdpa", graphs=False)
+    if kernels.fused and limits.fused_kernels is None:
+        try:
+            from engine.fused_ops import rms_norm, silu_mul
+
+            hidden = torch.randn(1, shape.hidden, device=device).to(dtype)  # [1, hidden]
+            rms_norm(hidden, hidden[0], 1e-6)
+            silu_mul(torch.randn(1, 2048, device=device).to(dtype))
+            _sync(device)
+        except Exception as exc:
+            log.warning("the fused Triton kernels cannot run here: %s", exc)
+            kernels = kernels._replace(fused=False)
+    return kernels
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a failed launch surfaces here at the latest
 
 
 def _triton_shape_problem(limits: EngineLimits, head_dim: int) -> str | None:
@@ -128,7 +187,9 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_shape(model, tp_size)
         devices = _layer_devices(model, layers)
-        self.kernels = kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
+        kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
+        shapes = _Shapes(model, tp_size)
+        self.kernels = kernels = _probe(kernels, limits, self.device, dtype, shapes)
         self.decode_kernel, graphs = kernels.decode, kernels.graphs
         if kernels.fused:
             from engine.fused_ops import patch_model
@@ -154,7 +215,7 @@ class ModelRunner:
                     max_blocks,
                     scratch_block=num_blocks,
                 )
-            except Exception as exc:  # a model whose forward cannot be captured
+            except GraphCaptureError as exc:  # a model whose forward cannot be captured
                 if limits.cuda_graphs:  # asked for by name: say so at startup
                     raise
                 log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)

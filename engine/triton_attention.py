@@ -9,6 +9,8 @@ Checked against the gather + SDPA path in Triton's interpreter on CPU (tests/tes
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -78,13 +80,18 @@ def _paged_decode_kernel(
     )
 
 
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensor's (device_map, cuda:N)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def shape_problem(block_size: int, head_dim: int) -> str | None:
     """Why the kernel cannot tile this cache, or None: it needs a power-of-two KV block of at
     least 16 tokens and a power-of-two head size."""
     if block_size < 16 or block_size & (block_size - 1):
         return f"decode_kernel triton needs block_size a power of two >= 16, not {block_size}"
-    if head_dim & (head_dim - 1):
-        return f"decode_kernel triton needs a power-of-two head size, not {head_dim}"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"decode_kernel triton needs a power-of-two head size >= 16, not {head_dim}"
     return None
 
 
@@ -100,29 +107,32 @@ def paged_decode(
     batch, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_blocks.shape
     group = heads // kv_heads
+    # The kernel addresses K and V with K's strides, along a unit last stride.
+    assert v_blocks.stride() == k_blocks.stride() and k_blocks.stride(-1) == 1
     q = q.contiguous()
     out = torch.empty_like(q)
     tables = tables.to(torch.int32).contiguous()
     lens = lens.to(torch.int32).contiguous()
-    _paged_decode_kernel[(batch, kv_heads)](
-        q,
-        k_blocks,
-        v_blocks,
-        tables,
-        lens,
-        out,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        k_blocks.stride(0),
-        k_blocks.stride(1),
-        k_blocks.stride(2),
-        tables.stride(0),
-        GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_SIZE=block_size,
-        TILE=max(block_size, TILE_TOKENS),
-        HEAD_DIM=dim,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    with on_device(q):
+        _paged_decode_kernel[(batch, kv_heads)](
+            q,
+            k_blocks,
+            v_blocks,
+            tables,
+            lens,
+            out,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            k_blocks.stride(0),
+            k_blocks.stride(1),
+            k_blocks.stride(2),
+            tables.stride(0),
+            GROUP=group,
+            BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_SIZE=block_size,
+            TILE=max(block_size, TILE_TOKENS),
+            HEAD_DIM=dim,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
     return out

@@ -418,12 +418,13 @@ def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
 ) -> None:
     import engine.runner as runner_module
     from engine.config import EngineLimits
+    from engine.cuda_graphs import GraphCaptureError
 
     def no_capture(*_, **__):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        raise GraphCaptureError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(runner_module, "DecodeGraphs", no_capture)
-    monkeypatch.setattr(  # as on a GPU: the kernels and graphs chosen
+    monkeypatch.setattr(  # as on a GPU: graphs chosen (the probe of auto kernels: below)
         runner_module, "choose_kernels", lambda *_: runner_module.Kernels("sdpa", True, False)
     )
     from transformers import AutoModelForCausalLM
@@ -431,7 +432,7 @@ def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     limits = EngineLimits(cuda_graphs=asked)
     if asked:
-        with pytest.raises(RuntimeError, match="capturing"):
+        with pytest.raises(GraphCaptureError, match="capturing"):
             runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
         return
     runner = runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
@@ -455,3 +456,32 @@ def test_fail_all_ends_requests_with_a_retryable_error(engine: AsyncEngine) -> N
     assert sorted(out.index for out in ended) == [0, 1]
     assert all(out.finish_reason == "error" and out.retryable for out in ended)
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_auto_kernels_that_cannot_launch_give_way(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """auto chose the Triton kernels (as on a GPU), but they fail to launch (too little shared
+    memory, say): the runner starts on the PyTorch paths and says why."""
+    pytest.importorskip("triton")
+    from transformers import AutoModelForCausalLM
+
+    import engine.fused_ops
+    import engine.runner as runner_module
+    import engine.triton_attention
+    from engine.config import EngineLimits
+
+    def out_of_resources(*_, **__):
+        raise RuntimeError("out of resource: shared memory, Required: 155648, limit: 101376")
+
+    monkeypatch.setattr(engine.triton_attention, "paged_decode", out_of_resources)
+    monkeypatch.setattr(engine.fused_ops, "rms_norm", out_of_resources)
+    monkeypatch.setattr(
+        runner_module, "choose_kernels", lambda *_: runner_module.Kernels("triton", True, True)
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    runner = runner_module.ModelRunner(model, 8, torch.float32, EngineLimits(), 64)
+    assert runner.kernels == runner_module.Kernels("sdpa", False, False)
+    assert runner.graphs is None and runner.decode_kernel == "sdpa"
+    assert "Triton decode kernel cannot run here" in caplog.text
+    assert "fused Triton kernels cannot run here" in caplog.text

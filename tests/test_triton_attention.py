@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from engine.fused_ops import patch_model, rms_norm, silu_mul
-from engine.fusion import fuse_projections
+from engine.fusion import fuse_projections, restore_forwards
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
     norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
@@ -65,7 +65,11 @@ for model in (LlamaForCausalLM(LlamaConfig(**shape)), Qwen2ForCausalLM(Qwen2Conf
         fuse_projections(model)
         assert patch_model(model) == 2 * 2 + 1 + 2  # 2 norms and an MLP a layer, the final norm
         got = model(ids).logits
+        restore_forwards(model)  # the stock modules again (benchmarks compare against them)
+        assert not any("forward" in vars(m) for m in model.modules())
+        again = model(ids).logits
     assert (got - want).abs().max().item() < 1e-5, type(model).__name__
+    assert (again - want).abs().max().item() < 1e-5, type(model).__name__
 print("fused ok")
 """
 
@@ -152,14 +156,14 @@ CPU, GPU, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cud
         ({}, {CPU}, 64, 1, ("sdpa", False, False)),  # auto off CUDA: SDPA
         ({}, {GPU}, 128, 1, ("triton", True, True)),  # auto on one GPU: all the kernels
         ({}, {GPU}, 96, 1, ("sdpa", False, False)),  # a head size the kernel cannot tile
+        ({}, {GPU}, 8, 1, ("sdpa", False, False)),  # tl.dot needs 16
         ({"block_size": 8}, {GPU}, 128, 1, ("sdpa", False, False)),
-        ({}, {GPU, GPU1}, 128, 1, ("triton", False, True)),  # device_map: no graphs
+        ({}, {GPU, GPU1}, 128, 1, ("sdpa", False, False)),  # device_map over GPUs: SDPA
         ({}, {GPU}, 128, 2, ("triton", False, False)),  # tensor parallel: no graphs, no fusion
         ({"cuda_graphs": False}, {GPU}, 128, 1, ("triton", False, True)),
         ({"fused_kernels": False}, {GPU}, 128, 1, ("triton", True, False)),
         ({"decode_kernel": "sdpa"}, {GPU}, 128, 1, ("sdpa", False, False)),
-        ({"decode_kernel": "triton", "cuda_graphs": True}, {CPU}, 64, 1, ("triton", True, False)),
-        ({"fused_kernels": True}, {CPU}, 64, 1, ("sdpa", False, True)),
+        ({"decode_kernel": "triton"}, {GPU, GPU1}, 128, 1, ("triton", False, False)),
     ],
 )
 def test_kernel_defaults(limits, devices, head_dim, tp, want) -> None:
@@ -167,15 +171,25 @@ def test_kernel_defaults(limits, devices, head_dim, tp, want) -> None:
 
 
 @pytest.mark.parametrize(
-    ("limits", "head_dim", "message"),
+    ("limits", "devices", "head_dim", "tp", "message"),
     [
-        ({"decode_kernel": "triton"}, 96, "power-of-two head size"),
-        ({"cuda_graphs": True}, 96, "cuda_graphs needs the triton decode kernel"),
+        ({"decode_kernel": "triton"}, {GPU}, 96, 1, "power-of-two head size"),
+        ({"cuda_graphs": True}, {GPU}, 96, 1, "cuda_graphs needs the triton decode kernel"),
+        ({"decode_kernel": "triton"}, {CPU}, 64, 1, "needs CUDA"),
+        ({"fused_kernels": True}, {CPU}, 64, 1, "fused_kernels needs CUDA"),
+        ({"fused_kernels": True}, {GPU}, 128, 2, "tensor_parallel_size 1"),
     ],
 )
-def test_kernel_choice_rejects_what_cannot_run(limits, head_dim, message) -> None:
+def test_kernel_choice_rejects_what_cannot_run(limits, devices, head_dim, tp, message) -> None:
     with pytest.raises(ValueError, match=message):
-        choose_kernels(EngineLimits(**limits), {GPU}, head_dim)
+        choose_kernels(EngineLimits(**limits), devices, head_dim, tp)
+
+
+def test_triton_interpreter_runs_explicit_kernels_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How the interpreter tests above run the CUDA paths on CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    limits = EngineLimits(decode_kernel="triton", cuda_graphs=True, fused_kernels=True)
+    assert choose_kernels(limits, {CPU}, 64) == Kernels("triton", True, True)
 
 
 def test_graphs_with_sdpa_is_a_config_error() -> None:
