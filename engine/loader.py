@@ -127,6 +127,11 @@ def load_model(
         placement = {"device_map": device_name}
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
+            raise LoadError(
+                f"{config.source}: attention logit softcapping (Gemma 2) is not implemented by "
+                "hearth's paged attention"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust, **placement
         )
@@ -142,8 +147,31 @@ def load_model(
     max_len = config.max_model_len or context
     if max_len > context:
         log.warning("%s: max_model_len %d exceeds the model's %d", config.id, max_len, context)
+    window = sliding_window(hf_config)
+    if window is not None and max_len > window:  # within the window, full attention is the same
+        log.warning(
+            "%s: attention over a sliding window is not implemented: max_model_len %d -> %d "
+            "(the model's window)",
+            config.id,
+            max_len,
+            window,
+        )
+        max_len = window
     first_device = next(model.parameters()).device
     return LoadedModel(config, source, path, model, tokenizer, first_device, torch_dtype, max_len)
+
+
+def sliding_window(hf_config: Any) -> int | None:
+    """The window of a model whose attention uses one (Mistral v0.1, Qwen2 with
+    use_sliding_window, Gemma's local layers), else None."""
+    text = hf_config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    types = getattr(text, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
 
 
 def configure_cpu_threads(requested: int | None = None) -> int:

@@ -39,6 +39,8 @@ def build_tiny_checkpoint(out: Path, tokenizer_dir: Path, family: str = "llama")
         AutoTokenizer,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
     )
@@ -59,6 +61,8 @@ def build_tiny_checkpoint(out: Path, tokenizer_dir: Path, family: str = "llama")
     torch.manual_seed(0)
     if family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    elif family == "mistral":  # with a sliding window shorter than its context
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=64))
     else:
         model = LlamaForCausalLM(LlamaConfig(**shape))
     model.save_pretrained(out)

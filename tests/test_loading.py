@@ -65,3 +65,33 @@ def test_gguf_conversion_is_cached_by_file_hash(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(gguf_cache, "_convert", no_conversion)
     assert gguf_cache.converted_checkpoint(gguf, "float32") == first
+
+
+def test_sliding_window_models_are_capped_to_their_window(
+    tmp_path: Path, smollm_tokenizer_dir: Path, caplog
+) -> None:
+    """hearth's paged attention attends to the whole context: past a model's sliding window
+    that would be wrong, so the context is capped to the window (full attention equals it)."""
+    from engine.config import ModelConfig
+    from engine.loader import load_model
+    from engine.sources import resolve_source
+    from tests.conftest import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "mistral", smollm_tokenizer_dir, "mistral")
+    config = ModelConfig(id="m", source=str(path), device="cpu")
+    loaded = load_model(config, resolve_source(str(path)))
+    assert loaded.max_model_len == 64
+    assert "sliding window is not implemented: max_model_len 512 -> 64" in caplog.text
+
+
+def test_attention_softcapping_is_refused_with_one_line(tmp_path: Path) -> None:
+    from transformers import Gemma2Config
+
+    from engine.config import ModelConfig
+    from engine.loader import LoadError, load_model
+    from engine.sources import resolve_source
+
+    Gemma2Config(vocab_size=128, hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path)
+    config = ModelConfig(id="g", source=str(tmp_path), device="cpu")
+    with pytest.raises(LoadError, match="softcapping"):
+        load_model(config, resolve_source(str(tmp_path)))
