@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from engine.attention import PagedBatch
+from engine.devices import on_device
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]  # model kwargs -> logits [B, V]
 
@@ -55,9 +56,10 @@ class DecodeGraphs:
         self._forward = forward
         self._kv = (k_cache, v_cache)
         self._graphs: dict[int, tuple[Any, torch.Tensor | None]] = {}
-        pool = torch.cuda.graph_pool_handle() if self.capture else None
-        for size in reversed(self.sizes):  # largest first: the others fit in its memory pool
-            self._graphs[size] = self._record(size, pool)
+        with on_device(k_cache[0]):  # streams and captures belong to the current device
+            pool = torch.cuda.graph_pool_handle() if self.capture else None
+            for size in reversed(self.sizes):  # largest first: the others fit in its memory pool
+                self._graphs[size] = self._record(size, pool)
 
     def kwargs(self, size: int) -> dict[str, Any]:
         """Model inputs for a bucket: views of the static buffers."""
@@ -127,6 +129,7 @@ class DecodeGraphs:
         if graph is None:  # no CUDA: the same buffers, run eagerly
             out = self._forward(self.kwargs(size))
         else:
-            graph.replay()
+            with on_device(out):
+                graph.replay()
         assert dev == out.device
         return out[:count].clone()  # the graph's buffer is overwritten by the next replay

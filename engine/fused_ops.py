@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from engine.devices import on_device
 from engine.fusion import set_forward
-from engine.triton_attention import on_device
 
 # Norms computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) (not Gemma's 1 + weight).
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}

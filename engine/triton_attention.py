@@ -9,11 +9,11 @@ Checked against the gather + SDPA path in Triton's interpreter on CPU (tests/tes
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from engine.devices import on_device
 
 TILE_TOKENS = 64  # context tokens each iteration reads: several blocks, more loads in flight
 
@@ -78,11 +78,6 @@ def _paged_decode_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=(g < GROUP)[:, None],
     )
-
-
-def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the tensor's (device_map, cuda:N)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def shape_problem(block_size: int, head_dim: int) -> str | None:
