@@ -86,6 +86,7 @@ class Scheduler:
             budget -= num
         # New arrivals (and preempted sequences, which were put at the front), in order.
         computing: set[BlockKey] = set()  # prompt blocks first computed by this step
+        deferred: list[Sequence] = []  # wait for a prefix block this step computes
         size = self.blocks.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if out.preempted:  # memory is short: admit nothing new this step
@@ -95,8 +96,10 @@ class Scheduler:
             hits = self.blocks.cached_prefix(seq, keys)
             if len(keys) > len(hits) and keys[len(hits)] in computing:
                 # A sequence admitted this step computes this prefix block (a shared system
-                # prompt in a burst of arrivals): start next step and reuse it from the cache.
-                break
+                # prompt in a burst of arrivals): start next step and reuse it from the cache;
+                # arrivals behind it that need no such block go on being admitted.
+                deferred.append(self.waiting.popleft())
+                continue
             num = min(seq.num_tokens - len(hits) * size, budget)
             if not self.blocks.can_admit(seq, num, hits):
                 break
@@ -108,6 +111,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(Scheduled(seq, num))
             budget -= num
+        self.waiting.extendleft(reversed(deferred))  # first in line next step, in arrival order
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

@@ -183,13 +183,16 @@ def test_a_burst_sharing_a_prefix_computes_it_once() -> None:
         sched.add(seq)
     sched.add(other)
     first = sched.schedule()
-    assert [item.seq.request_id for item in first.scheduled] == ["r0"]  # the rest wait a step
+    # r1-r3 wait a step for r0's prefix blocks; "other" shares nothing and starts now.
+    assert [item.seq.request_id for item in first.scheduled] == ["r0", "other"]
+    assert [seq.request_id for seq in sched.waiting] == ["r1", "r2", "r3"]
     sched.after_step(first)
-    burst[0].output_ids.append(7)  # r0 sampled its first token
+    burst[0].output_ids.append(7)  # r0 and other sampled their first tokens
+    other.output_ids.append(7)
     second = sched.schedule()
     names = [item.seq.request_id for item in second.scheduled]
-    assert names == ["r0", "r1", "r2", "r3", "other"]
-    assert [item.num_tokens for item in second.scheduled] == [1, 3, 3, 3, 5]  # prefix cached
+    assert names == ["r0", "other", "r1", "r2", "r3"]
+    assert [item.num_tokens for item in second.scheduled] == [1, 1, 3, 3, 3]  # prefix cached
     assert blocks.num_cache_hits == 3 * len(system)
     sched.after_step(second)
     check_invariants(blocks, sched)
