@@ -1,9 +1,10 @@
 """CUDA smoke check: the Triton decode kernel against float64 attention, and hearth's engine
-(sdpa, triton, triton + CUDA graphs) on a tiny random Llama against transformers' generate().
+(sdpa, triton, triton + CUDA graphs, the defaults) on tiny random Llama and Qwen2 models against
+transformers' generate().
 
     python bench/gpu_smoke.py --tokenizer DIR --out /tmp/tiny-llama
-Builds the checkpoint (so `hearth serve --model OUT` can serve it), then compares the greedy
-tokens of 11 concurrent requests with generate() in fp32 and reports bf16 agreement.
+Builds the checkpoints (so `hearth serve --model OUT` can serve the Llama), then compares the
+greedy tokens of 11 concurrent requests with generate(): asserted equal in fp32, reported in bf16.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ from engine.sources import resolve_source
 from engine.types import GenerationRequest, SamplingParams
 
 
-def build(out: Path, tokenizer_dir: Path) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def build(out: Path, tokenizer_dir: Path, family: str = "llama") -> None:
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=49152,
         hidden_size=512,
         intermediate_size=1024,
@@ -42,7 +49,10 @@ def build(out: Path, tokenizer_dir: Path) -> None:
         pad_token_id=2,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
+    if family == "qwen2":  # q/k/v biases, the Qwen2 norm and MLP classes
+        Qwen2ForCausalLM(Qwen2Config(**shape)).save_pretrained(out)
+    else:
+        LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
 
 
@@ -135,13 +145,21 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     # 11 requests: CUDA graphs replay bucket 16 with 5 padding rows.
     prompts = [torch.randint(3, 49152, (8 + 37 * i,), generator=gen).tolist() for i in range(11)]
+    compare(args.out, args.device, prompts, VARIANTS)
+    qwen2 = args.out.with_name(args.out.name + "-qwen2")
+    build(qwen2, args.tokenizer, "qwen2")
+    compare(qwen2, args.device, prompts, {"sdpa": VARIANTS["sdpa"], "defaults (qwen2)": {}})
+
+
+def compare(path: Path, device: str, prompts: list[list[int]], variants: dict) -> None:
+    """Each variant's greedy tokens against generate() of the stock model, fp32 and bf16."""
     for dtype in ("float32", "bfloat16"):
         reference = None
-        for variant, limits in VARIANTS.items():
+        for variant, limits in variants.items():
             config = ModelConfig(
                 id="tiny",
-                source=str(args.out),
-                device=args.device,
+                source=str(path),
+                device=device,
                 dtype=dtype,
                 engine={
                     "kv_cache_memory": "256MiB",
@@ -162,7 +180,7 @@ def main() -> None:
                 restore_forwards(model)
                 reference = [
                     model.generate(
-                        torch.tensor([prompt], device=args.device),
+                        torch.tensor([prompt], device=device),
                         max_new_tokens=24,
                         min_new_tokens=24,
                         do_sample=False,
