@@ -28,6 +28,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.metrics import LOAD_GAUGES, read_load_gauges  # noqa: E402
+
 KINDS = ("chat", "completions", "responses")
 
 
@@ -231,16 +235,8 @@ def rss_kb(pid: int | None) -> int | None:
 
 
 async def gauges(client: httpx.AsyncClient, root: str, model: str) -> dict[str, float]:
-    text = (await client.get(f"{root}/metrics")).text
-    found = {}
-    for name in (
-        "hearth_requests_running",
-        "hearth_requests_waiting",
-        "hearth_kv_cache_usage_ratio",
-    ):
-        match = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.M)
-        found[name] = float(match.group(1)) if match else float("nan")
-    return found
+    found = read_load_gauges((await client.get(f"{root}/metrics")).text, model)
+    return {name: found.get(name, float("nan")) for name in LOAD_GAUGES}
 
 
 async def wait_idle(client: httpx.AsyncClient, root: str, model: str, timeout: float = 30) -> dict:

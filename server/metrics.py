@@ -7,10 +7,23 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.types import EngineClient
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# The engine-load gauges a client polls to see a model idle (soak runs, tests).
+LOAD_GAUGES = ("hearth_requests_running", "hearth_requests_waiting", "hearth_kv_cache_usage_ratio")
+
+
+def read_load_gauges(page: str, model: str) -> dict[str, float]:
+    """The LOAD_GAUGES of one model found in a /metrics page (a gauge it lacks is absent)."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name in LOAD_GAUGES and sample.labels.get("model") == model
+    }
 
 
 class _EngineCollector:

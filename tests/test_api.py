@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import threading
 import time
@@ -13,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from server.metrics import LOAD_GAUGES, read_load_gauges
 from tests.conftest import running_server
 
 
@@ -27,16 +27,8 @@ def client_for(base_url: str, **kwargs) -> openai.OpenAI:
 
 
 def gauges(base_url: str, model: str) -> dict[str, float]:
-    text = httpx.get(base_url.removesuffix("/v1") + "/metrics").text
-    found = {}
-    for name in (
-        "hearth_requests_running",
-        "hearth_requests_waiting",
-        "hearth_kv_cache_usage_ratio",
-    ):
-        match = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.M)
-        found[name] = float(match.group(1))
-    return found
+    found = read_load_gauges(httpx.get(base_url.removesuffix("/v1") + "/metrics").text, model)
+    return {name: found[name] for name in LOAD_GAUGES}  # KeyError: a gauge went missing
 
 
 def wait_idle(base_url: str, model: str, timeout: float = 20) -> dict[str, float]:
