@@ -12,7 +12,7 @@ from typing import Any
 
 from engine import distributed
 from engine.core import EngineCore, FatalStepError, kv_budget_bytes
-from engine.loader import LoadedModel
+from engine.loader import LoadedModel, LoadError
 from engine.runner import ModelRunner, kv_bytes_per_token
 from engine.tokenizer import ChatTokenizer
 from engine.types import (
@@ -266,9 +266,12 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         )
     tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
     tp_size = loaded.config.tensor_parallel_size
-    core = EngineCore(
-        loaded.model, tokenizer, limits, loaded.max_model_len, num_blocks, loaded.dtype, tp_size
-    )
+    try:
+        core = EngineCore(
+            loaded.model, tokenizer, limits, loaded.max_model_len, num_blocks, loaded.dtype, tp_size
+        )
+    except ValueError as exc:  # an engine setting this model or machine cannot run: one line
+        raise LoadError(f"{loaded.config.id}: {exc}") from None
     kernels = core.runner.kernels
     log.info(
         "%s: decode attention %s, CUDA graphs %s, fused kernels %s",

@@ -485,3 +485,18 @@ def test_auto_kernels_that_cannot_launch_give_way(
     assert runner.graphs is None and runner.decode_kernel == "sdpa"
     assert "Triton decode kernel cannot run here" in caplog.text
     assert "fused Triton kernels cannot run here" in caplog.text
+
+
+def test_an_engine_setting_that_cannot_run_is_a_one_line_load_error(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`decode_kernel: triton` on a CPU model: what `hearth serve` prints, not a traceback."""
+    from engine.loader import LoadError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    config = ModelConfig(
+        id="t", source=str(tiny_llama_dir), device="cpu", engine={"decode_kernel": "triton"}
+    )
+    loaded = load_model(config, resolve_source(str(tiny_llama_dir)))
+    with pytest.raises(LoadError, match=r"^t: decode_kernel triton needs CUDA$"):
+        build_engine(loaded)
