@@ -274,11 +274,12 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         raise LoadError(f"{loaded.config.id}: {exc}") from None
     kernels = core.runner.kernels
     log.info(
-        "%s: decode attention %s, CUDA graphs %s, fused kernels %s",
+        "%s: decode attention %s, CUDA graphs %s, fused kernels %s, CPU matmul %s",
         loaded.config.id,
         kernels.decode,
         "on" if kernels.graphs else "off",
         "on" if kernels.fused else "off",
+        "on" if kernels.cpu_matmul else "off",
     )
     defaults = loaded.config.defaults.model_dump(exclude_none=True)
     vocab = getattr(loaded.tokenizer, "get_vocab", dict)()

@@ -35,7 +35,7 @@ class PagedBatch:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where a position is real
     prefills: list[Prefill]
     decode_lens: torch.Tensor | None = None  # [Bd] context lengths (for the Triton kernel)
-    decode_kernel: str = "sdpa"  # sdpa: gather blocks + SDPA; triton: read blocks in place
+    decode_kernel: str = "sdpa"  # sdpa: gather blocks + SDPA; triton, cpu: read blocks in place
 
 
 def _gather_blocks(blocks: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -117,8 +117,11 @@ def _decode_attention(
 ) -> torch.Tensor:
     """Every single-token decode of the step in one call. Returns [Bd, H, D]."""
     rows = batch.decode_rows.to(q.device)
-    if batch.decode_kernel == "triton":
-        from engine.triton_attention import paged_decode
+    if batch.decode_kernel in ("triton", "cpu"):
+        if batch.decode_kernel == "triton":
+            from engine.triton_attention import paged_decode
+        else:
+            from engine.cpu_kernels import paged_decode
 
         qd = q if len(rows) == len(q) else q[rows]  # [Bd, H, D]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5

@@ -48,15 +48,22 @@ class EngineLimits(_Strict):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="fraction of GPU memory for weights plus KV cache"
     )
-    decode_kernel: Literal["auto", "sdpa", "triton"] = Field(
+    decode_kernel: Literal["auto", "sdpa", "triton", "cpu"] = Field(
         "auto",
-        description="decode attention: triton reads the paged cache in place (CUDA), sdpa "
-        "gathers the blocks and calls SDPA; auto: triton on CUDA where it can run, else sdpa",
+        description="decode attention: triton (CUDA) and cpu (a C++ kernel built with the "
+        "system compiler; float32) read the paged cache in place, sdpa gathers the blocks and "
+        "calls SDPA; auto: triton on one CUDA device, cpu on CPU, where they can run, else sdpa",
     )
     cuda_graphs: bool | None = Field(
         None,
         description="replay pure decode steps as CUDA graphs (needs the triton kernel); "
         "default: on where the triton kernel runs on one CUDA device",
+    )
+    cpu_matmul: bool | None = Field(
+        None,
+        description="small-batch matmuls of float32 CPU models through a C++ kernel over "
+        "packed copies of the linear weights (more memory: the weights' size again); "
+        "default: on where the cpu decode kernel runs",
     )
     fused_kernels: bool | None = Field(
         None,
@@ -66,7 +73,7 @@ class EngineLimits(_Strict):
 
     @model_validator(mode="after")
     def _graphs_need_the_kernel(self) -> EngineLimits:
-        if self.cuda_graphs and self.decode_kernel == "sdpa":
+        if self.cuda_graphs and self.decode_kernel in ("sdpa", "cpu"):
             raise ValueError("cuda_graphs needs decode_kernel: triton (or auto)")
         return self
 

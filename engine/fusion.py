@@ -29,12 +29,17 @@ class _FusedGroup:
             start += size
         self._input: torch.Tensor | None = None
         self._pending: list[torch.Tensor | None] = [None] * len(layers)
+        self.project = self._stock  # x [.., in] -> [.., sum(out)]; cpu_linear may replace it
+        layers[0]._hearth_group = self
         set_forward(layers[0], self._first)
         for index, layer in enumerate(layers[1:], start=1):
             set_forward(layer, self._sibling(index, layer))
 
+    def _stock(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
     def _first(self, x: torch.Tensor) -> torch.Tensor:
-        parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        parts = self.project(x).split(self.sizes, dim=-1)
         self._input = x
         self._pending = [None, *parts[1:]]
         return parts[0]

@@ -52,26 +52,34 @@ class StepInputs:
 
 
 class Kernels(NamedTuple):
-    decode: str  # decode attention: "triton" (paged cache in place) or "sdpa" (gather + SDPA)
+    decode: str  # decode attention: "triton" or "cpu" (paged cache in place), "sdpa" (gather)
     graphs: bool  # CUDA graphs for pure decode steps
     fused: bool  # Triton RMSNorm and SiLU * up
+    cpu_matmul: bool = False  # C++ matmul over packed weights (CPU, float32)
 
 
 def choose_kernels(
     limits: EngineLimits, devices: set[torch.device], head_dim: int, tp_size: int = 1
 ) -> Kernels:
     """What limits ask for, with `auto`/unset (the default) choosing the Triton kernels and CUDA
-    graphs on one CUDA device (per rank under tensor parallelism), the fastest path there
-    (docs/benchmarks.md), and SDPA elsewhere: CPU, device_map over several GPUs, no Triton.
+    graphs on one CUDA device (per rank under tensor parallelism) and the C++ decode kernel on
+    CPU, the fastest paths there (docs/benchmarks.md), and SDPA elsewhere: device_map over
+    several GPUs, no Triton. `_probe` checks at startup that the auto choices can run.
     Raises ValueError for an explicit choice that cannot run."""
     cuda = all(device.type == "cuda" for device in devices)
     one_gpu = cuda and len(devices) == 1
+    on_cpu = all(device.type == "cpu" for device in devices)
     # Triton kernels need CUDA tensors, unless Triton's CPU interpreter runs them (tests).
     runnable = cuda or os.environ.get("TRITON_INTERPRET") == "1"
     kernel = limits.decode_kernel
     if kernel == "auto":
         usable = one_gpu and importlib.util.find_spec("triton") is not None
-        kernel = "triton" if usable and _triton_shape_problem(limits, head_dim) is None else "sdpa"
+        if usable and _triton_shape_problem(limits, head_dim) is None:
+            kernel = "triton"
+        else:
+            kernel = "cpu" if on_cpu else "sdpa"
+    elif kernel == "cpu" and not on_cpu:
+        raise ValueError("decode_kernel cpu needs the model on the CPU")
     elif kernel == "triton":
         if not runnable:
             raise ValueError("decode_kernel triton needs CUDA")
@@ -89,7 +97,12 @@ def choose_kernels(
         fused = kernel == "triton" and one_gpu and tp_size == 1
     elif fused and (not runnable or tp_size > 1):
         raise ValueError("fused_kernels needs CUDA and tensor_parallel_size 1")
-    return Kernels(kernel, graphs, fused)
+    cpu_matmul = limits.cpu_matmul
+    if cpu_matmul is None:
+        cpu_matmul = kernel == "cpu" and tp_size == 1
+    elif cpu_matmul and (not on_cpu or tp_size > 1):
+        raise ValueError("cpu_matmul needs the model on the CPU and tensor_parallel_size 1")
+    return Kernels(kernel, graphs, fused, cpu_matmul)
 
 
 class _Shapes:
@@ -107,7 +120,21 @@ def _probe(
 ) -> Kernels:
     """Launch each Triton kernel that `auto` chose once, on tiny inputs of the model's shapes:
     one that cannot run on this GPU (too little shared memory, an old architecture) gives way
-    to the PyTorch path, with a warning. Explicit choices are left to fail loudly."""
+    to the PyTorch path, with a warning. Explicit choices are left to fail loudly. The CPU
+    kernel is built here (once per machine); without a compiler, or for a dtype other than
+    float32, auto falls back to SDPA and an explicit `cpu` is a ValueError."""
+    if kernels.decode == "cpu" or kernels.cpu_matmul:
+        from engine import cpu_kernels
+
+        problem = "they compute in float32 only" if dtype != torch.float32 else None
+        problem = problem or cpu_kernels.problem()
+        if problem is not None:
+            for name, value in (("decode_kernel", "cpu"), ("cpu_matmul", True)):
+                if getattr(limits, name) == value:
+                    raise ValueError(f"{name}: the CPU kernels cannot run: {problem}")
+            level = logging.INFO if dtype != torch.float32 else logging.WARNING
+            log.log(level, "the CPU kernels are not used: %s", problem)
+            kernels = kernels._replace(decode="sdpa", cpu_matmul=False)
     if kernels.decode == "triton" and limits.decode_kernel == "auto":
         try:
             from engine.triton_attention import paged_decode
@@ -195,6 +222,11 @@ class ModelRunner:
             from engine.fused_ops import patch_model
 
             patch_model(model)
+        if kernels.cpu_matmul:
+            from engine.cpu_linear import pack_model
+
+            if not pack_model(model):
+                self.kernels = kernels = kernels._replace(cpu_matmul=False)
         # With CUDA graphs one more block: the scratch block padding rows write to.
         allocated = num_blocks + 1 if graphs else num_blocks
         # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
@@ -301,10 +333,11 @@ class ModelRunner:
             lens = longs(step.decode_lens)
             batch.decode_rows = longs(step.decode_rows)
             batch.decode_tables = longs([t + [0] * (width - len(t)) for t in tables])
-            mask = (
-                torch.arange(max(step.decode_lens), device=dev)[None, :] < lens[:, None]
-            )  # [Bd, L]
-            batch.decode_mask = mask[:, None, None, :]
+            if self.decode_kernel == "sdpa":  # the kernels read lens instead of a mask
+                mask = (
+                    torch.arange(max(step.decode_lens), device=dev)[None, :] < lens[:, None]
+                )  # [Bd, L]
+                batch.decode_mask = mask[:, None, None, :]
             batch.decode_lens = lens
             batch.decode_kernel = self.decode_kernel
         return self._run_model(

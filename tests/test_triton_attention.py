@@ -153,7 +153,10 @@ CPU, GPU, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cud
 @pytest.mark.parametrize(
     ("limits", "devices", "head_dim", "tp", "want"),
     [
-        ({}, {CPU}, 64, 1, ("sdpa", False, False)),  # auto off CUDA: SDPA
+        ({}, {CPU}, 64, 1, ("cpu", False, False, True)),  # auto on CPU: the C++ kernels
+        ({}, {CPU}, 64, 2, ("cpu", False, False, False)),  # tensor parallel: no packed matmul
+        ({"cpu_matmul": False}, {CPU}, 64, 1, ("cpu", False, False, False)),
+        ({"decode_kernel": "sdpa"}, {CPU}, 64, 1, ("sdpa", False, False, False)),
         ({}, {GPU}, 128, 1, ("triton", True, True)),  # auto on one GPU: all the kernels
         ({}, {GPU}, 96, 1, ("sdpa", False, False)),  # a head size the kernel cannot tile
         ({}, {GPU}, 8, 1, ("sdpa", False, False)),  # tl.dot needs 16
@@ -178,6 +181,8 @@ def test_kernel_defaults(limits, devices, head_dim, tp, want) -> None:
         ({"decode_kernel": "triton"}, {CPU}, 64, 1, "needs CUDA"),
         ({"fused_kernels": True}, {CPU}, 64, 1, "fused_kernels needs CUDA"),
         ({"fused_kernels": True}, {GPU}, 128, 2, "tensor_parallel_size 1"),
+        ({"decode_kernel": "cpu"}, {GPU}, 128, 1, "needs the model on the CPU"),
+        ({"cpu_matmul": True}, {GPU}, 128, 1, "cpu_matmul needs the model on the CPU"),
     ],
 )
 def test_kernel_choice_rejects_what_cannot_run(limits, devices, head_dim, tp, message) -> None:
