@@ -9,8 +9,8 @@ original weights, which stay in place: the packed copies add the linear weights'
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,14 @@ def _project(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
 
 
 def _available_bytes() -> int | None:
+    """MemAvailable (free memory plus what the page cache can give back), where Linux says."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @torch.no_grad()

@@ -225,7 +225,9 @@ class ModelRunner:
         if kernels.cpu_matmul:
             from engine.cpu_linear import pack_model
 
-            if not pack_model(model):
+            if packed := pack_model(model):
+                log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
+            else:
                 self.kernels = kernels = kernels._replace(cpu_matmul=False)
         # With CUDA graphs one more block: the scratch block padding rows write to.
         allocated = num_blocks + 1 if graphs else num_blocks
