@@ -61,7 +61,7 @@ def pack_model(model: nn.Module) -> int:
     """Route the model's float32 CPU linear layers (and fused q/k/v, gate/up groups, see
     engine/fusion.py) through the kernel; returns the bytes the packed copies take (0: none,
     e.g. when they would not fit in half the free memory)."""
-    targets: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
+    targets: list[tuple[object, torch.Tensor, torch.Tensor | None]] = []  # module or group
     for module in model.modules():
         if type(module) is not nn.Linear or hasattr(module, "_hf_hook"):
             continue
