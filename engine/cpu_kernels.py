@@ -103,8 +103,12 @@ def _load() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_build(compiler)))
                 fn = lib.hearth_paged_decode_f32
                 fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7
-                fn.argtypes += [ctypes.c_float, ctypes.c_int]
+                fn.argtypes = [
+                    *[ctypes.c_void_p] * 6,  # q, k, v, tables, lens, out
+                    *[ctypes.c_int64] * 7,  # B, H, Hkv, D, N, bs, nb
+                    ctypes.c_float,  # scale
+                    ctypes.c_int,  # threads
+                ]
                 fn = lib.hearth_linear_f32
                 fn.restype = None
                 fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
