@@ -91,6 +91,18 @@ class ModelConfig(_Strict):
     device_map: Literal["auto"] | dict[str, Any] | None = None
     max_model_len: int | None = Field(None, ge=16)
     chat_template: str | None = Field(None, description="Jinja text, or a path to a .jinja file")
+    quantization: Literal["auto", "none", "fp8", "gguf"] = Field(
+        "auto",
+        description="weights kept quantized in memory: fp8 (e4m3, per-channel scales; the "
+        "GPU's fp8 matmuls where it has them), gguf (a GGUF file's own blocks, read by hearth's "
+        "CPU kernels); auto: what the checkpoint ships (a GGUF on CPU, an fp8 checkpoint), "
+        "else none",
+    )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto",
+        description="dummy: random weights from the checkpoint's config, built on the device "
+        "(benchmarks of shapes whose weights are not at hand; vLLM's --load-format dummy)",
+    )
     tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         "auto", description="tool-call format; auto: from the chat template"
     )

@@ -108,6 +108,8 @@ def load_model(
     base_dir: Path | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer; `device` / `dtype` override the config when given."""
+    if config.quantization not in ("auto", "none") or config.load_format != "auto":
+        raise LoadError(f"{config.id}: quantization / load_format: not implemented yet")
     device_name = pick_device(device or config.device)
     torch_dtype = pick_dtype(dtype or config.dtype, device_name)
     path = checkpoint_dir(source, config, torch_dtype)

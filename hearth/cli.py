@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="override every model's dtype (auto: bf16 on CUDA, fp32 on CPU)",
     )
     serve.add_argument(
+        "--quantization",
+        choices=["auto", "none", "fp8", "gguf"],
+        help="override every model's quantization (auto: what the checkpoint ships)",
+    )
+    serve.add_argument(
+        "--load-format",
+        choices=["auto", "dummy"],
+        help="dummy: random weights from the checkpoint's config (benchmarks)",
+    )
+    serve.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -256,12 +266,21 @@ def select_models(args: argparse.Namespace) -> Selection:
             models = [ModelConfig(id=_id_for_source(args.model), source=args.model)]
             name = "--model"
             base_dir = Path.cwd()
-    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
+    overrides = {
+        key: value
+        for key, value in (
+            ("device", args.device),
+            ("dtype", args.dtype),
+            ("quantization", args.quantization),
+            ("load_format", args.load_format),
+        )
+        if value
+    }
     if overrides or args.max_waiting is not None:
         try:
             models = [_override(m, overrides, args.max_waiting) for m in models]
         except ValidationError as exc:
-            raise ConfigError(f"--device/--dtype/--max-waiting: {exc.errors()[0]['msg']}") from None
+            raise ConfigError(f"--device/--dtype/...: {exc.errors()[0]['msg']}") from None
     return Selection(models, resolve_sources(HearthConfig(models=models), name, base_dir), base_dir)
 
 
