@@ -272,15 +272,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         )
     except ValueError as exc:  # an engine setting this model or machine cannot run: one line
         raise LoadError(f"{loaded.config.id}: {exc}") from None
-    kernels = core.runner.kernels
-    log.info(
-        "%s: decode attention %s, CUDA graphs %s, fused kernels %s, CPU matmul %s",
-        loaded.config.id,
-        kernels.decode,
-        "on" if kernels.graphs else "off",
-        "on" if kernels.fused else "off",
-        "on" if kernels.cpu_matmul else "off",
-    )
+    log.info("%s: %s", loaded.config.id, core.runner.kernels.describe())
     defaults = loaded.config.defaults.model_dump(exclude_none=True)
     vocab = getattr(loaded.tokenizer, "get_vocab", dict)()
     longest = max((len(token) for token in vocab), default=64)

@@ -36,6 +36,7 @@ class PagedBatch:
     prefills: list[Prefill]
     decode_lens: torch.Tensor | None = None  # [Bd] context lengths (for the Triton kernel)
     decode_kernel: str = "sdpa"  # sdpa: gather blocks + SDPA; triton, cpu: read blocks in place
+    cpu_variant: str | None = None  # the C++ kernels' ISA build (engine/cpu_kernels.py)
 
 
 def _gather_blocks(blocks: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -126,6 +127,8 @@ def _decode_attention(
         qd = q if len(rows) == len(q) else q[rows]  # [Bd, H, D]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         tables, lens = batch.decode_tables.to(q.device), batch.decode_lens.to(q.device)
+        if batch.cpu_variant is not None:  # the C++ kernels' ISA build chosen by autotune
+            return paged_decode(qd, k_blocks, v_blocks, tables, lens, scale, batch.cpu_variant)
         return paged_decode(qd, k_blocks, v_blocks, tables, lens, scale)
     tables = batch.decode_tables.to(q.device)
     mask = batch.decode_mask.to(q.device)  # [Bd, 1, 1, L]

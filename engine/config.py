@@ -71,6 +71,14 @@ class EngineLimits(_Strict):
         "default: on where the triton decode kernel runs",
     )
 
+    autotune: Literal["auto", "off", "remeasure"] = Field(
+        "auto",
+        description="auto: time every kernel choice left to auto (and, on CPU, the thread "
+        "count) on this model's shapes at first start and keep the fastest correct one, cached "
+        "per machine and model; remeasure: ignore the cache; off: no measuring (PyTorch's own "
+        "paths on CPU; Triton, graphs and fused kernels on one GPU)",
+    )
+
     @model_validator(mode="after")
     def _graphs_need_the_kernel(self) -> EngineLimits:
         if self.cuda_graphs and self.decode_kernel in ("sdpa", "cpu"):

@@ -39,7 +39,10 @@ class DecodeGraphs:
         max_batch: int,
         max_blocks: int,
         scratch_block: int,
+        sizes: list[int] | None = None,
     ) -> None:
+        """Capture one graph per batch-size bucket (`sizes`, default `buckets(max_batch)`;
+        autotune captures only the sizes it times)."""
         self.device = k_cache[0].device
         self.block_size = k_cache[0].shape[1]
         self.scratch = scratch_block
@@ -52,7 +55,7 @@ class DecodeGraphs:
         self.tables = torch.full((max_batch, max_blocks), scratch_block, dtype=i32, device=dev)
         self.lens = torch.ones(max_batch, dtype=i32, device=dev)  # [Bmax]
         self.slots.fill_(scratch_block * self.block_size)
-        self.sizes = buckets(max_batch)
+        self.sizes = sorted(sizes) if sizes else buckets(max_batch)
         self._forward = forward
         self._kv = (k_cache, v_cache)
         self._graphs: dict[int, tuple[Any, torch.Tensor | None]] = {}

@@ -27,12 +27,17 @@ class _FusedGroup:
             if bias is not None:
                 layer.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
             start += size
-        self._input: torch.Tensor | None = None
-        self._pending: list[torch.Tensor | None] = [None] * len(layers)
-        self.project = self._stock  # x [.., in] -> [.., sum(out)]; cpu_linear may replace it
+        self.layers = layers
         layers[0]._hearth_group = self
-        set_forward(layers[0], self._first)
-        for index, layer in enumerate(layers[1:], start=1):
+        self.attach()
+
+    def attach(self) -> None:
+        """(Re)install the group's forwards, with the stock matmul as its projection."""
+        self._input: torch.Tensor | None = None
+        self._pending: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.project = self._stock  # x [.., in] -> [.., sum(out)]; cpu_linear may replace it
+        set_forward(self.layers[0], self._first)
+        for index, layer in enumerate(self.layers[1:], start=1):
             set_forward(layer, self._sibling(index, layer))
 
     def _stock(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +74,18 @@ def restore_forwards(model: nn.Module) -> None:
     for module in model.modules():
         if module.__dict__.pop("_hearth_forward", False):
             module.__dict__.pop("forward", None)
+
+
+def reattach_groups(model: nn.Module) -> int:
+    """After restore_forwards: the fused groups' forwards back in place (no weights copied), each
+    with the stock matmul. Returns how many groups there are."""
+    count = 0
+    for module in model.modules():
+        group = module.__dict__.get("_hearth_group")
+        if group is not None:
+            group.attach()
+            count += 1
+    return count
 
 
 def _fusable(layers: list[nn.Module]) -> bool:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
 
-from engine import distributed
+from engine import autotune, distributed
 from engine.attention import PagedBatch, Prefill, register
 from engine.config import EngineLimits
 from engine.cuda_graphs import DecodeGraphs, GraphCaptureError
-from engine.fusion import fuse_projections
+from engine.fusion import fuse_projections, reattach_groups, restore_forwards
+from engine.kernels import Kernels, Shapes, candidates, choose_kernels, probe
 from engine.scheduler import Scheduled
+
+__all__ = ["Kernels", "ModelRunner", "StepInputs", "choose_kernels", "kv_bytes_per_token"]
 
 log = logging.getLogger("hearth.engine")
 
@@ -51,130 +51,6 @@ class StepInputs:
     sample_rows: list[int] = field(default_factory=list)
 
 
-class Kernels(NamedTuple):
-    decode: str  # decode attention: "triton" or "cpu" (paged cache in place), "sdpa" (gather)
-    graphs: bool  # CUDA graphs for pure decode steps
-    fused: bool  # Triton RMSNorm and SiLU * up
-    cpu_matmul: bool = False  # C++ matmul over packed weights (CPU, float32)
-
-
-def choose_kernels(
-    limits: EngineLimits, devices: set[torch.device], head_dim: int, tp_size: int = 1
-) -> Kernels:
-    """What limits ask for, with `auto`/unset (the default) choosing the Triton kernels and CUDA
-    graphs on one CUDA device (per rank under tensor parallelism) and the C++ decode kernel on
-    CPU, the fastest paths there (docs/benchmarks.md), and SDPA elsewhere: device_map over
-    several GPUs, no Triton. `_probe` checks at startup that the auto choices can run.
-    Raises ValueError for an explicit choice that cannot run."""
-    cuda = all(device.type == "cuda" for device in devices)
-    one_gpu = cuda and len(devices) == 1
-    on_cpu = all(device.type == "cpu" for device in devices)
-    # Triton kernels need CUDA tensors, unless Triton's CPU interpreter runs them (tests).
-    runnable = cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    kernel = limits.decode_kernel
-    if kernel == "auto":
-        usable = one_gpu and importlib.util.find_spec("triton") is not None
-        if usable and _triton_shape_problem(limits, head_dim) is None:
-            kernel = "triton"
-        else:
-            kernel = "cpu" if on_cpu else "sdpa"
-    elif kernel == "cpu" and not on_cpu:
-        raise ValueError("decode_kernel cpu needs the model on the CPU")
-    elif kernel == "triton":
-        if not runnable:
-            raise ValueError("decode_kernel triton needs CUDA")
-        if problem := _triton_shape_problem(limits, head_dim):
-            raise ValueError(problem)
-    graphs = limits.cuda_graphs
-    if graphs is None:  # not under tensor parallelism: captures there are unverified
-        graphs = kernel == "triton" and one_gpu and tp_size == 1
-    if graphs and kernel != "triton":
-        raise ValueError(
-            "cuda_graphs needs the triton decode kernel, which cannot run here (CUDA and Triton)"
-        )
-    fused = limits.fused_kernels
-    if fused is None:  # the fused MLP needs gate and up fused, which TP leaves split
-        fused = kernel == "triton" and one_gpu and tp_size == 1
-    elif fused and (not runnable or tp_size > 1):
-        raise ValueError("fused_kernels needs CUDA and tensor_parallel_size 1")
-    cpu_matmul = limits.cpu_matmul
-    if cpu_matmul is None:
-        cpu_matmul = kernel == "cpu" and tp_size == 1
-    elif cpu_matmul and (not on_cpu or tp_size > 1):
-        raise ValueError("cpu_matmul needs the model on the CPU and tensor_parallel_size 1")
-    return Kernels(kernel, graphs, fused, cpu_matmul)
-
-
-class _Shapes:
-    """The sizes the Triton kernels see on this rank."""
-
-    def __init__(self, model: PreTrainedModel, tp_size: int) -> None:
-        cfg = model.config.get_text_config()
-        _, self.kv_heads, self.head_dim = kv_shape(model, tp_size)
-        self.heads = cfg.num_attention_heads // tp_size
-        self.hidden = cfg.hidden_size
-
-
-def _probe(
-    kernels: Kernels, limits: EngineLimits, device: torch.device, dtype: torch.dtype, shape: _Shapes
-) -> Kernels:
-    """Launch each Triton kernel that `auto` chose once, on tiny inputs of the model's shapes:
-    one that cannot run on this GPU (too little shared memory, an old architecture) gives way
-    to the PyTorch path, with a warning. Explicit choices are left to fail loudly. The CPU
-    kernel is built here (once per machine); without a compiler, or for a dtype other than
-    float32, auto falls back to SDPA and an explicit `cpu` is a ValueError."""
-    if kernels.decode == "cpu" or kernels.cpu_matmul:
-        from engine import cpu_kernels
-
-        problem = "they compute in float32 only" if dtype != torch.float32 else None
-        problem = problem or cpu_kernels.problem()
-        if problem is not None:
-            for name, value in (("decode_kernel", "cpu"), ("cpu_matmul", True)):
-                if getattr(limits, name) == value:
-                    raise ValueError(f"{name}: the CPU kernels cannot run: {problem}")
-            level = logging.INFO if dtype != torch.float32 else logging.WARNING
-            log.log(level, "the CPU kernels are not used: %s", problem)
-            kernels = kernels._replace(decode="sdpa", cpu_matmul=False)
-    if kernels.decode == "triton" and limits.decode_kernel == "auto":
-        try:
-            from engine.triton_attention import paged_decode
-
-            q = torch.randn(1, shape.heads, shape.head_dim, device=device).to(dtype)  # [1, H, D]
-            kv = torch.randn(1, limits.block_size, shape.kv_heads, shape.head_dim, device=device)
-            kv = kv.to(dtype)  # [1, bs, Hkv, D]
-            ones = torch.ones(1, 1, dtype=torch.int32, device=device)
-            paged_decode(q, kv, kv, ones - 1, ones[0], 1.0)
-            _sync(device)
-        except Exception as exc:
-            if limits.cuda_graphs:
-                raise
-            log.warning("the Triton decode kernel cannot run here, using SDPA: %s", exc)
-            kernels = kernels._replace(decode="sdpa", graphs=False)
-    if kernels.fused and limits.fused_kernels is None:
-        try:
-            from engine.fused_ops import rms_norm, silu_mul
-
-            hidden = torch.randn(1, shape.hidden, device=device).to(dtype)  # [1, hidden]
-            rms_norm(hidden, hidden[0], 1e-6)
-            silu_mul(torch.randn(1, 2048, device=device).to(dtype))
-            _sync(device)
-        except Exception as exc:
-            log.warning("the fused Triton kernels cannot run here: %s", exc)
-            kernels = kernels._replace(fused=False)
-    return kernels
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # a failed launch surfaces here at the latest
-
-
-def _triton_shape_problem(limits: EngineLimits, head_dim: int) -> str | None:
-    from engine.triton_attention import shape_problem
-
-    return shape_problem(limits.block_size, head_dim)
-
-
 def _layer_devices(model: PreTrainedModel, num_layers: int) -> list[torch.device]:
     """The device of each attention layer (they differ under device_map)."""
     devices: dict[int, torch.device] = {}
@@ -188,9 +64,28 @@ def _layer_devices(model: PreTrainedModel, num_layers: int) -> list[torch.device
     return [devices.get(i, fallback) for i in range(num_layers)]
 
 
+def _cpu_variants(dtype: torch.dtype, on_cpu: bool) -> list[str | None]:
+    """The C++ kernels' builds this CPU can run (none for other dtypes or devices)."""
+    if not on_cpu or dtype != torch.float32:
+        return []
+    from engine import cpu_kernels
+
+    if hasattr(cpu_kernels, "variants"):
+        usable = [v for v in cpu_kernels.variants() if cpu_kernels.problem(v) is None]
+    else:
+        usable = [] if cpu_kernels.problem() else [None]
+    if not usable:
+        log.warning("the CPU kernels are not used: %s", cpu_kernels.problem())
+    return usable
+
+
 class ModelRunner:
     """Owns the KV cache and runs steps. Under tensor parallelism rank 0 (the engine's) sends
-    each step's inputs to the other ranks, which run the same forward in `follow()`."""
+    each step's inputs to the other ranks, which run the same forward in `follow()`.
+
+    Start-up, in order: fuse projections, choose kernels (`choose_kernels` + `probe`, then
+    engine/autotune.py's measured choice unless autotune is off), allocate the KV cache,
+    apply the kernels (patch forwards, pack weights, capture CUDA graphs)."""
 
     def __init__(
         self,
@@ -208,52 +103,129 @@ class ModelRunner:
             model.config._attn_implementation = name
         if tp_size == 1:  # sharded (DTensor) weights stay as transformers split them
             fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
-        self.model = model
+        self.model, self.dtype, self.limits = model, dtype, limits
         self.tp_size = tp_size
-        self.block_size = block_size = limits.block_size
+        self.num_blocks = num_blocks
+        self.block_size = limits.block_size
+        self.max_model_len = max_model_len
         self.device = next(model.parameters()).device
+        self.graphs: DecodeGraphs | None = None
+        self.decode_kernel, self.cpu_variant = "sdpa", None
         layers, kv_heads, head_dim = kv_shape(model, tp_size)
         devices = _layer_devices(model, layers)
+        cfg = model.config.get_text_config()
+        shapes = Shapes(cfg.num_attention_heads // tp_size, kv_heads, head_dim, cfg.hidden_size)
         kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
-        shapes = _Shapes(model, tp_size)
-        self.kernels = kernels = _probe(kernels, limits, self.device, dtype, shapes)
-        self.decode_kernel, graphs = kernels.decode, kernels.graphs
+        kernels = probe(kernels, limits, self.device, dtype, shapes)
+        self.allocate_kv_cache(devices, kv_heads, head_dim)
+        if limits.autotune != "off" and tp_size == 1:
+            on_cpu = all(d.type == "cpu" for d in devices)
+            cands = candidates(limits, set(devices), head_dim, dtype, _cpu_variants(dtype, on_cpu))
+            kernels = autotune.select(self, limits, cands, max_model_len)
+        self.kernels = self.apply(kernels, log_packing=True)
+
+    def allocate_kv_cache(self, devices: list[torch.device], kv_heads: int, head_dim: int) -> None:
+        """Per layer K and V blocks on the layer's device, plus one scratch block that CUDA
+        graphs' padding rows write to. Zeroed: padded slots are masked out, but NaN garbage
+        times a zero weight is still NaN."""
+        shape = (self.num_blocks + 1, self.block_size, kv_heads, head_dim)
+        self.k_cache = [
+            torch.zeros(shape, dtype=self.dtype, device=d) for d in devices
+        ]  # per layer [num_blocks + 1, block_size, Hkv, D]
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+
+    def apply(
+        self, kernels: Kernels, graph_sizes: list[int] | None = None, log_packing: bool = False
+    ) -> Kernels:
+        """Switch the model to `kernels` (from whatever it ran before): forwards patched or
+        restored, weights packed for the CPU matmul, CUDA graphs captured for `graph_sizes`
+        (default: every bucket). Returns what was applied: packing that does not fit in memory
+        and a failed capture of graphs that were not asked for by name fall back (logged)."""
+        self.graphs = None
+        restore_forwards(self.model)
+        reattach_groups(self.model)
         if kernels.fused:
             from engine.fused_ops import patch_model
 
-            patch_model(model)
+            patch_model(self.model)
         if kernels.cpu_matmul:
             from engine.cpu_linear import pack_model
 
-            if packed := pack_model(model):
-                log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
+            options = {"variant": kernels.cpu_variant} if kernels.cpu_variant else {}
+            if packed := pack_model(self.model, **options):
+                if log_packing:
+                    log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
             else:
-                self.kernels = kernels = kernels._replace(cpu_matmul=False)
-        # With CUDA graphs one more block: the scratch block padding rows write to.
-        allocated = num_blocks + 1 if graphs else num_blocks
-        # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
-        self.k_cache = [
-            torch.zeros(allocated, block_size, kv_heads, head_dim, dtype=dtype, device=d)
-            for d in devices
-        ]  # per layer [num_blocks, block_size, Hkv, D]
-        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
-        self.graphs = None
-        if graphs:
-            max_blocks = -(-max_model_len // block_size)
+                kernels = kernels._replace(cpu_matmul=False)
+        if kernels.threads:
+            torch.set_num_threads(kernels.threads)
+        self.decode_kernel, self.cpu_variant = kernels.decode, kernels.cpu_variant
+        if kernels.graphs:
+            max_blocks = -(-self.max_model_len // self.block_size)
             try:
                 self.graphs = DecodeGraphs(
                     self._run_model,
                     self.k_cache,
                     self.v_cache,
-                    limits.max_num_seqs,
+                    self.limits.max_num_seqs,
                     max_blocks,
-                    scratch_block=num_blocks,
+                    scratch_block=self.num_blocks,
+                    sizes=graph_sizes,
                 )
             except GraphCaptureError as exc:  # a model whose forward cannot be captured
-                if limits.cuda_graphs:  # asked for by name: say so at startup
+                if self.limits.cuda_graphs:  # asked for by name: say so at startup
                     raise
                 log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
-                self.kernels = self.kernels._replace(graphs=False)
+                kernels = kernels._replace(graphs=False)
+        self.kernels = kernels
+        return kernels
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def fill_kv(self, seed: int | None, blocks: int = 0) -> None:
+        """The first `blocks` cache blocks of every layer filled with the same seeded normal
+        values (autotune compares candidates' logits over a cache that is not all zeros), or
+        every block zeroed again (seed None)."""
+        if seed is None:
+            for tensor in (*self.k_cache, *self.v_cache):
+                tensor.zero_()
+            return
+        first = self.k_cache[0]
+        generator = torch.Generator(device=first.device).manual_seed(seed)
+        shape = (min(blocks, first.shape[0]), *first.shape[1:])  # [blocks, bs, Hkv, D]
+        values = torch.randn(shape, generator=generator, device=first.device)
+        for tensor in (*self.k_cache, *self.v_cache):
+            tensor[: shape[0]].copy_(values.to(tensor.device, tensor.dtype))
+
+    def timing_step(self, load: autotune.Workload) -> StepInputs:
+        """A step of `load`'s shape over cache blocks no request owns yet: decode row i attends
+        to blocks [i * nb, (i + 1) * nb); the prefill writes the last blocks of the cache."""
+        bs, vocab = self.block_size, self.model.config.get_text_config().vocab_size
+        generator = torch.Generator().manual_seed(load.batch * 100_003 + load.context)
+        ids = torch.randint(vocab, (load.batch * load.context,), generator=generator)
+        step = StepInputs()
+        if load.prefill:
+            first = self.num_blocks - -(-load.context // bs)
+            table = list(range(first, self.num_blocks))
+            step.input_ids = ids[: load.context].tolist()
+            step.positions = list(range(load.context))
+            step.slot_mapping = self._slots(table, 0, load.context)
+            step.prefills = [(0, load.context, load.context, None)]
+            step.sample_rows = [load.context - 1]
+            return step
+        nb = -(-load.context // bs)
+        for row in range(load.batch):
+            table = list(range(row * nb, (row + 1) * nb))
+            step.input_ids.append(int(ids[row]))
+            step.positions.append(load.context - 1)
+            step.slot_mapping += self._slots(table, load.context - 1, load.context)
+            step.decode_rows.append(row)
+            step.decode_tables.append(table)
+            step.decode_lens.append(load.context)
+            step.sample_rows.append(row)
+        return step
 
     @torch.inference_mode()
     def _run_model(self, kwargs: dict) -> torch.Tensor:
@@ -342,6 +314,7 @@ class ModelRunner:
                 batch.decode_mask = mask[:, None, None, :]
             batch.decode_lens = lens
             batch.decode_kernel = self.decode_kernel
+            batch.cpu_variant = self.cpu_variant
         return self._run_model(
             {
                 "input_ids": longs([step.input_ids]),

@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dummy: random weights from the checkpoint's config (benchmarks)",
     )
     serve.add_argument(
+        "--autotune",
+        choices=["auto", "off", "remeasure"],
+        help="override every model's autotune: time the kernel choices on this machine at "
+        "first start (auto, cached), again (remeasure), or not at all (off)",
+    )
+    serve.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -276,18 +282,22 @@ def select_models(args: argparse.Namespace) -> Selection:
         )
         if value
     }
-    if overrides or args.max_waiting is not None:
+    engine = {
+        key: value
+        for key, value in (("max_waiting", args.max_waiting), ("autotune", args.autotune))
+        if value is not None
+    }
+    if overrides or engine:
         try:
-            models = [_override(m, overrides, args.max_waiting) for m in models]
+            models = [_override(m, overrides, engine) for m in models]
         except ValidationError as exc:
             raise ConfigError(f"--device/--dtype/...: {exc.errors()[0]['msg']}") from None
     return Selection(models, resolve_sources(HearthConfig(models=models), name, base_dir), base_dir)
 
 
-def _override(model: ModelConfig, overrides: dict, max_waiting: int | None) -> ModelConfig:
+def _override(model: ModelConfig, overrides: dict, engine: dict) -> ModelConfig:
     data = {**model.model_dump(), **overrides}
-    if max_waiting is not None:
-        data["engine"] = {**data["engine"], "max_waiting": max_waiting}
+    data["engine"] = {**data["engine"], **engine}
     return ModelConfig.model_validate(data)
 
 

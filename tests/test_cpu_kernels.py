@@ -110,8 +110,13 @@ def runner(limits: dict) -> ModelRunner:
     return ModelRunner(tiny_llama(), 16, torch.float32, EngineLimits(**limits), 64)
 
 
-def test_engine_uses_the_kernels_on_cpu_by_default() -> None:
-    assert runner({}).kernels[::3] == ("cpu", True)
+def test_without_measuring_the_engine_keeps_pytorchs_paths_on_cpu() -> None:
+    assert runner({"autotune": "off"}).kernels[::3] == ("sdpa", False)
+
+
+def test_explicit_kernels_run_without_measuring() -> None:
+    limits = {"autotune": "off", "decode_kernel": "cpu", "cpu_matmul": True}
+    assert runner(limits).kernels[::3] == ("cpu", True)
 
 
 def test_without_a_compiler_auto_falls_back_and_explicit_fails(

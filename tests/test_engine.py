@@ -430,7 +430,7 @@ def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    limits = EngineLimits(cuda_graphs=asked)
+    limits = EngineLimits(cuda_graphs=asked, autotune="off")
     if asked:
         with pytest.raises(GraphCaptureError, match="capturing"):
             runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
@@ -480,7 +480,8 @@ def test_auto_kernels_that_cannot_launch_give_way(
         runner_module, "choose_kernels", lambda *_: runner_module.Kernels("triton", True, True)
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    runner = runner_module.ModelRunner(model, 8, torch.float32, EngineLimits(), 64)
+    limits = EngineLimits(autotune="off")
+    runner = runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
     assert runner.kernels == runner_module.Kernels("sdpa", False, False)
     assert runner.graphs is None and runner.decode_kernel == "sdpa"
     assert "Triton decode kernel cannot run here" in caplog.text

@@ -153,9 +153,10 @@ CPU, GPU, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cud
 @pytest.mark.parametrize(
     ("limits", "devices", "head_dim", "tp", "want"),
     [
-        ({}, {CPU}, 64, 1, ("cpu", False, False, True)),  # auto on CPU: the C++ kernels
-        ({}, {CPU}, 64, 2, ("cpu", False, False, False)),  # tensor parallel: no packed matmul
-        ({"cpu_matmul": False}, {CPU}, 64, 1, ("cpu", False, False, False)),
+        # Without measuring (autotune off, TP): PyTorch's own paths on CPU (engine/autotune.py)
+        ({}, {CPU}, 64, 1, ("sdpa", False, False, False)),
+        ({}, {CPU}, 64, 2, ("sdpa", False, False, False)),
+        ({"decode_kernel": "cpu", "cpu_matmul": True}, {CPU}, 64, 1, ("cpu", False, False, True)),
         ({"decode_kernel": "sdpa"}, {CPU}, 64, 1, ("sdpa", False, False, False)),
         ({}, {GPU}, 128, 1, ("triton", True, True)),  # auto on one GPU: all the kernels
         ({}, {GPU}, 96, 1, ("sdpa", False, False)),  # a head size the kernel cannot tile

@@ -1,0 +1,362 @@
+"""Kernel choices measured on the host, on the served model's own shapes, cached per machine.
+
+A kernel that wins on one machine can lose 8x on another (the packed CPU matmul built for
+AVX-512 against MKL on an AVX2-only CPU), so `auto` is decided by timing, not assumed:
+every candidate of engine/kernels.py runs three steps of this model through the engine's own
+runner and KV cache: a batch-1 decode, a full-batch decode (max_num_seqs rows) and a prefill
+chunk. Each candidate's logits are checked against the PyTorch path's (SDPA, MKL / cuBLAS, no
+graphs); a candidate that fails or differs is never chosen. The pick minimises the mean, over
+the three steps, of its time relative to the fastest candidate's for that step. On CPU the
+torch thread count is tried next, on the winning kernels. The decision is cached under the
+hearth cache dir, keyed by everything it depends on (`decision_key`), so a second start
+measures nothing; `autotune: remeasure` re-measures, `off` keeps choose_kernels' choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.gguf_cache import cache_dir
+from engine.kernels import Kernels
+
+log = logging.getLogger("hearth.engine")
+
+DECODE_CONTEXT = 256  # tokens of context behind each decode row (capped by the KV capacity)
+PREFILL_CHUNK = 512  # prefill tokens timed (capped by max_num_batched_tokens, max_model_len)
+_KERNEL_SOURCES = ("csrc", "triton_attention.py", "fused_ops.py", "cpu_kernels.py")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One step timed per candidate: `batch` decodes at `context` tokens, or one prefill of
+    `context` tokens (batch 1)."""
+
+    name: str
+    batch: int
+    context: int
+    prefill: bool = False
+
+
+@dataclass
+class Result:
+    kernels: Kernels
+    times: dict[str, float] = field(default_factory=dict)  # workload name -> seconds (best rep)
+    error: str | None = None  # why the candidate is out (an exception, logits that differ)
+
+
+def workloads(
+    max_num_seqs: int, max_batched: int, max_model_len: int, num_blocks: int, block_size: int
+) -> list[Workload]:
+    """The steps to time, sized to fit the KV cache: decode rows and the prefill each get
+    blocks of their own (see `plan_blocks`)."""
+    chunk = max(1, min(PREFILL_CHUNK, max_batched, max_model_len))
+    free = num_blocks - -(-chunk // block_size)
+    if free < 1:  # a tiny cache: shrink the prefill to one block
+        chunk, free = min(chunk, block_size), num_blocks - 1
+    batch = max(1, min(max_num_seqs, free))
+    per_row = max(1, min(-(-DECODE_CONTEXT // block_size), free // batch))
+    context = max(1, min(DECODE_CONTEXT, per_row * block_size, max_model_len))
+    loads = [Workload("decode x1", 1, context)]
+    if batch > 1:
+        loads.append(Workload(f"decode x{batch}", batch, context))
+    loads.append(Workload(f"prefill {chunk}", 1, chunk, prefill=True))
+    return loads
+
+
+def pick(results: list[Result]) -> Result:
+    """The correct candidate with the lowest mean relative time (time / the fastest correct
+    candidate's time, per workload). Raises ValueError when none is correct."""
+    ok = [r for r in results if r.error is None and r.times]
+    if not ok:
+        errors = "; ".join(f"{r.kernels.describe()}: {r.error}" for r in results)
+        raise ValueError(f"no kernel candidate ran correctly: {errors}")
+    names = list(ok[0].times)
+    best = {name: min(r.times[name] for r in ok) for name in names}
+
+    def score(result: Result) -> float:
+        return sum(result.times[n] / max(best[n], 1e-12) for n in names) / len(names)
+
+    return min(ok, key=score)
+
+
+def close_enough(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """None when got matches the reference logits to the dtype's rounding, else why not."""
+    if got.shape != want.shape:
+        return f"logits of shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    got, want = got.float(), want.float()
+    if not torch.isfinite(got).all():
+        return "non-finite logits"
+    scale = want.abs().max().item() or 1.0
+    error = (got - want).abs().max().item() / scale
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1
+    return None if error <= tolerance else f"logits differ by {error:.2g} (relative)"
+
+
+# -- the cache ---------------------------------------------------------------------------------
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "neon", "sve")
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {
+            "gpu": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory": props.total_memory,
+            "gpus": torch.cuda.device_count(),
+        }
+    flags = ""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")) and not flags:
+                flags = line.split(":", 1)[1].strip()
+            elif line.startswith("model name") and model == platform.processor():
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "isa": " ".join(f for f in ISA_FLAGS if f in flags.split()),
+        "flags": hashlib.sha256(flags.encode()).hexdigest()[:16],  # all of them, in the key
+        "cores": f"{len(os.sched_getaffinity(0))} cores",
+    }
+
+
+def _sources_digest() -> str:
+    """The kernels' own sources: a change to any of them may change the winner."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _KERNEL_SOURCES:
+        path = root / name
+        for file in sorted(path.rglob("*") if path.is_dir() else [path]):
+            if file.is_file():
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def decision_key(
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    limits: Any,
+    loads: list[Workload],
+) -> dict[str, Any]:
+    """Everything a decision depends on: hardware (CPU model and ISA flags, or GPU name and
+    compute capability), software versions and kernel sources, the model's shape and module
+    types (quantized layers time differently), dtype, block size and the timed workloads."""
+    import transformers
+
+    cfg = model.config.get_text_config()
+    shape_keys = (
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    )  # fmt: skip
+    explicit = ("decode_kernel", "cuda_graphs", "fused_kernels", "cpu_matmul", "block_size")
+    return {
+        "hardware": _hardware(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kernels": _sources_digest(),
+        "model": {key: getattr(cfg, key, None) for key in shape_keys},
+        "modules": sorted({type(m).__name__ for m in model.modules()}),
+        "dtype": str(dtype),
+        "limits": {key: getattr(limits, key) for key in explicit},
+        "workloads": [asdict(load) for load in loads],
+    }
+
+
+def _path(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_dir() / "autotune" / f"{digest[:32]}.json"
+
+
+def load_decision(key: dict[str, Any]) -> tuple[Kernels, dict[str, float]] | None:
+    """The cached winner and its step times for this key, or None."""
+    try:
+        data = json.loads(_path(key).read_text())
+        return Kernels(**data["kernels"]), data["times"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_decision(key: dict[str, Any], winner: Result, results: list[Result]) -> None:
+    path = _path(key)
+    data = {
+        "key": key,
+        "kernels": winner.kernels._asdict(),
+        "times": winner.times,
+        "candidates": [
+            {"kernels": r.kernels.describe(), "times": r.times, "error": r.error} for r in results
+        ],
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache: measured again next start
+        log.warning("autotune: cannot cache the decision in %s: %s", path, exc)
+
+
+def _best(passes: tuple[Result, ...]) -> Result:
+    """One candidate's passes combined: the fastest time per workload; any error counts."""
+    first = passes[0]
+    errors = [p.error for p in passes if p.error is not None]
+    if errors:
+        return Result(first.kernels, {}, errors[0])
+    times = {name: min(p.times[name] for p in passes) for name in first.times}
+    return Result(first.kernels, times)
+
+
+def summary(winner: Result, results: list[Result]) -> str:
+    """One line: the winner's step times, then each other candidate's relative to it."""
+    ms = ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in winner.times.items())
+    others = []
+    for r in results:
+        if r is winner:
+            continue
+        if r.error is not None:
+            others.append(f"[{r.kernels.describe()}: {r.error}]")
+        else:
+            ratio = sum(r.times[n] / winner.times[n] for n in winner.times) / len(winner.times)
+            others.append(f"[{r.kernels.describe()}: {ratio:.2f}x]")
+    return f"{ms}; others (mean time vs the winner): {' '.join(others)}"
+
+
+def measure(
+    run: Callable[[Workload], torch.Tensor],
+    apply: Callable[[Kernels], Kernels],
+    cands: list[Kernels],
+    loads: list[Workload],
+    dtype: torch.dtype,
+    sync: Callable[[], None],
+    want: dict[str, torch.Tensor],
+    repeats: int = 5,
+) -> list[Result]:
+    """Time every candidate on every workload. `apply` switches the model to a candidate
+    (returning what it could apply), `run` runs one step and returns its logits. The first
+    (warm-up) run's logits are checked against `want` (workload name -> reference logits); an
+    empty `want` is filled from the first candidate, which must then be the reference path
+    and must run (its failure is raised). The best of `repeats` timed runs counts (prefill:
+    two fewer): the minimum is the least noisy estimate on a shared machine."""
+    results: list[Result] = []
+    for kernels in cands:
+        result = Result(kernels)
+        is_reference = not want
+        try:
+            applied = apply(kernels)
+            if applied != kernels:
+                raise RuntimeError(f"could only apply {applied.describe()}")
+            for load in loads:
+                logits = run(load).float().cpu()
+                if is_reference:
+                    want[load.name] = logits
+                elif problem := close_enough(logits, want[load.name], dtype):
+                    raise RuntimeError(f"{load.name}: {problem}")
+                best = math.inf
+                for _ in range(repeats if not load.prefill else max(1, repeats - 2)):
+                    start = time.perf_counter()
+                    run(load)
+                    sync()
+                    best = min(best, time.perf_counter() - start)
+                result.times[load.name] = best
+        except Exception as exc:  # a candidate that cannot run here is simply not chosen
+            if is_reference:
+                raise
+            result.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            result.times = {}
+        results.append(result)
+    return results
+
+
+def cpu_threads() -> tuple[int, list[int]]:
+    """(the thread count a CPU model starts with, the other counts worth timing): every usable
+    CPU, and half of them; HEARTH_NUM_THREADS, when set, is a choice and is not tuned."""
+    if env := os.environ.get("HEARTH_NUM_THREADS"):
+        return max(1, int(env)), []
+    cores = len(os.sched_getaffinity(0))
+    return cores, sorted({max(1, cores // 2)} - {cores})
+
+
+def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -> Kernels:
+    """The measured (or cached) choice among `cands` for the runner's model; see the module
+    docstring. `runner` is engine.runner.ModelRunner (apply, timing_step, forward, sync,
+    fill_kv). Raises ValueError when no candidate runs correctly."""
+    loads = workloads(
+        limits.max_num_seqs,
+        limits.max_num_batched_tokens,
+        max_model_len,
+        runner.num_blocks,
+        runner.block_size,
+    )
+    on_cpu = runner.device.type == "cpu"
+    threads, more_threads = cpu_threads() if on_cpu else (0, [])
+    key = decision_key(runner.model, runner.device, runner.dtype, limits, loads)
+    key["threads"], key["candidates"] = threads, [c.describe() for c in cands]
+    rounds = 2 if on_cpu else 1  # CPUs are shared and noisy: a second pass, the best of both
+    cached = load_decision(key) if limits.autotune != "remeasure" else None
+    if cached is not None:
+        kernels, times = cached
+        ms = ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in times.items())
+        log.info("autotune: %s (cached decision: %s)", kernels.describe(), ms)
+        return kernels
+    started = time.perf_counter()
+    steps = {load.name: runner.timing_step(load) for load in loads}
+    runner.fill_kv(0, max(load.batch * -(-load.context // runner.block_size) for load in loads))
+    graph_sizes = sorted({load.batch for load in loads if not load.prefill})
+
+    def run(load: Workload) -> torch.Tensor:
+        return runner.forward(steps[load.name])
+
+    def apply(kernels: Kernels) -> Kernels:
+        return runner.apply(kernels, graph_sizes=graph_sizes)
+
+    reference = Kernels("sdpa", False, False, False, None, threads)
+    apply(reference)
+    for load in loads:  # the process's first steps pay one-time costs (thread pools, caches)
+        run(load)
+        run(load)
+    cands = [c._replace(threads=threads) for c in cands]
+    order = [reference] + [c for c in cands if c != reference]
+    want: dict[str, torch.Tensor] = {}
+
+    def timed(kernels: list[Kernels]) -> list[Result]:
+        passes = [measure(run, apply, kernels, loads, runner.dtype, runner.sync, want)]
+        passes += [
+            measure(run, apply, kernels, loads, runner.dtype, runner.sync, want)
+            for _ in range(rounds - 1)
+        ]
+        return [_best(same) for same in zip(*passes, strict=True)]
+
+    results = timed(order)
+    if reference not in cands:
+        results = results[1:]
+    winner = pick(results)
+    if more_threads:
+        results += timed([winner.kernels._replace(threads=t) for t in more_threads])
+        winner = pick(results)
+        torch.set_num_threads(threads)  # measuring left another count; apply() sets the winner's
+    runner.fill_kv(seed=None)  # back to zeros
+    store_decision(key, winner, results)
+    log.info(
+        "autotune: %s (measured in %.1f s on %s: %s)",
+        winner.kernels.describe(),
+        time.perf_counter() - started,
+        ", ".join(str(v) for k, v in key["hardware"].items() if k != "flags"),
+        summary(winner, results),
+    )
+    return winner.kernels
