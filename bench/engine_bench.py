@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import engine.core
+from bench.machine import describe
 from engine.async_engine import AsyncEngine, build_engine
 from engine.config import EngineLimits, ModelConfig
 from engine.fusion import restore_forwards
@@ -430,6 +431,7 @@ def main() -> None:
     parser.add_argument("--memory-check", type=int, default=0, help="N requests, print RSS")
     parser.add_argument("--grammar", action="store_true", help="grammar overhead, hearth only")
     args = parser.parse_args()
+    print(describe(), flush=True)  # the machine every figure below was measured on
     if args.device == "cpu":
         configure_cpu_threads()
     loaded = load(args)

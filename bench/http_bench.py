@@ -1,10 +1,12 @@
 """Over HTTP: N concurrent chat requests against hearth and `transformers serve`, one run.
 
 Starts each server in turn on the same weights (fp32, CPU), sends the same requests, and prints
-output tok/s, mean latency and the ratio. transformers serve runs at 1 and 2 torch threads and
-its best is the baseline; hearth runs at its own defaults.
+output tok/s, mean latency and the ratios. transformers serve runs at 1 and 2 torch threads and
+its best is the baseline; hearth runs at its defaults (the kernels autotune measured on this
+machine) and, with --variants, at each fixed kernel choice, so the table shows whether the
+default was the right choice here.
 
-    python bench/http_bench.py --requests 32 --max-tokens 64
+    python bench/http_bench.py --requests 32 --max-tokens 64 --variants
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe  # noqa: E402
 from engine.gguf_cache import converted_checkpoint  # noqa: E402
 from engine.sources import resolve_source  # noqa: E402
 
@@ -39,6 +42,15 @@ TOPICS = [
     "a mountain village",
     "a travelling circus",
 ]
+
+
+# hearth at fixed kernel choices (models.yaml `engine:` keys), nothing measured at start
+VARIANTS = {
+    "sdpa, MKL": {"decode_kernel": "sdpa", "cpu_matmul": False},
+    "cpu attention, MKL": {"decode_kernel": "cpu", "cpu_matmul": False},
+    "sdpa, packed matmul": {"decode_kernel": "sdpa", "cpu_matmul": True},
+    "cpu attention, packed matmul": {"decode_kernel": "cpu", "cpu_matmul": True},
+}
 
 
 @dataclass
@@ -132,7 +144,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--transformers-threads", default="1,2")
     parser.add_argument("--rounds", type=int, default=1, help="repeat all servers; median ratio")
+    parser.add_argument(
+        "--variants", action="store_true", help="also hearth at each fixed kernel choice"
+    )
     args = parser.parse_args()
+    print(describe(), flush=True)
     checkpoint = str(converted_checkpoint(resolve_source(DEFAULT_SOURCE).location, "float32"))
     bin_dir = Path(sys.executable).parent
     commit = subprocess.run(
@@ -146,20 +162,23 @@ def main() -> None:
         f"{'round':<6}{'server':<32} {'out tokens':>10} {'seconds':>8} {'tok/s':>8} "
         f"{'mean lat s':>10}"
     )
-    ratios = []
+    ratios, choices = [], []
+    configs = {"hearth (defaults)": None}
+    if args.variants:
+        configs |= {f"hearth {name}": limits for name, limits in VARIANTS.items()}
     for round_no in range(1, args.rounds + 1):
-        port = free_port()
-        runs = [
-            serve_and_load(
-                "hearth (defaults)",
-                [str(bin_dir / "hearth"), "serve", "--model", checkpoint, "--port", str(port)],
-                {},
-                "/health",
-                Path(checkpoint).name,
-                port,
-                args,
+        runs = []
+        for name, limits in configs.items():
+            port = free_port()
+            command = [str(bin_dir / "hearth"), "serve", "--port", str(port)]
+            if limits is None:
+                command += ["--model", checkpoint]
+            else:
+                command += ["--config", str(variant_config(checkpoint, limits))]
+            runs.append(
+                serve_and_load(name, command, {}, "/health", Path(checkpoint).name, port, args)
             )
-        ]
+        hearth = len(runs)
         for threads in args.transformers_threads.split(","):
             port = free_port()
             runs.append(
@@ -191,13 +210,33 @@ def main() -> None:
                 f"{run.tok_s:>8.1f} {mean:>10.2f}",
                 flush=True,
             )
-        best = max(runs[1:], key=lambda r: r.tok_s)
+        best = max(runs[hearth:], key=lambda r: r.tok_s)
         ratios.append(runs[0].tok_s / best.tok_s)
+        choices.append(runs[0].tok_s / max(r.tok_s for r in runs[:hearth]))
     shown = ", ".join(f"{r:.2f}" for r in ratios)
     print(
-        f"hearth / best transformers serve per round: {shown}; "
+        f"hearth defaults / best transformers serve per round: {shown}; "
         f"median {statistics.median(ratios):.2f}x"
     )
+    if args.variants:
+        shown = ", ".join(f"{r:.2f}" for r in choices)
+        print(
+            f"hearth defaults / best hearth variant per round: {shown}; "
+            f"median {statistics.median(choices):.2f}"
+        )
+
+
+def variant_config(checkpoint: str, limits: dict) -> Path:
+    """A models.yaml serving the checkpoint under its directory name with fixed kernels."""
+    import tempfile
+
+    import yaml
+
+    engine = {**limits, "autotune": "off"}
+    model = {"id": Path(checkpoint).name, "source": checkpoint, "engine": engine}
+    path = Path(tempfile.mkdtemp(prefix="hearth-variant-")) / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": [model]}))
+    return path
 
 
 if __name__ == "__main__":

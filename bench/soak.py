@@ -30,6 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe  # noqa: E402
 from server.metrics import LOAD_GAUGES, read_load_gauges  # noqa: E402
 
 KINDS = ("chat", "completions", "responses")
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-growth", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    print(describe(), flush=True)  # the machine every figure below was measured on
     with ExitStack() as stack:
         base_url, model, pid = args.base_url, args.model, args.pid
         if base_url is None:

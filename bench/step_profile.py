@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_bench import load, sync
+from bench.machine import describe
 from engine.config import EngineLimits
 from engine.runner import ModelRunner, StepInputs
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3.1-8b")
     parser.add_argument("--decode-batch", type=int, default=256)
     args = parser.parse_args()
+    print(describe(), flush=True)  # the machine every figure below was measured on
     ns = argparse.Namespace(
         source=None,
         shape=args.shape,
