@@ -1,6 +1,6 @@
 """The CPU kernels per ISA variant against PyTorch's own CPU paths, on this machine.
 
-    python bench/cpu_kernels_bench.py [--repeats 7] [--variants avx512,avx2]
+    python bench/cpu_kernels_bench.py [--repeats 7] [--variants avx512,avx2] [--threads 1]
 
 Prints bench.machine.describe(), then two tables of median times over interleaved repeats (each
 repeat times every candidate once, in turn, so machine noise hits them alike):
@@ -11,13 +11,16 @@ repeat times every candidate once, in turn, so machine noise hits them alike):
 - paged decode: the PyTorch path (engine/attention.py: gather the blocks, SDPA) vs
   engine.cpu_kernels.paged_decode per variant, SmolLM2's attention (9 heads, 3 KV heads, head
   dim 64, block size 16) at batch 1 and 32, contexts of ~100 tokens.
-Ratios are the PyTorch time over the kernel's: above 1, the kernel is faster.
+Ratios are the PyTorch time over the kernel's: above 1, the kernel is faster. On a shared
+machine, `--threads 1 --clock cpu` times CPU time instead of wall time: other jobs then barely
+move the figures (with 2+ threads, a descheduled thread stalls the others at each barrier).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -46,22 +49,32 @@ ROWS = (1, 8, 32, 64, 256)
 STREAM_BYTES = 96 << 20  # weight copies per shape: more than a 32 MiB L3, so calls read memory
 
 
-def median_ms(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+CLOCKS = {  # seconds
+    "wall": time.perf_counter,
+    # CPU time of the whole process: with one thread, the time the call ran on the CPU, whatever
+    # else the machine was running (a shared machine descheduling us does not count)
+    "cpu": time.process_time,
+}
+
+
+def median_ms(
+    candidates: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
     """Median milliseconds per call of each candidate, repeats interleaved. Each sample loops a
     candidate enough times to last ~5 ms (timer noise), after one warm-up call."""
     loops = {}
     for name, fn in candidates.items():
         fn()
-        start = time.perf_counter()
+        start = clock()
         fn()
-        loops[name] = max(1, math.ceil(0.005 / max(time.perf_counter() - start, 1e-7)))
+        loops[name] = max(1, math.ceil(0.005 / max(clock() - start, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(loops[name]):
                 fn()
-            samples[name].append((time.perf_counter() - start) * 1e3 / loops[name])
+            samples[name].append((clock() - start) * 1e3 / loops[name])
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -76,7 +89,7 @@ def rotating(items: list) -> Callable[[], object]:
     return next_item
 
 
-def bench_linear(variants: list[str], repeats: int) -> None:
+def bench_linear(variants: list[str], repeats: int, clock: Callable[[], float]) -> None:
     print("\n## linear: F.linear (MKL) vs the kernel, ms per call (ratio = MKL / kernel)\n")
     print("| shape | K x N | M | F.linear | " + " | ".join(variants) + " |")
     print("| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in variants) + " |")
@@ -95,14 +108,14 @@ def bench_linear(variants: list[str], repeats: int) -> None:
                 candidates[variant] = lambda x=x, p=next_packed, v=variant: cpu_kernels.linear(
                     x, p(), None, v
                 )
-            ms = median_ms(candidates, repeats)
+            ms = median_ms(candidates, repeats, clock)
             cells = [f"{ms['F.linear']:.3f}"]
             cells += [f"{ms[v]:.3f} ({ms['F.linear'] / ms[v]:.2f}x)" for v in variants]
             print(f"| {name} | {k} x {n} | {m} | " + " | ".join(cells) + " |")
         del weights, packed
 
 
-def bench_decode(variants: list[str], repeats: int) -> None:
+def bench_decode(variants: list[str], repeats: int, clock: Callable[[], float]) -> None:
     print("\n## paged decode: gather + SDPA vs the kernel, ms per call (ratio = SDPA / kernel)\n")
     print("| batch | contexts | gather + SDPA | " + " | ".join(variants) + " |")
     print("| ---: | --- | ---: | " + " | ".join("---:" for _ in variants) + " |")
@@ -134,7 +147,7 @@ def bench_decode(variants: list[str], repeats: int) -> None:
             candidates[variant] = lambda a=(*args, tables, lens, scale), v=variant: (
                 cpu_kernels.paged_decode(*a, v)
             )
-        ms = median_ms(candidates, repeats)
+        ms = median_ms(candidates, repeats, clock)
         want = candidates["sdpa"]()
         for variant in variants:
             error = (candidates[variant]() - want).abs().max().item()
@@ -149,18 +162,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--variants", help="comma-separated (default: all of variants())")
     parser.add_argument("--skip", default="", help="comma-separated: linear, decode")
+    parser.add_argument("--threads", type=int, help="torch's (and the kernels') threads")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: the process's CPU time, robust on a busy machine (only with --threads 1)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu sums the CPU time of all threads: use it with --threads 1")
     variants = args.variants.split(",") if args.variants else cpu_kernels.variants()
     for variant in variants:
         if (problem := cpu_kernels.problem(variant)) is not None:
             sys.exit(f"{variant}: {problem}")
     print(describe())
-    print(f"threads: {torch.get_num_threads()}; variants: {', '.join(variants)}")
+    print(
+        f"threads: {torch.get_num_threads()}; clock: {args.clock}; repeats: {args.repeats}; "
+        f"variants: {', '.join(variants)}; load average: {os.getloadavg()[0]:.2f}"
+    )
     torch.set_grad_enabled(False)
+    clock = CLOCKS[args.clock]
     if "linear" not in args.skip:
-        bench_linear(variants, args.repeats)
+        bench_linear(variants, args.repeats, clock)
     if "decode" not in args.skip:
-        bench_decode(variants, args.repeats)
+        bench_decode(variants, args.repeats, clock)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
