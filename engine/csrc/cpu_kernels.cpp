@@ -75,6 +75,11 @@ constexpr int kNarrowRows = 2;
 #endif
 
 constexpr int kPanelVectors = 16 / kLanes;  // vectors per 16-column panel
+// A tile that reads a single panel prefetches its weight stream this many k steps (64-byte
+// lines) ahead: one sequential stream alone leaves memory idle (avx2: 6 x 16 tiles ran 1.4x
+// faster at 8 rows). Tiles over 2+ panels read as many streams, which the hardware prefetcher
+// keeps up with (prefetching there was slower).
+constexpr int64_t kPrefetch = 16;
 static_assert(kRows <= 8 && kGroup <= 3 && kTilePanels <= kGroup && kNarrowRows <= kRows);
 
 // exp(x) for x <= 0 (softmax inputs after the max is subtracted): Cephes-style range reduction
@@ -109,6 +114,7 @@ inline void linear_tile(const float* x, int64_t ldx, const float* panels, int64_
     for (int j = 0; j < V; ++j) acc[i][j] = vzero();
   for (int64_t k = 0; k < K; ++k) {
     vf w[V];
+    if constexpr (NV == 1) __builtin_prefetch(panels + (k + kPrefetch) * 16);
     for (int p = 0; p < NV; ++p)
       for (int u = 0; u < kPanelVectors; ++u)
         w[p * kPanelVectors + u] = vload(panels + (p * K + k) * 16 + u * kLanes);
