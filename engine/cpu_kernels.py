@@ -1,11 +1,21 @@
-"""Native CPU kernels (engine/csrc/cpu_kernels.cpp): compiled once per machine, run via ctypes.
+"""Native CPU kernels (engine/csrc/cpu_kernels.cpp): compiled per instruction set, run via ctypes.
 
 The decode attention reads the paged KV cache in place, where the PyTorch path copies every
 sequence's blocks out (index_select) and then runs SDPA over the copy: on a 2-vCPU machine at
-batch 32 that copy is most of the attention time. The source is built with the system C++
-compiler (`$CXX`, else g++ or c++) for this CPU (-march=native) and cached under hearth's cache
-dir, keyed by the source, the flags, the compiler and the CPU; no compiler means no kernels
-(`problem()` says why) and the engine keeps the PyTorch path.
+batch 32 that copy is most of the attention time. The matmul reads weights packed once at load
+([N/16, K, 16], `pack_weight`) a single time per call.
+
+The one source is built into variants, each with register tiles sized for its register file:
+- `avx512`: 32 zmm registers of 16 floats (needs avx512f/bw/vl, avx2, fma);
+- `avx2`: 16 ymm registers of 8 floats, no AVX-512 instruction (needs avx2, fma);
+- `generic`: the compiler's baseline vectors (any CPU the compiler targets).
+`variants()` lists those this CPU can run, fastest expected first; a variant whose ISA the CPU
+lacks (by /proc/cpuinfo) is never built nor loaded. All variants read the same packed layout, so
+a caller can switch between them without repacking, and avx512 and avx2 give bit-identical
+matmul results (the same FMA chain per output). Each variant is built on first use with the
+system C++ compiler (`$CXX`, else g++ or c++) and cached under hearth's cache dir, keyed by the
+source, the flags, the compiler and the CPU; no compiler means no variants (`problem()` says
+why) and the engine keeps the PyTorch path.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -27,10 +38,27 @@ from engine.gguf_cache import cache_dir
 log = logging.getLogger("hearth.engine")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+
+
+class Variant(NamedTuple):
+    flags: tuple[str, ...]  # compiler flags that select the ISA (and the source's tiles)
+    needs: frozenset[str]  # /proc/cpuinfo flags the CPU must have to run the build
+
+
+_X86 = ("-march=x86-64", "-mtune=native")  # no ISA beyond the named -m flags; scheduled for here
+VARIANTS: dict[str, Variant] = {  # fastest expected first
+    "avx512": Variant(
+        (*_X86, "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"),
+        frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}),
+    ),
+    "avx2": Variant((*_X86, "-mavx2", "-mfma", "-mno-avx512f"), frozenset({"avx2", "fma"})),
+    "generic": Variant((), frozenset()),
+}
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
+# variant name -> its loaded library, or why there is none; None -> the default variant's
+_state: dict[str | None, ctypes.CDLL | str] = {}
 
 
 def _compiler() -> str | None:
@@ -40,14 +68,26 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (x86 "flags", Arm "Features"); empty
+    elsewhere, which leaves only the generic variant."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return line
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return ""
+    return frozenset()
+
+
+def variants() -> list[str]:
+    """The variants this CPU can run, fastest expected first (e.g. ["avx512", "avx2", "generic"]
+    on an AVX-512 x86 CPU, ["avx2", "generic"] on an AVX2-only one); [] without a C++ compiler.
+    Builds nothing: a listed variant can still fail to build (`problem(name)`)."""
+    if _compiler() is None:
+        return []
+    flags = _cpu_flags()
+    return [name for name, variant in VARIANTS.items() if variant.needs <= flags]
 
 
 def _link_flags() -> list[str]:
@@ -59,15 +99,16 @@ def _link_flags() -> list[str]:
     return []
 
 
-def _build(compiler: str) -> Path:
-    flags = FLAGS + _link_flags()
+def _build(compiler: str, name: str) -> Path:
+    flags = [*FLAGS, *VARIANTS[name].flags, *_link_flags()]
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=60
     ).stdout
+    cpu = " ".join(sorted(_cpu_flags()))  # -mtune=native depends on the CPU
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode()
+        "\0".join([SOURCE.read_text(), " ".join(flags), version, cpu]).encode()
     ).hexdigest()[:24]
-    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    target = cache_dir() / "kernels" / f"cpu_kernels-{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,45 +123,79 @@ def _build(compiler: str) -> Path:
         if result.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)  # atomic: concurrent builders each publish a whole file
-    log.info("compiled the CPU kernels into %s", target)
+    log.info("compiled the %s CPU kernels into %s", name, target)
     return target
 
 
-def _library() -> ctypes.CDLL:
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {_state['error']}")
+def _open(name: str) -> ctypes.CDLL:
+    """Build (or find in the cache) and load one variant; raises why it cannot."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown CPU kernel variant {name!r} (known: {', '.join(VARIANTS)})")
+    missing = VARIANTS[name].needs - _cpu_flags()
+    if missing:  # checked before building: an ISA the CPU lacks is never loaded
+        raise RuntimeError(f"this CPU lacks {' '.join(sorted(missing))}")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    lib = ctypes.CDLL(str(_build(compiler, name)))
+    lib.hearth_isa.restype = ctypes.c_char_p
+    lib.hearth_isa.argtypes = []
+    if (isa := lib.hearth_isa().decode()) != name:
+        raise RuntimeError(f"the {name} build compiled the {isa} code (check the flags)")
+    fn = lib.hearth_paged_decode_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        *[ctypes.c_void_p] * 6,  # q, k, v, tables, lens, out
+        *[ctypes.c_int64] * 7,  # B, H, Hkv, D, N, bs, nb
+        ctypes.c_float,  # scale
+        ctypes.c_int,  # threads
+    ]
+    fn = lib.hearth_linear_f32
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(variant: str | None) -> ctypes.CDLL | str:
+    """The variant's library (None: the first of variants()), or why there is none. Cached:
+    each variant is built and loaded once per process."""
+    found = _state.get(variant)
+    if found is not None:
+        return found
     with _lock:
-        if not _state:
-            try:
-                compiler = _compiler()
-                if compiler is None:
-                    raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-                lib = ctypes.CDLL(str(_build(compiler)))
-                fn = lib.hearth_paged_decode_f32
-                fn.restype = ctypes.c_int
-                fn.argtypes = [
-                    *[ctypes.c_void_p] * 6,  # q, k, v, tables, lens, out
-                    *[ctypes.c_int64] * 7,  # B, H, Hkv, D, N, bs, nb
-                    ctypes.c_float,  # scale
-                    ctypes.c_int,  # threads
-                ]
-                fn = lib.hearth_linear_f32
-                fn.restype = None
-                fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-                _state["lib"] = lib
-            except Exception as exc:  # no compiler, a failed build, a library that won't load
-                _state["error"] = f"{type(exc).__name__}: {exc}"
-        return _state.get("lib")  # type: ignore[return-value]
+        if variant not in _state:
+            name = variant
+            if name is None:
+                listed = variants()
+                name = listed[0] if listed else None
+            if name is None:
+                _state[None] = "no C++ compiler found (set CXX, or install g++)"
+            elif name not in VARIANTS:
+                raise ValueError(
+                    f"unknown CPU kernel variant {name!r} (known: {', '.join(VARIANTS)})"
+                )
+            else:
+                if name not in _state:
+                    try:
+                        _state[name] = _open(name)
+                    except Exception as exc:  # a failed build, a library that won't load
+                        _state[name] = f"{type(exc).__name__}: {exc}"
+                _state[variant] = _state[name]
+        return _state[variant]
 
 
-def problem() -> str | None:
-    """Why the kernels cannot run on this machine (building them on first call), or None."""
-    return None if _load() is not None else str(_state["error"])
+def _library(variant: str | None) -> ctypes.CDLL:
+    lib = _load(variant)
+    if isinstance(lib, str):
+        raise RuntimeError(f"the CPU kernels are unavailable: {lib}")
+    return lib
+
+
+def problem(variant: str | None = None) -> str | None:
+    """Why the variant (None: the first of variants()) cannot run on this machine, or None.
+    Builds and loads it on first call. Raises ValueError for a name not in VARIANTS."""
+    lib = _load(variant)
+    return lib if isinstance(lib, str) else None
 
 
 def paged_decode(
@@ -130,9 +205,14 @@ def paged_decode(
     tables: torch.Tensor,  # [B, nb] block ids (int64)
     lens: torch.Tensor,  # [B] context lengths, each >= 1 (int64)
     scale: float,
+    variant: str | None = None,
 ) -> torch.Tensor:
-    """Softmax(q K^T * scale) V per sequence over its first lens[b] cached tokens. [B, H, D]."""
-    lib = _library()
+    """Softmax(q K^T * scale) V per sequence over its first lens[b] cached tokens. [B, H, D].
+
+    variant: a name from variants() (None: the first). Raises ValueError for CPU tensors of the
+    wrong dtype/shape or an out-of-range length or block id, RuntimeError when the variant cannot
+    run here."""
+    lib = _library(variant)
     batch, heads, dim = q.shape
     _, block_size, kv_heads, kv_dim = k_blocks.shape
     tensors = (q, k_blocks, v_blocks, tables, lens)
@@ -171,23 +251,33 @@ def paged_decode(
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A linear weight [N, K] (float32, N % 16 == 0) as the matmul kernel reads it: [N/16, K, 16],
-    each 16-output panel contiguous."""
+    """A linear weight [N, K] (float32, N % 16 == 0) as the matmul kernel of every variant reads
+    it: [N/16, K, 16], each 16-output panel contiguous. Raises ValueError for other weights."""
     n, k = weight.shape
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or n % 16:
         raise ValueError(f"cannot pack a {weight.dtype} {tuple(weight.shape)} weight")
     return weight.detach().reshape(n // 16, 16, k).transpose(1, 2).contiguous()
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) with the weight packed by pack_weight. x [..., K] -> [..., N]."""
+def linear(
+    x: torch.Tensor,  # [..., K] float32
+    packed: torch.Tensor,  # [N/16, K, 16] from pack_weight
+    bias: torch.Tensor | None,  # [N] float32, contiguous
+    variant: str | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) with the weight packed by pack_weight. x [..., K] -> [..., N].
+
+    Each output is one FMA chain over k in order: a row's result does not depend on the other
+    rows of x, to the last bit. variant: a name from variants() (None: the first). Raises
+    ValueError when x does not fit the weight, RuntimeError when the variant cannot run here."""
+    lib = _library(variant)
     chunks, k, _ = packed.shape
     n = chunks * 16
     if x.dtype != torch.float32 or x.shape[-1] != k:
         raise ValueError(f"x {x.dtype} {tuple(x.shape)} does not fit a [{n}, {k}] weight")
     rows = x.reshape(-1, k).contiguous()  # [M, K]
     out = torch.empty(rows.shape[0], n, dtype=x.dtype)  # [M, N]
-    _library().hearth_linear_f32(
+    lib.hearth_linear_f32(
         rows.data_ptr(),
         packed.data_ptr(),
         None if bias is None else bias.data_ptr(),

@@ -2,8 +2,10 @@
 
 At decode batch sizes (tens of rows) MKL re-packs each weight on every call, so a step streams
 the weights several times; the kernel in engine/csrc/cpu_kernels.cpp reads a copy packed once
-at load ([N/16, K, 16]) a single time per 8 rows. Larger inputs (prefill chunks) keep MKL on the
-original weights, which stay in place: the packed copies add the linear weights' size in memory.
+at load ([N/16, K, 16]) a single time per call. `pack_model(model, variant)` picks the kernel
+build (engine/cpu_kernels.py `variants()`; None: the first, the fastest expected). Larger inputs
+(prefill chunks) keep MKL on the original weights, which stay in place: the packed copies add
+the linear weights' size in memory.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ def _packable(weight: torch.Tensor) -> bool:
     )
 
 
-def _project(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+def _project(weight: torch.Tensor, bias: torch.Tensor | None, variant: str | None) -> Callable:
     packed = cpu_kernels.pack_weight(weight)  # [N/16, K, 16]
     bias = None if bias is None else bias.detach().contiguous()
 
     def project(x: torch.Tensor) -> torch.Tensor:  # [.., K] -> [.., N]
         if x.numel() > MAX_ROWS * x.shape[-1] or x.dtype != torch.float32:
             return F.linear(x, weight, bias)
-        return cpu_kernels.linear(x, packed, bias)
+        return cpu_kernels.linear(x, packed, bias, variant)
 
     return project
 
@@ -57,10 +59,11 @@ def _available_bytes() -> int | None:
 
 
 @torch.no_grad()
-def pack_model(model: nn.Module) -> int:
+def pack_model(model: nn.Module, variant: str | None = None) -> int:
     """Route the model's float32 CPU linear layers (and fused q/k/v, gate/up groups, see
-    engine/fusion.py) through the kernel; returns the bytes the packed copies take (0: none,
-    e.g. when they would not fit in half the free memory)."""
+    engine/fusion.py) through the kernel build `variant` (a name from cpu_kernels.variants();
+    None: the first); returns the bytes the packed copies take (0: none, e.g. when they would
+    not fit in half the free memory). The packed layout is the same for every variant."""
     targets: list[tuple[object, torch.Tensor, torch.Tensor | None]] = []  # module or group
     for module in model.modules():
         if type(module) is not nn.Linear or hasattr(module, "_hf_hook"):
@@ -77,7 +80,7 @@ def pack_model(model: nn.Module) -> int:
         log.warning("not packing %d MiB of linear weights: %d MiB free", size >> 20, free >> 20)
         return 0
     for owner, weight, bias in targets:
-        project = _project(weight, bias)
+        project = _project(weight, bias, variant)
         if isinstance(owner, nn.Module):
             set_forward(owner, project)
         else:

@@ -1,12 +1,86 @@
 // hearth's CPU kernels (fp32), compiled at first use by engine/cpu_kernels.py and called through
 // ctypes. Parallel loops run on the OpenMP runtime that PyTorch itself has loaded.
+//
+// One source, one build per instruction set (engine/cpu_kernels.py VARIANTS); the compiler flags
+// pick the vector code below through the predefined macros:
+//   __AVX512F__            "avx512": 16-float zmm vectors, 32 registers: 8-row x 48-column tiles
+//   __AVX2__ && __FMA__    "avx2":   8-float ymm vectors, 16 registers: 6-row x 16-column tiles
+//   neither                "generic": 4-float vectors of the compiler's baseline ISA, 2 x 16
+// The packed weight layout [N/16, K, 16] is the same in every build, and in the avx512 and avx2
+// builds every matmul output is the same fused multiply-add chain over k in order: the two give
+// bit-identical results, and a row's result never depends on the other rows of the batch.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
 namespace {
+
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "avx512";
+typedef __m512 vf;
+constexpr int kLanes = 16;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vbroadcast(float a) { return _mm512_set1_ps(a); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c, one rounding
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+// A tile is 8 rows x 3 panels (48 columns): 24 accumulators + 3 weights + 1 broadcast of 32 zmm.
+constexpr int kRows = 8;
+constexpr int kGroup = 3;        // panels per parallel task
+constexpr int kTilePanels = 3;   // panels per tile of kRows rows
+constexpr int kNarrowRows = 8;   // up to this many rows, a tile spans the whole group
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr const char* kIsa = "avx2";
+typedef __m256 vf;
+constexpr int kLanes = 8;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vbroadcast(float a) { return _mm256_set1_ps(a); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, one rounding
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+// A tile is 6 rows x 1 panel (16 columns, 2 ymm): 12 accumulators + 2 weights + 1 broadcast of
+// 16 ymm. Up to 2 rows, a tile spans both panels of the group (8 accumulators): more independent
+// FMA chains for a single decode row.
+constexpr int kRows = 6;
+constexpr int kGroup = 2;
+constexpr int kTilePanels = 1;
+constexpr int kNarrowRows = 2;
+#else
+constexpr const char* kIsa = "generic";
+typedef float vf __attribute__((vector_size(16)));  // 4 floats: SSE2 xmm, NEON q
+constexpr int kLanes = 4;
+inline vf vzero() { return vf{}; }
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf vbroadcast(float a) { return vf{} + a; }
+inline vf vfma(vf a, vf b, vf c) { return a * b + c; }  // fused or not, as the compiler chooses
+inline vf vadd(vf a, vf b) { return a + b; }
+// 2 rows x 1 panel: 8 accumulators + 4 weights + 1 broadcast, within SSE2's 16 registers.
+constexpr int kRows = 2;
+constexpr int kGroup = 1;
+constexpr int kTilePanels = 1;
+constexpr int kNarrowRows = 2;
+#endif
+
+constexpr int kPanelVectors = 16 / kLanes;  // vectors per 16-column panel
+// A tile that reads a single panel prefetches its weight stream this many k steps (64-byte
+// lines) ahead: one sequential stream alone leaves memory idle (avx2: 6 x 16 tiles ran 1.4x
+// faster at 8 rows). Tiles over 2+ panels read as many streams, which the hardware prefetcher
+// keeps up with (prefetching there was slower).
+constexpr int64_t kPrefetch = 16;
+static_assert(kRows <= 8 && kGroup <= 3 && kTilePanels <= kGroup && kNarrowRows <= kRows);
 
 // exp(x) for x <= 0 (softmax inputs after the max is subtracted): Cephes-style range reduction
 // and a degree-6 polynomial, written so that the compiler vectorizes it (error ~2 ulp).
@@ -28,79 +102,94 @@ inline float exp_nonpositive(float x) {
   return p * two_n;
 }
 
-typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // rows x [MR, K] (row stride ldx) times NV 16-column panels of the packed weight, into out
 // (row stride ldo), plus bias. Each output is one fused multiply-add chain over k in order, so a
-// row's result does not depend on the other rows of the batch.
+// row's result does not depend on the other rows of the batch, nor on the tile shape.
 template <int MR, int NV>
 inline void linear_tile(const float* x, int64_t ldx, const float* panels, int64_t K,
                         const float* bias, float* out, int64_t ldo) {
-  v16 acc[MR][NV];
+  constexpr int V = NV * kPanelVectors;  // vectors across the tile's 16 * NV columns
+  vf acc[MR][V];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = v16{};
+    for (int j = 0; j < V; ++j) acc[i][j] = vzero();
   for (int64_t k = 0; k < K; ++k) {
-    v16 w[NV];
-    for (int j = 0; j < NV; ++j) w[j] = load16(panels + (j * K + k) * 16);
+    vf w[V];
+    if constexpr (NV == 1) __builtin_prefetch(panels + (k + kPrefetch) * 16);
+    for (int p = 0; p < NV; ++p)
+      for (int u = 0; u < kPanelVectors; ++u)
+        w[p * kPanelVectors + u] = vload(panels + (p * K + k) * 16 + u * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const float a = x[i * ldx + k];
-      for (int j = 0; j < NV; ++j) acc[i][j] += a * w[j];
+      const vf a = vbroadcast(x[i * ldx + k]);
+      for (int j = 0; j < V; ++j) acc[i][j] = vfma(a, w[j], acc[i][j]);
     }
   }
-  for (int j = 0; j < NV; ++j) {
-    const v16 b = bias ? load16(bias + j * 16) : v16{};
-    for (int i = 0; i < MR; ++i) {
-      const v16 o = acc[i][j] + b;
-      std::memcpy(out + i * ldo + j * 16, &o, sizeof(o));
-    }
+  for (int j = 0; j < V; ++j) {
+    const vf b = bias ? vload(bias + j * kLanes) : vzero();
+    for (int i = 0; i < MR; ++i) vstore(out + i * ldo + j * kLanes, vadd(acc[i][j], b));
   }
 }
 
+// rows (1..kRows) x NV panels.
 template <int NV>
-void linear_panel(const float* x, int64_t M, int64_t K, const float* panels, const float* bias,
-                  float* out, int64_t N) {
-  constexpr int MR = 8;
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) linear_tile<MR, NV>(x + m * K, K, panels, K, bias, out + m * N, N);
-  const float* xm = x + m * K;
-  float* om = out + m * N;
-  switch (M - m) {
-    case 7: linear_tile<7, NV>(xm, K, panels, K, bias, om, N); break;
-    case 6: linear_tile<6, NV>(xm, K, panels, K, bias, om, N); break;
-    case 5: linear_tile<5, NV>(xm, K, panels, K, bias, om, N); break;
-    case 4: linear_tile<4, NV>(xm, K, panels, K, bias, om, N); break;
-    case 3: linear_tile<3, NV>(xm, K, panels, K, bias, om, N); break;
-    case 2: linear_tile<2, NV>(xm, K, panels, K, bias, om, N); break;
-    case 1: linear_tile<1, NV>(xm, K, panels, K, bias, om, N); break;
+inline void linear_rows(int64_t rows, const float* x, int64_t K, const float* panels,
+                        const float* bias, float* out, int64_t N) {
+  switch (rows) {
+#define HEARTH_ROWS(r) \
+  case r: if constexpr (r <= kRows) linear_tile<r, NV>(x, K, panels, K, bias, out, N); break;
+    HEARTH_ROWS(8) HEARTH_ROWS(7) HEARTH_ROWS(6) HEARTH_ROWS(5)
+    HEARTH_ROWS(4) HEARTH_ROWS(3) HEARTH_ROWS(2) HEARTH_ROWS(1)
+#undef HEARTH_ROWS
     default: break;
+  }
+}
+
+// rows (1..kRows) x count (1..kGroup) panels.
+inline void linear_span(int64_t rows, int64_t count, const float* x, int64_t K,
+                        const float* panels, const float* bias, float* out, int64_t N) {
+  if constexpr (kGroup >= 3) {
+    if (count == 3) return linear_rows<3>(rows, x, K, panels, bias, out, N);
+  }
+  if constexpr (kGroup >= 2) {
+    if (count == 2) return linear_rows<2>(rows, x, K, panels, bias, out, N);
+  }
+  linear_rows<1>(rows, x, K, panels, bias, out, N);
+}
+
+// All M rows times one group of count (<= kGroup) panels: the group's panels stay in cache
+// while the row tiles pass over them.
+void linear_group(const float* x, int64_t M, int64_t K, const float* panels, int64_t count,
+                  const float* bias, float* out, int64_t N) {
+  for (int64_t m = 0; m < M; m += kRows) {
+    const int64_t rows = std::min<int64_t>(kRows, M - m);
+    const float* xm = x + m * K;
+    float* om = out + m * N;
+    if (rows <= kNarrowRows) {
+      linear_span(rows, count, xm, K, panels, bias, om, N);
+      continue;
+    }
+    for (int64_t p = 0; p < count; p += kTilePanels) {
+      linear_span(rows, std::min<int64_t>(kTilePanels, count - p), xm, K, panels + p * K * 16,
+                  bias ? bias + p * 16 : nullptr, om + p * 16, N);
+    }
   }
 }
 
 }  // namespace
 
+// The instruction set this build was compiled for: "avx512", "avx2" or "generic".
+extern "C" const char* hearth_isa() { return kIsa; }
+
 // out [M, N] = x [M, K] @ W^T + bias, W [N, K] packed as [N / 16, K, 16] (N % 16 == 0): each
-// 16-column panel is one contiguous stream, read once per 8 rows of x.
+// 16-column panel is one contiguous stream, read from memory once per call.
 extern "C" void hearth_linear_f32(const float* x, const float* packed, const float* bias,
                                   float* out, int64_t M, int64_t K, int64_t N, int threads) {
-  constexpr int64_t kPanels = 3;  // 48 columns x 8 rows: 24 accumulator registers
   const int64_t chunks = N / 16;
-  const int64_t tiles = (chunks + kPanels - 1) / kPanels;
+  const int64_t groups = (chunks + kGroup - 1) / kGroup;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t first = t * kPanels;
-    const int64_t count = std::min(kPanels, chunks - first);
-    const float* panels = packed + first * K * 16;
-    const float* b = bias ? bias + first * 16 : nullptr;
-    float* o = out + first * 16;
-    if (count == 3) linear_panel<3>(x, M, K, panels, b, o, N);
-    else if (count == 2) linear_panel<2>(x, M, K, panels, b, o, N);
-    else linear_panel<1>(x, M, K, panels, b, o, N);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * kGroup;
+    linear_group(x, M, K, packed + first * K * 16, std::min<int64_t>(kGroup, chunks - first),
+                 bias ? bias + first * 16 : nullptr, out + first * 16, N);
   }
 }
 
