@@ -130,7 +130,8 @@ def candidates(
             out.append(Kernels(decode, graphs, fused, matmul, variant))
     if not out:  # explicit settings that no candidate satisfies: the static choice
         out = [static]
-    return out
+    # Candidates that patch the model alike side by side: switching between them is free.
+    return sorted(out, key=lambda k: (k.fused, k.cpu_matmul, k.cpu_variant or ""))
 
 
 def _options(setting: bool | None, possible: bool) -> list[bool]:

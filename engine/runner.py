@@ -70,13 +70,11 @@ def _cpu_variants(dtype: torch.dtype, on_cpu: bool) -> list[str | None]:
         return []
     from engine import cpu_kernels
 
-    if hasattr(cpu_kernels, "variants"):
-        usable = [v for v in cpu_kernels.variants() if cpu_kernels.problem(v) is None]
-    else:
-        usable = [] if cpu_kernels.problem() else [None]
+    usable = [v for v in cpu_kernels.variants() if cpu_kernels.problem(v) is None]
     if not usable:
         log.warning("the CPU kernels are not used: %s", cpu_kernels.problem())
-    return usable
+    # generic (no AVX2) is the fallback for CPUs without AVX2: not worth timing beside them
+    return [v for v in usable if v != "generic"] or usable
 
 
 class ModelRunner:
@@ -110,6 +108,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None
+        self.kernels: Kernels | None = None  # what the model's forwards are patched for
         self.decode_kernel, self.cpu_variant = "sdpa", None
         layers, kv_heads, head_dim = kv_shape(model, tp_size)
         devices = _layer_devices(model, layers)
@@ -142,21 +141,9 @@ class ModelRunner:
         (default: every bucket). Returns what was applied: packing that does not fit in memory
         and a failed capture of graphs that were not asked for by name fall back (logged)."""
         self.graphs = None
-        restore_forwards(self.model)
-        reattach_groups(self.model)
-        if kernels.fused:
-            from engine.fused_ops import patch_model
-
-            patch_model(self.model)
-        if kernels.cpu_matmul:
-            from engine.cpu_linear import pack_model
-
-            options = {"variant": kernels.cpu_variant} if kernels.cpu_variant else {}
-            if packed := pack_model(self.model, **options):
-                if log_packing:
-                    log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
-            else:
-                kernels = kernels._replace(cpu_matmul=False)
+        patched = (kernels.fused, kernels.cpu_matmul, kernels.cpu_variant)
+        if getattr(self, "kernels", None) is None or self.kernels[2:5] != patched:
+            kernels = self._patch(kernels, log_packing)
         if kernels.threads:
             torch.set_num_threads(kernels.threads)
         self.decode_kernel, self.cpu_variant = kernels.decode, kernels.cpu_variant
@@ -178,6 +165,26 @@ class ModelRunner:
                 log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
                 kernels = kernels._replace(graphs=False)
         self.kernels = kernels
+        return kernels
+
+    def _patch(self, kernels: Kernels, log_packing: bool) -> Kernels:
+        """The model's forwards for `kernels`: restored, then fused kernels patched in and the
+        weights packed for the CPU matmul (off when the copies would not fit)."""
+        self.kernels = None
+        restore_forwards(self.model)
+        reattach_groups(self.model)
+        if kernels.fused:
+            from engine.fused_ops import patch_model
+
+            patch_model(self.model)
+        if kernels.cpu_matmul:
+            from engine.cpu_linear import pack_model
+
+            if packed := pack_model(self.model, variant=kernels.cpu_variant):
+                if log_packing:
+                    log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
+            else:
+                kernels = kernels._replace(cpu_matmul=False)
         return kernels
 
     def sync(self) -> None:
