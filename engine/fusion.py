@@ -15,25 +15,35 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class _FusedGroup:
-    def __init__(self, layers: list[nn.Linear]) -> None:
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.sizes = [layer.out_features for layer in layers]
+        self._input: torch.Tensor | None = None
+        self._pending: list[torch.Tensor | None] = [None] * len(layers)
+        if type(layers[0]) is not nn.Linear:  # fp8 layers: one Fp8Linear over the group
+            from engine.fp8 import fuse
+
+            fused = fuse(layers)
+            self.weight, self.bias = fused.weight, fused.bias  # fp8 [sum(out), in]; scales in fused
+            self.project = fused
+        else:
+            self._fuse_linear(layers)
+        layers[0]._hearth_group = self
+        set_forward(layers[0], self._first)
+        for index, layer in enumerate(layers[1:], start=1):
+            set_forward(layer, self._sibling(index, layer))
+
+    def _fuse_linear(self, layers: list[nn.Module]) -> None:
         weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum(out), in]
         biases = [layer.bias for layer in layers]
         bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
         self.weight, self.bias = weight, bias
-        self.sizes = [layer.out_features for layer in layers]
         start = 0
         for layer, size in zip(layers, self.sizes, strict=True):
             layer.weight = nn.Parameter(weight[start : start + size], requires_grad=False)
             if bias is not None:
                 layer.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
             start += size
-        self._input: torch.Tensor | None = None
-        self._pending: list[torch.Tensor | None] = [None] * len(layers)
         self.project = self._stock  # x [.., in] -> [.., sum(out)]; cpu_linear may replace it
-        layers[0]._hearth_group = self
-        set_forward(layers[0], self._first)
-        for index, layer in enumerate(layers[1:], start=1):
-            set_forward(layer, self._sibling(index, layer))
 
     def _stock(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -44,11 +54,13 @@ class _FusedGroup:
         self._pending = [None, *parts[1:]]
         return parts[0]
 
-    def _sibling(self, index: int, layer: nn.Linear):
+    def _sibling(self, index: int, layer: nn.Module):
+        alone = type(layer).forward.__get__(layer)  # the class's forward: Linear's or Fp8Linear's
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             part = self._pending[index]
             if part is None or x is not self._input:  # not called as a group: compute alone
-                return F.linear(x, layer.weight, layer.bias)
+                return alone(x)
             self._pending[index] = None
             if not any(p is not None for p in self._pending):
                 self._input = None
@@ -72,6 +84,10 @@ def restore_forwards(model: nn.Module) -> None:
 
 
 def _fusable(layers: list[nn.Module]) -> bool:
+    if type(layers[0]).__name__ == "Fp8Linear":
+        from engine.fp8 import fusable
+
+        return fusable(layers)
     if not all(type(layer) is nn.Linear for layer in layers):
         return False
     first = layers[0].weight
