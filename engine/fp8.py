@@ -181,11 +181,14 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast is None:
             self._fast = self.block_size is None and _fits(self) and fast_path(x.device)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         if self._fast:
             rows = x.reshape(-1, self.in_features)  # [M, K]
-            out = scaled_matmul(rows, self.weight, self.weight_scale, self.bias)
+            out = scaled_matmul(rows, self.weight, self.weight_scale, bias)
             return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dequantized(x.dtype), self.bias)
+        return F.linear(x, self.dequantized(x.dtype), bias)
 
     def extra_repr(self) -> str:
         scales = f"block_size={self.block_size}" if self.block_size else "per-channel scales"
