@@ -185,9 +185,10 @@ def save_prequantized(out: Path, tiny_llama_dir: Path, method: str) -> dict[str,
             q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
             for i in range(0, n, block):
                 for j in range(0, k, block):
-                    bq, bs = quantize_weight(w[i : i + block, j : j + block].reshape(1, -1))
-                    q[i : i + block, j : j + block] = bq.reshape(w[i : i + block, j : j + block].shape)
-                    scale[i // block, j // block] = bs
+                    tile = w[i : i + block, j : j + block]
+                    tile_q, tile_scale = quantize_weight(tile.reshape(1, -1))  # one scale a block
+                    q[i : i + block, j : j + block] = tile_q.reshape(tile.shape)
+                    scale[i // block, j // block] = tile_scale
             state[f"{module}.weight_scale_inv"] = scale
             layers[module] = Fp8Linear(q, scale, block_size=(block, block))
         else:
