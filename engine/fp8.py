@@ -200,7 +200,7 @@ def _fits(layer: Fp8Linear) -> bool:
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
 
 
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+def skipped(name: str, skip: tuple[str, ...]) -> bool:
     parts = name.split(".")
     return any(s == name or s in parts or name.endswith("." + s) for s in skip)
 
@@ -216,7 +216,7 @@ def quantize_model(module: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> i
     targets = [
         (name, child)
         for name, child in module.named_modules()
-        if type(child) is nn.Linear and not _skipped(name, skip)
+        if type(child) is nn.Linear and not skipped(name, skip)
     ]
     for name, linear in targets:
         if linear.weight.device.type == "meta":

@@ -1,5 +1,9 @@
 """Models with fp8 weights: quantized on the fly, or read from checkpoints that ship fp8.
 
+`quantization: fp8` on a bf16/fp16/fp32 checkpoint: every nn.Linear but lm_head is quantized per
+channel (engine/fp8.py) as its weight is read, so a model whose bf16 weights would not fit on the
+GPU does in fp8. `auto` (or `fp8`) on a checkpoint that ships fp8 weights reads them as they are.
+
 Formats read (the scale multiplies: W ~= q * scale in both):
 - compressed-tensors "float-quantized" (llm-compressor's FP8 / FP8-dynamic / FP8_BLOCK schemes,
   e.g. RedHatAI/*-FP8-dynamic): config.json quantization_config {"quant_method":
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.fp8 import FP8, Fp8Linear, fast_path, quantize_model
+from engine.fp8 import FP8, Fp8Linear, fast_path, quantize_model, quantize_weight, skipped
+
+log = logging.getLogger("hearth.fp8")
 
 
 @dataclass(frozen=True)
@@ -101,23 +109,44 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def _tensor_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: its index's shards, model.safetensors, else all
+    (a repo may also hold e.g. Mistral's consolidated.safetensors, under other names)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path}: an fp8 checkpoint needs *.safetensors files")
+        raise ValueError(f"{path}: no *.safetensors files (fp8 loading reads safetensors)")
     return files
 
 
-def load_prequantized(
-    path: str, hf_config: Any, fmt: Fp8Format, dtype: torch.dtype, device: str, trust: bool
+class NameMismatch(ValueError):
+    """The checkpoint's tensor names are not the model's (a renamed or converted layout)."""
+
+
+def load_streamed(
+    path: str,
+    hf_config: Any,
+    fmt: Fp8Format | None,
+    dtype: torch.dtype,
+    device: str,
+    trust: bool,
+    skip: tuple[str, ...] = ("lm_head",),
 ) -> nn.Module:
-    """Build the model of `hf_config` with Fp8Linear layers wherever the checkpoint has fp8
-    weights, reading the tensors from `path`'s safetensors files to `device` (other tensors
-    cast to `dtype`). ValueError when names or shapes do not match the model."""
+    """Build the model of `hf_config` with its parameters on the meta device, then read the
+    tensors of `path`'s safetensors files one at a time to `device`: with `fmt`, Fp8Linear
+    layers wherever the checkpoint has fp8 weights and scales; without, every nn.Linear (but
+    `skip`) quantized per channel as it is read. Other tensors are cast to `dtype`. Peak memory:
+    the fp8 model plus one layer. NameMismatch when a parameter has no tensor, ValueError when
+    a tensor has the wrong dtype or shape."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     plain = copy.deepcopy(hf_config)
-    del plain.quantization_config
+    if hasattr(plain, "quantization_config"):
+        del plain.quantization_config
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(plain, dtype=dtype, trust_remote_code=trust)
     files = _tensor_files(Path(path))
@@ -131,20 +160,26 @@ def load_prequantized(
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     done: set[str] = set()
     for name, linear in linears.items():
-        weight_name, scale_name = f"{name}.weight", f"{name}.{fmt.scale_name}"
-        if scale_name not in where:
-            continue  # left unquantized (lm_head, ignored layers): read below
-        q = read(weight_name)
-        if q.dtype != FP8 or tuple(q.shape) != (linear.out_features, linear.in_features):
-            raise ValueError(f"{weight_name}: {q.dtype} {list(q.shape)}, not fp8 e4m3 [N, K]")
-        scale = read(scale_name).float()
-        if fmt.block_size is None and scale.numel() not in (1, linear.out_features):
-            raise ValueError(f"{scale_name}: shape {list(scale.shape)} is not per channel")
-        bias = read(f"{name}.bias").to(targets, dtype) if f"{name}.bias" in where else None
-        layer = Fp8Linear(q.to(targets), scale.to(targets), bias, fmt.block_size)
+        weight_name, bias_name = f"{name}.weight", f"{name}.bias"
+        scale_name = f"{name}.{fmt.scale_name}" if fmt else None
+        shape = (linear.out_features, linear.in_features)
+        if weight_name not in where or (fmt and scale_name not in where) or skipped(name, skip):
+            continue  # left unquantized (lm_head, ignored layers, tied): read below
+        weight = read(weight_name)
+        if tuple(weight.shape) != shape or (fmt is not None) != (weight.dtype == FP8):
+            raise ValueError(f"{weight_name}: {weight.dtype} {list(weight.shape)}, want {shape}")
+        bias = read(bias_name).to(targets, dtype) if bias_name in where else None
+        if fmt is None:
+            q, scale = quantize_weight(weight.to(targets))
+            layer = Fp8Linear(q, scale, bias)
+        else:
+            scale = read(scale_name).float()
+            if fmt.block_size is None and scale.numel() not in (1, linear.out_features):
+                raise ValueError(f"{scale_name}: shape {list(scale.shape)} is not per channel")
+            layer = Fp8Linear(weight.to(targets), scale.to(targets), bias, fmt.block_size)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-        done.update(n for n in (weight_name, scale_name, f"{name}.bias") if n in where)
+        done.update(n for n in (weight_name, scale_name, bias_name) if n in where)
     expected = dict(model.named_parameters())
     rest = {}
     for name in where.keys() - done:
@@ -155,14 +190,13 @@ def load_prequantized(
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
-        raise ValueError(f"fp8 checkpoint: no tensor for {', '.join(missing[:3])}")
+        raise NameMismatch(f"no tensor for {', '.join(missing[:3])} in {path}")
     model.to(targets)  # the buffers (RoPE tables) follow the parameters
     with contextlib.suppress(OSError, ValueError):
         model.generation_config = GenerationConfig.from_pretrained(path)
-    if targets.type == "cuda":
-        fast_path(targets)
+    if targets.type == "cuda" and fast_path(targets):
         for layer in model.modules():  # block scales: per channel for the fp8 matmuls
-            if isinstance(layer, Fp8Linear) and fast_path(targets):
+            if isinstance(layer, Fp8Linear):
                 layer.per_channel()
     return model
 
@@ -176,8 +210,9 @@ def load_fp8_model(
     trust: bool,
 ) -> nn.Module | None:
     """The model when fp8 is involved, else None (the loader's ordinary path): a checkpoint that
-    ships fp8 under quantization auto or fp8, or any checkpoint under fp8 (loaded, then its
-    linear layers but lm_head quantized in place). ValueError with one line otherwise."""
+    ships fp8 under quantization auto or fp8, or any checkpoint under fp8 (its linear layers but
+    lm_head quantized as they are read; a checkpoint whose names are not the model's is loaded
+    by transformers first, then quantized in place). ValueError with one line otherwise."""
     fmt = checkpoint_format(hf_config)
     if fmt is None and quantization != "fp8":
         return None
@@ -187,7 +222,11 @@ def load_fp8_model(
     if not isinstance(device, str) or device == "auto":
         raise ValueError("fp8 weights are served on one device (no device_map / tensor parallel)")
     if fmt is not None:
-        return load_prequantized(path, hf_config, fmt, dtype, device, trust)
+        return load_streamed(path, hf_config, fmt, dtype, device, trust)
+    try:
+        return load_streamed(path, hf_config, None, dtype, device, trust)
+    except NameMismatch as exc:
+        log.info("fp8: %s; loading with transformers, then quantizing", exc)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(

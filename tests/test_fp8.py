@@ -290,6 +290,20 @@ def test_quantization_fp8_serves_a_plain_checkpoint_end_to_end(tiny_llama_dir: P
         assert tokens == ref
 
 
+def test_names_not_the_models_fall_back_to_transformers_then_quantize(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine import fp8_checkpoint
+
+    def renamed(*_: object, **__: object) -> None:
+        raise fp8_checkpoint.NameMismatch("no tensor for model.layers.0.mlp.up_proj.weight")
+
+    monkeypatch.setattr(fp8_checkpoint, "load_streamed", renamed)
+    model = load(tiny_llama_dir, quantization="fp8").model
+    assert isinstance(model.model.layers[1].mlp.up_proj, Fp8Linear)
+    assert type(model.lm_head) is nn.Linear
+
+
 def test_refusals_are_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
     path = tmp_path / "ct"
     save_prequantized(path, tiny_llama_dir, "compressed-tensors")
