@@ -139,7 +139,7 @@ def matmul_timing(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny shape (runs on CPU)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (8B: 8)")
     parser.add_argument("--prompts", type=int, default=None, help="default 4 (--small: 2)")

@@ -175,6 +175,18 @@ class Fp8Linear(nn.Module):
             self.block_size = None
         return self
 
+    def _apply(self, fn, recurse: bool = True):
+        """.to(device) moves; a dtype cast of the model (model.to(torch.bfloat16), .half())
+        casts the bias only: the weight stays fp8 (e4m3 values survive fp16/bf16 exactly)
+        and the scales fp32."""
+        scale = self.weight_scale.data
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8:
+            self.weight.data = self.weight.data.to(FP8)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale.data = scale.to(self.weight_scale.device)
+        return self
+
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale))
 

@@ -78,6 +78,10 @@ def test_fp8_linear_weight_only_equals_linear_on_dequantized_weights() -> None:
     assert got.dtype == torch.bfloat16 and got.shape == (2, 7, 48)
     assert torch.allclose(got.float(), want, atol=0.1, rtol=0.02)
     assert layer.bytes() == 48 * 160 + 48 * 4
+    before = layer.dequantized()
+    layer.to(torch.bfloat16)  # a model-wide dtype cast leaves the fp8 weight and scales alone
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.dequantized(), before)
 
 
 def test_scaled_mm_path_math_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
