@@ -19,6 +19,7 @@ Matmuls, per device (decided once per device by `fast_path`):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 _MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite, non-zero scale
 
-_FAST: dict[torch.device, bool] = {}  # device -> the _scaled_mm path launched and was right
+Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (x_q, scale)
+_PATHS: dict[torch.device, Quantizer | None] = {}  # device -> input quantizer, None: weight-only
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +71,16 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scaled_matmul(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    quantize: Quantizer = quantize_activation,
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32, CUDA) times fp8 q [N, K] with per-channel scale [N] on the fp8
-    units: returns [M, N] in x's dtype. Raises whatever torch._scaled_mm raises."""
-    x_q, x_scale = quantize_activation(x)
+    units, x quantized per token by `quantize`: returns [M, N] in x's dtype. Raises whatever
+    torch._scaled_mm raises."""
+    x_q, x_scale = quantize(x)
     out = torch._scaled_mm(
         x_q,
         q.t(),  # [K, N], column-major: the layout cuBLASLt's fp8 GEMM wants
@@ -87,43 +94,78 @@ def scaled_matmul(
     return out if bias is None else out + bias
 
 
-def fast_path(device: torch.device) -> bool:
-    """Whether fp8 matmuls run on `device`'s fp8 units: CUDA, compute capability >= 8.9,
-    torch._scaled_mm present, and one small product launches and matches the weight-only
-    result. Probed once per device (call it outside CUDA graph capture); a failure is logged
-    once as a warning and the weight-only path is used."""
+def _check_matmul(device: torch.device, quantize: Quantizer) -> float:
+    """Relative error of one small scaled_matmul against the weight-only product."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(64, 128, generator=gen).to(device)  # [N, K]
+    x = torch.randn(3, 128, generator=gen).to(device, torch.bfloat16)  # [M, K], M odd
+    q, s = quantize_weight(w)
+    got = scaled_matmul(x, q, s, None, quantize).float()
+    want = F.linear(x.float(), dequantize(q, s))
+    return (got - want).abs().max().item() / want.abs().max().item()
+
+
+def _triton_quantizer(device: torch.device) -> tuple[Quantizer | None, str]:
+    """engine/fp8_kernels.py's one-launch quantizer where it runs and agrees with
+    quantize_activation to e4m3's rounding (one step of its grid), else (None, why)."""
+    try:
+        from engine.fp8_kernels import quantize_rows
+
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        x = torch.randn(5, 3000, generator=gen) * torch.logspace(-3, 3, 5)[:, None]
+        x[1] = 0.0
+        x = x.to(device, torch.bfloat16)  # [5, 3000]: two column tiles, the second partial
+        got_q, got_scale = quantize_rows(x)
+        want_q, want_scale = quantize_activation(x)
+        got, want = dequantize(got_q, got_scale[:, 0]), dequantize(want_q, want_scale[:, 0])
+        step = want.abs() * 2**-3 + want_scale * 2**-9  # one e4m3 step (or subnormal step)
+        close = (got_scale - want_scale).abs() <= want_scale * 1e-6
+        if not ((got - want).abs() <= step).all() or not close.all():
+            return None, "its result differs from torch's"
+        err = _check_matmul(device, quantize_rows)
+        return (quantize_rows, "") if err < 0.1 else (None, f"relative error {err:.3f}")
+    except Exception as exc:  # no Triton, or a kernel this GPU cannot run
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def quantizer(device: torch.device | str) -> Quantizer | None:
+    """How inputs are quantized for the fp8 matmuls on `device`, None where they do not run:
+    CUDA, compute capability >= 8.9, torch._scaled_mm present and one small product right
+    (else weight-only). The Triton kernel where it runs, else torch ops. Probed once per device
+    (call it outside CUDA graph capture); what failed is logged once."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device in _FAST:
-        return _FAST[device]
-    ok, why = False, ""
-    if device.type != "cuda":
-        why = "not a CUDA device"
-    elif torch.cuda.get_device_capability(device) < (8, 9):
-        why = f"compute capability {torch.cuda.get_device_capability(device)} < (8, 9)"
-    elif not hasattr(torch, "_scaled_mm"):
-        why = "this torch has no _scaled_mm"
-    else:
-        try:
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            w = torch.randn(64, 128, generator=gen).to(device)  # [N, K]
-            x = torch.randn(3, 128, generator=gen).to(device, torch.bfloat16)  # [M, K], M odd
-            q, s = quantize_weight(w)
-            got = scaled_matmul(x, q, s, None).float()
-            want = F.linear(x.float(), dequantize(q, s))
-            err = (got - want).abs().max().item() / want.abs().max().item()
-            ok = err < 0.1  # the input's own fp8 rounding is ~3%
-            why = f"relative error {err:.3f}"
-        except Exception as exc:  # an architecture or build cuBLASLt refuses
-            why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    if device in _PATHS:
+        return _PATHS[device]
+    chosen, why = None, "not a CUDA device"
     if device.type == "cuda":
-        if ok:
-            log.info("fp8 matmuls on %s: torch._scaled_mm, row-wise scales", device)
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            why = f"compute capability {capability} < (8, 9)"
+        elif not hasattr(torch, "_scaled_mm"):
+            why = "this torch has no _scaled_mm"
         else:
+            try:
+                err = _check_matmul(device, quantize_activation)
+                chosen = quantize_activation if err < 0.1 else None  # input rounding: ~3%
+                why = f"relative error {err:.3f}"
+            except Exception as exc:  # an architecture or build cuBLASLt refuses
+                why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        if chosen is None:
             log.warning("fp8 on %s: weight-only (dequantize + matmul): %s", device, why)
-    _FAST[device] = ok
-    return ok
+        else:
+            kernel, why = _triton_quantizer(device)
+            chosen = kernel or chosen
+            how = "Triton" if kernel else f"torch ops (the Triton kernel: {why})"
+            log.info("fp8 matmuls on %s: torch._scaled_mm, row-wise; inputs: %s", device, how)
+    _PATHS[device] = chosen
+    return chosen
+
+
+def fast_path(device: torch.device | str) -> bool:
+    """Whether fp8 matmuls run on `device`'s fp8 units (see `quantizer`)."""
+    return quantizer(device) is not None
 
 
 class Fp8Linear(nn.Module):
@@ -149,7 +191,8 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self._fast: bool | None = None
+        self._probed = False
+        self._quant: Quantizer | None = None  # the fp8 matmul path's input quantizer
 
     @classmethod
     @torch.no_grad()
@@ -191,14 +234,15 @@ class Fp8Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast is None:
-            self._fast = self.block_size is None and _fits(self) and fast_path(x.device)
+        if not self._probed:
+            fits = self.block_size is None and _fits(self)
+            self._quant, self._probed = quantizer(x.device) if fits else None, True
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        if self._fast:
+        if self._quant is not None:
             rows = x.reshape(-1, self.in_features)  # [M, K]
-            out = scaled_matmul(rows, self.weight, self.weight_scale, bias)
+            out = scaled_matmul(rows, self.weight, self.weight_scale, bias, self._quant)
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized(x.dtype), bias)
 
@@ -269,7 +313,7 @@ def fuse(layers: list[Fp8Linear]) -> Fp8Linear:
             layer.bias.data = bias[start:end]
         start = end
     fused = Fp8Linear(weight, scale, bias)
-    fused._fast = layers[0]._fast
+    fused._probed, fused._quant = layers[0]._probed, layers[0]._quant
     return fused
 
 

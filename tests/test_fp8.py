@@ -94,8 +94,8 @@ def test_scaled_mm_path_math_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     x_q, x_scale = fp8.quantize_activation(x.reshape(-1, 128))
     assert x_scale.shape == (15, 1)
     want = F.linear(dequantize(x_q, x_scale[:, 0]), layer.dequantized()) + layer.bias
-    monkeypatch.setitem(fp8._FAST, CPU, True)
-    layer._fast = None
+    monkeypatch.setitem(fp8._PATHS, CPU, fp8.quantize_activation)
+    layer._probed = False
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (3, 5, 64)
     assert torch.allclose(got.float(), want.reshape(3, 5, 64), atol=0.05, rtol=0.01)
@@ -332,7 +332,10 @@ from engine.config import ModelConfig
 from engine.loader import load_model
 from engine.sources import resolve_source
 from engine.types import GenerationRequest, SamplingParams
-fp8._FAST[torch.device("cpu")] = True  # the _scaled_mm path, as on an H100/H200
+from engine.fp8_kernels import quantize_rows
+quant, why = fp8._triton_quantizer(torch.device("cpu"))  # the probe CUDA devices get
+assert quant is quantize_rows, why
+fp8._PATHS[torch.device("cpu")] = quant  # the _scaled_mm path + Triton kernel, as on an H200
 limits = {"kv_cache_memory": "16MiB", "decode_kernel": "triton", "cuda_graphs": True,
           "max_num_seqs": 8, "fused_kernels": True}
 config = ModelConfig(id="t", source=sys.argv[1], device="cpu", dtype="bfloat16",
@@ -355,9 +358,63 @@ print("fp8 engine ok")
 """
 
 
+QUANT_KERNEL_CHECK = """
+import torch
+from engine.fp8 import quantize_activation
+from engine.fp8_kernels import quantize_rows
+torch.manual_seed(0)
+ties = torch.tensor([448.0, 8.5, 9.5, 2**-10, 3 * 2**-10, 17.0, -0.0, -8.5, 0.3, -448.0])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = (torch.randn(6, 3000) * torch.logspace(-3, 3, 6)[:, None]).to(dtype)
+    x[2] = 0.0
+    x[3, ::7] = 1e-6
+    for rows in (x, ties[None].to(dtype), x[:1, :5]):
+        got_q, got_scale = quantize_rows(rows)
+        want_q, want_scale = quantize_activation(rows)
+        assert torch.equal(got_scale, want_scale), dtype
+        assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)), (dtype, rows.shape)
+print("quant kernel ok")
+"""
+
+
+def test_quantize_kernel_equals_torch_bit_for_bit() -> None:
+    """The Triton input quantizer (interpreter) against torch's casts: random rows, zero rows,
+    subnormals, ties on e4m3's grid (round half to even) and saturation."""
+    pytest.importorskip("triton")
+    from tests.test_triton_attention import interpret
+
+    assert "quant kernel ok" in interpret(QUANT_KERNEL_CHECK)
+
+
+def test_quantize_kernel_compiles_for_hopper() -> None:
+    """The kernel through Triton's CUDA compiler for sm_90 (no GPU needed; the interpreter
+    accepts code the compiler refuses): IEEE division, e4m3 conversion with round to
+    nearest."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource / GPUTarget")
+    from engine.fp8_kernels import _quant_rows_kernel
+
+    signature = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32"}
+    signature |= {"BLOCK": "constexpr", "DIV_RN": "constexpr"}
+    source = ASTSource(_quant_rows_kernel, signature, constexprs={"BLOCK": 2048, "DIV_RN": True})
+    try:
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    except (RuntimeError, FileNotFoundError) as exc:  # no ptxas beside this Triton
+        if "ptxas" not in str(exc):
+            raise
+        pytest.skip(f"no ptxas: {exc}")
+    ptx = kernel.asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2" in ptx and "div.rn.f32" in ptx and "div.full" not in ptx
+
+
 def test_engine_with_triton_kernels_and_the_scaled_mm_path(tiny_llama_dir: Path) -> None:
     """fp8 + the GPU configuration (Triton decode, graph buffers, fused norm/MLP kernels) in
-    Triton's interpreter, the matmuls through torch._scaled_mm on CPU."""
+    Triton's interpreter, the matmuls through torch._scaled_mm on CPU with the Triton input
+    quantizer, chosen by the probe CUDA devices run."""
     pytest.importorskip("triton")
     from tests.test_triton_attention import interpret
 
