@@ -5,9 +5,10 @@ A weight W [N, K] is kept as q = round_e4m3(W / s) with float32 scales s, one pe
 ceil(K/bk)], the fine-grained format of DeepSeek V3 / transformers' `FineGrainedFP8Config`).
 Dequantized: W ~= q * s (the checkpoint formats' convention, see engine/fp8_checkpoint.py).
 
-Matmuls, per device (decided once per device by `fast_path`):
+Matmuls, per device (probed once per device by `quantizer`):
 - CUDA with compute capability >= 8.9 (Ada, Hopper, Blackwell) and `torch._scaled_mm`: the input
-  is quantized per token (row absmax / 448, dynamic) and multiplied on the fp8 tensor cores with
+  is quantized per token (row absmax / 448, dynamic; one Triton launch, engine/fp8_kernels.py, or
+  torch ops where that kernel does not run) and multiplied on the fp8 tensor cores with
   row-wise scales: x_q [M, K] @ q.T [K, N] (column-major), scale_a [M, 1], scale_b [1, N], bf16
   out (cuBLASLt's row-wise scaling accepts bf16 output only; K and N multiples of 16).
   Block-scaled weights have no row-wise form: `Fp8Linear.per_channel()` re-quantizes them at load
