@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe
-from engine.fp8 import Fp8Linear, fast_path, quantize_model
+from engine.fp8 import Fp8Linear, quantize_activation, quantize_model, quantizer
 from engine.fusion import fuse_projections
 
 EIGHT_B = dict(
@@ -121,6 +121,17 @@ def timed(fn, x: torch.Tensor, iters: int) -> float:
 
 @torch.no_grad()
 def matmul_timing(device: str) -> None:
+    quantizers = [quantize_activation]
+    if (chosen := quantizer(device)) not in (None, quantize_activation):
+        quantizers.append(chosen)
+    for m in (1, 4096):
+        x = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
+        for quantize in quantizers:
+            took = timed(quantize, x, 200 if m == 1 else 50)
+            print(
+                f"input quantization {quantize.__module__}.{quantize.__name__} M={m} K=4096: "
+                f"{took * 1e6:.1f} us"
+            )
     for k, n in ((4096, 14336), (14336, 4096)):
         torch.manual_seed(0)
         dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
@@ -154,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     fp8_bytes = quantize_model(q)
     fused = fuse_projections(q)
     device = torch.device(args.device)
-    path = "torch._scaled_mm (fp8 units)" if fast_path(device) else "weight-only (dequantize)"
+    quant = quantizer(device)
+    path = (
+        f"torch._scaled_mm (fp8 units), inputs by {quant.__module__}.{quant.__name__}"
+        if quant
+        else "weight-only (dequantize)"
+    )
     dense = sum(
         m.weight.numel() * 2 for m in ref.model.layers.modules() if isinstance(m, nn.Linear)
     )

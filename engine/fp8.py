@@ -208,11 +208,12 @@ class Fp8Linear(nn.Module):
     @torch.no_grad()
     def per_channel(self) -> Fp8Linear:
         """Block scales -> per-channel scales (in place), so the fp8 matmul path can serve it:
-        each row is dequantized and re-quantized with the row's absmax. Cost: elements of a
-        block whose scale is smaller than its row's largest block scale lose resolution (their
-        values land on a grid up to max/min block-scale times coarser; small blocks may fall
-        into e4m3's subnormals), plus one extra rounding; per-channel-quantized from the
-        original weights would be as good as any per-channel fp8."""
+        each row is dequantized and re-quantized with the row's absmax. Cost: a second
+        rounding (up to 2^-4 relative per element again), and values below the row's absmax
+        / 448 * 2^-6 fall into e4m3's subnormals, where their block's smaller scale had kept
+        them normal. Measured on a 1024x1024 random weight with outlier input channels
+        (bench-style, seed 0): relative RMS error of the weight 2.5% as 128x128 blocks, 3.3%
+        converted, 2.0% quantized per channel from the original."""
         if self.block_size is not None:
             q, scale = quantize_weight(self.dequantized())
             self.weight.data, self.weight_scale.data = q, scale
