@@ -65,14 +65,21 @@ def build(shape: dict, layers: int, device: str) -> nn.Module:
 @torch.no_grad()
 def greedy(model: nn.Module, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
     """prompt [1, P] -> the P + tokens greedy sequence [1, P + tokens] (KV cache, no sampling)."""
-    out = model.generate(
+    return model.generate(
         prompt,
         max_new_tokens=tokens,
         min_new_tokens=tokens,
         do_sample=False,
         pad_token_id=0,
     )
-    return out
+
+
+def weight_only(model: nn.Module) -> None:
+    """Every Fp8Linear of the model (fused groups' too) on the weight-only path."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    layers += [m._hearth_group.project for m in model.modules() if hasattr(m, "_hearth_group")]
+    for layer in layers:
+        layer._probed, layer._quant = True, None
 
 
 @torch.no_grad()
@@ -181,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     prompts = args.prompts or (2 if args.small else 4)
     tokens = args.tokens or (16 if args.small else 32)
+    print("fp8 as served:" if quant is None else "fp8 weights and inputs (the fp8 matmuls):")
     quality(ref, q, shape["vocab_size"], prompts, tokens, args.device)
+    if quant is not None:
+        print("fp8 weights only (dequantized for bf16 matmuls, as on GPUs without fp8 units):")
+        weight_only(q)
+        quality(ref, q, shape["vocab_size"], prompts, tokens, args.device)
     del q, ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
