@@ -9,6 +9,8 @@ rounded to the input dtype where transformers rounds), so outputs match to the l
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -83,9 +85,9 @@ def _norm_forward(module: nn.Module):
     return forward
 
 
-def _mlp_forward(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
+def _mlp_forward(module: nn.Module, gate_up):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return module.down_proj(silu_mul(F.linear(x, weight, bias)))  # [.., 2I] -> [.., I]
+        return module.down_proj(silu_mul(gate_up(x)))  # [.., 2I] -> [.., I]
 
     return forward
 
@@ -121,10 +123,17 @@ def patch_model(model: nn.Module) -> int:
             patched += 1
         elif kind in MLPS and _is_silu(getattr(module, "act_fn", None)):
             gate, up = module.gate_proj, module.up_proj
+            group = getattr(gate, "_hearth_group", None)
+            if type(gate) is not nn.Linear:  # fp8 (engine/fp8.py): the fused group's matmul
+                if group is None or group.sizes != [gate.out_features, up.out_features]:
+                    continue
+                set_forward(module, _mlp_forward(module, group.project))
+                patched += 1
+                continue
             weight = _joined(gate.weight, up.weight)  # [2I, H]
             bias = _joined(gate.bias, up.bias)
             if weight is None or (bias is None) != (gate.bias is None):
                 continue
-            set_forward(module, _mlp_forward(module, weight, bias))
+            set_forward(module, _mlp_forward(module, partial(F.linear, weight=weight, bias=bias)))
             patched += 1
     return patched

@@ -15,19 +15,17 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class _FusedGroup:
-    def __init__(self, layers: list[nn.Linear]) -> None:
-        weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum(out), in]
-        biases = [layer.bias for layer in layers]
-        bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
-        self.weight, self.bias = weight, bias
+    def __init__(self, layers: list[nn.Module]) -> None:
         self.sizes = [layer.out_features for layer in layers]
-        start = 0
-        for layer, size in zip(layers, self.sizes, strict=True):
-            layer.weight = nn.Parameter(weight[start : start + size], requires_grad=False)
-            if bias is not None:
-                layer.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
-            start += size
         self.layers = layers
+        if type(layers[0]) is not nn.Linear:  # fp8 layers: one Fp8Linear over the group
+            from engine.fp8 import fuse
+
+            fused = fuse(layers)
+            self.weight, self.bias = fused.weight, fused.bias  # fp8 [sum(out), in]; scales in fused
+            self._stock = fused  # type: ignore[method-assign]
+        else:
+            self._fuse_linear(layers)
         layers[0]._hearth_group = self
         self.attach()
 
@@ -40,6 +38,18 @@ class _FusedGroup:
         for index, layer in enumerate(self.layers[1:], start=1):
             set_forward(layer, self._sibling(index, layer))
 
+    def _fuse_linear(self, layers: list[nn.Module]) -> None:
+        weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum(out), in]
+        biases = [layer.bias for layer in layers]
+        bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+        self.weight, self.bias = weight, bias
+        start = 0
+        for layer, size in zip(layers, self.sizes, strict=True):
+            layer.weight = nn.Parameter(weight[start : start + size], requires_grad=False)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
+            start += size
+
     def _stock(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
@@ -49,11 +59,13 @@ class _FusedGroup:
         self._pending = [None, *parts[1:]]
         return parts[0]
 
-    def _sibling(self, index: int, layer: nn.Linear):
+    def _sibling(self, index: int, layer: nn.Module):
+        alone = type(layer).forward.__get__(layer)  # the class's forward: Linear's or Fp8Linear's
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             part = self._pending[index]
             if part is None or x is not self._input:  # not called as a group: compute alone
-                return F.linear(x, layer.weight, layer.bias)
+                return alone(x)
             self._pending[index] = None
             if not any(p is not None for p in self._pending):
                 self._input = None
@@ -89,6 +101,10 @@ def reattach_groups(model: nn.Module) -> int:
 
 
 def _fusable(layers: list[nn.Module]) -> bool:
+    if type(layers[0]).__name__ == "Fp8Linear":
+        from engine.fp8 import fusable
+
+        return fusable(layers)
     if not all(type(layer) is nn.Linear for layer in layers):
         return False
     first = layers[0].weight

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from engine import distributed
 from engine.config import ModelConfig
+from engine.fp8_checkpoint import load_fp8_model
 from engine.gguf_cache import converted_checkpoint
 from engine.sources import Source
 
@@ -108,7 +109,7 @@ def load_model(
     base_dir: Path | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer; `device` / `dtype` override the config when given."""
-    if config.quantization not in ("auto", "none") or config.load_format != "auto":
+    if config.quantization == "gguf" or config.load_format != "auto":
         raise LoadError(f"{config.id}: quantization / load_format: not implemented yet")
     device_name = pick_device(device or config.device)
     torch_dtype = pick_dtype(dtype or config.dtype, device_name)
@@ -134,7 +135,9 @@ def load_model(
                 f"{config.source}: attention logit softcapping (Gemma 2) is not implemented by "
                 "hearth's paged attention"
             )
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_fp8_model(  # None unless fp8 is asked for or shipped (engine/fp8.py)
+            path, hf_config, config.quantization, torch_dtype, placement, trust
+        ) or AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust, **placement
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
