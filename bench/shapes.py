@@ -2,7 +2,7 @@
 tokenizer (with its chat template), so that `hearth serve --model DIR --load-format dummy` serves
 a model of that shape with random weights.
 
-    python bench/shapes.py OUT_ROOT --tokenizer .gpu/tokenizer [--shapes SHAPE ...]  # OUT_ROOT/SHAPE
+    python bench/shapes.py OUT --tokenizer .gpu/tokenizer [--shapes SHAPE ...]   # OUT/SHAPE/
 
 Any tokenizer whose ids stay below the shape's vocabulary will do (SmolLM2's 49152-token one for
 the Llama-3 shapes' 128256): the weights are random, so is the text.
