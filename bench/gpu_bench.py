@@ -182,6 +182,8 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     report = Report(args.label, args.json)
+    # Before the model: a 70B bf16 leaves no room for the copy's buffers.
+    bandwidth = copy_bandwidth(args.device, 256 << 20 if args.small else 4 << 30)
     loaded, build_seconds = build(args)
     weights = weight_bytes(loaded.model)
     report.add("model build s (random weights on the device)", build_seconds)
@@ -202,7 +204,6 @@ def main() -> None:
         kv_memory=args.kv_memory or "1GiB",  # a few blocks: the rest stays free for the next
     )
     vocab = loaded.model.config.vocab_size
-    bandwidth = copy_bandwidth(args.device, 256 << 20 if args.small else 4 << 30)
     # Bytes a batch-1 decode step reads: every weight, and the KV of the average context.
     kv = kv_bytes_per_token(loaded.model, loaded.dtype) * int(args.batch1_tokens * 1.5)
     bound = bandwidth / (weights + kv)
