@@ -14,7 +14,7 @@ set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET:-535}  # seconds from start to the end of the summary
-RESERVE=10                       # kept for the summary
+RESERVE=15                       # the summary, and a killed section's 10 s of grace
 CB_REQUESTS=${GPU_CB_REQUESTS:-64}  # transformers CB is slow (~230 tok/s): a subset of the 256
 START=$SECONDS
 RESULTS=$OUT/results.jsonl
