@@ -51,7 +51,7 @@ def _fill(
 
 
 def _rotary_buffers(module: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """The buffers of a fresh copy of a rotary-embedding module (inv_freq and kin), computed
+    """The buffers of a fresh copy of a rotary-embedding module (inv_freq and the like), computed
     from its config on `device`; None when the module cannot be rebuilt that way."""
     config = getattr(module, "config", None)
     if config is None:
