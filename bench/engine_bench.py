@@ -147,7 +147,7 @@ def engine_limits(args: argparse.Namespace) -> dict:
         limits["max_num_batched_tokens"] = args.max_batched_tokens
     if getattr(args, "decode_kernel", None):
         limits["decode_kernel"] = args.decode_kernel
-    for name in ("cuda_graphs", "fused_kernels"):
+    for name in ("cuda_graphs", "fused_kernels", "gpu_memory_utilization", "autotune"):
         if getattr(args, name, None) is not None:
             limits[name] = getattr(args, name)
     return limits

@@ -75,6 +75,8 @@ def workload(args: argparse.Namespace, **values) -> argparse.Namespace:
         device=args.device,
         kv_memory=args.kv_memory,
         max_batched_tokens=args.max_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        autotune=args.autotune,
         sequential=0,
         repeat=1,
     )
@@ -92,7 +94,7 @@ def build(args: argparse.Namespace) -> tuple[LoadedModel, float]:
     model = build_dummy_model(LlamaConfig(**SHAPES[args.shape]), args.device, dtype, quantize)
     seconds = time.perf_counter() - started
     max_len = args.prompt_len + args.output_len + 16
-    engine = {"gpu_memory_utilization": args.gpu_memory_utilization}
+    engine = {"gpu_memory_utilization": args.gpu_memory_utilization, "autotune": args.autotune}
     config = ModelConfig(
         id=args.shape,
         source=args.shape,
@@ -153,6 +155,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--kv-memory", default=None, help="KV budget; default: GPU memory share")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument(
+        "--autotune",
+        default="auto",
+        choices=["auto", "off", "remeasure"],
+        help="engine.autotune of every engine built (auto: measured once per shape and limits)",
+    )
     parser.add_argument(
         "--cb-requests",
         type=int,

@@ -112,7 +112,7 @@ section correctness "gpu_smoke (kernel vs float64, paths vs generate)" 90 30 \
     python3 bench/gpu_smoke.py --tokenizer .gpu/tokenizer --out /tmp/tiny-llama
 
 # -- c. 8B bf16 --------------------------------------------------------------------------------
-section "8B bf16" bench 150 60 bench "8B bf16" --shape llama-3.1-8b --requests 256 \
+section "8B bf16" bench 180 60 bench "8B bf16" --shape llama-3.1-8b --requests 256 \
     --cb-requests "$CB_REQUESTS"
 
 # -- d. 8B fp8 ---------------------------------------------------------------------------------
@@ -129,13 +129,13 @@ fi
 # -- e. 70B bf16: 131 GiB of weights, a few GiB of KV at gpu_memory_utilization 0.97 ----------
 B70=(--shape llama-3.3-70b --requests 64 --cb-requests 0 --batch1-requests 1
     --max-batched-tokens 4096)
-section "70B bf16" bench 120 60 bench "70B bf16" "${B70[@]}" --gpu-memory-utilization 0.97
+section "70B bf16" bench 150 60 bench "70B bf16" "${B70[@]}" --gpu-memory-utilization 0.97
 section "70B bf16" serve 75 40 serve "70B bf16" --model "$SHAPES/llama-3.3-70b" \
     --load-format dummy --gpu-memory-utilization 0.97
 
 # -- f. 70B fp8 --------------------------------------------------------------------------------
 if [ -f engine/fp8.py ]; then
-    section "70B fp8" bench 90 45 bench "70B fp8" "${B70[@]}" --quantization fp8
+    section "70B fp8" bench 120 45 bench "70B fp8" "${B70[@]}" --quantization fp8
     section "70B fp8" serve 60 35 serve "70B fp8" --model "$SHAPES/llama-3.3-70b" \
         --load-format dummy --quantization fp8
 else

@@ -104,7 +104,7 @@ def main() -> int:
     if built:
         results["dummy weights GiB / build s"] = f"{built.group(1)} / {built.group(2)}"
     for line in section.splitlines():
-        if " ERROR " in line or "Traceback" in line or "KV cache" in line:
+        if any(key in line for key in (" ERROR ", "Traceback", "KV cache", "autotune:")):
             print(f"  log: {line}")
     for measure, value in results.items():
         print(f"{args.label}: serve {measure}: {value}", flush=True)

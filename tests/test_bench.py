@@ -131,3 +131,25 @@ def test_serve_check_answers_a_chat_on_a_dummy_model(tmp_path, smollm_tokenizer_
     rows = {row["measure"]: row["value"] for row in map(json.loads, results.open())}
     assert rows["serve: chat completion tokens"] == 8 and rows["serve: exit code"] == 0
     assert rows["serve: KV capacity tokens (ready line)"] > 0
+
+
+def test_gpu_bench_engines_keep_the_memory_share_and_autotune() -> None:
+    """Every engine the bench builds gets --gpu-memory-utilization (a 70B bf16 needs 0.97)."""
+    import argparse
+
+    from bench.engine_bench import engine_limits
+    from bench.gpu_bench import workload
+    from engine.config import EngineLimits
+
+    args = argparse.Namespace(
+        shape="llama-3.3-70b",
+        device="cuda",
+        kv_memory=None,
+        max_batched_tokens=4096,
+        gpu_memory_utilization=0.97,
+        autotune="off",
+    )
+    many = workload(args, requests=64, prompt_len=1024, output_len=128, concurrency=64)
+    limits = EngineLimits(**engine_limits(many))
+    assert limits.gpu_memory_utilization == 0.97 and limits.autotune == "off"
+    assert limits.max_num_seqs == 64 and limits.max_num_batched_tokens == 4096
