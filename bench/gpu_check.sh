@@ -145,3 +145,4 @@ fi
 echo "== summary ($((SECONDS - START)) s in all) =="
 record setup "total s" "$((SECONDS - START))"
 python3 bench/gpu_summary.py "$RESULTS" | tee "$OUT/summary.txt"
+sleep 1  # let tee write the last lines
