@@ -48,6 +48,16 @@ SHAPES = {
         max_position_embeddings=131072,
         rope_theta=500000.0,
     ),
+    "llama-3.3-70b": dict(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    ),
     "tiny": dict(
         vocab_size=49152,
         hidden_size=64,
@@ -68,6 +78,7 @@ class Result:
     ttfts: list[float]
     decode_tok_s: float | None = None  # after every request has its first token
     setup_seconds: float = 0.0  # engine build: KV cache, CUDA graph capture
+    kv_capacity_tokens: int = 0  # the engine's KV cache
 
     @property
     def tok_s(self) -> float:
@@ -137,7 +148,7 @@ def engine_limits(args: argparse.Namespace) -> dict:
         limits["max_num_batched_tokens"] = args.max_batched_tokens
     if getattr(args, "decode_kernel", None):
         limits["decode_kernel"] = args.decode_kernel
-    for name in ("cuda_graphs", "fused_kernels"):
+    for name in ("cuda_graphs", "fused_kernels", "gpu_memory_utilization", "autotune"):
         if getattr(args, name, None) is not None:
             limits[name] = getattr(args, name)
     return limits
@@ -214,6 +225,7 @@ def bench_hearth(loaded: LoadedModel, prompts, args, grammar: Grammar | None = N
             share = masking[0] / result.seconds
             print(f"grammar masks: {masking[1]} calls, {masking[0]:.2f} s ({share:.1%} of the run)")
         result.setup_seconds = built
+        result.kv_capacity_tokens = engine.core.kv_capacity_tokens
         return result
     finally:
         engine.shutdown()

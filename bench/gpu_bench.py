@@ -1,15 +1,21 @@
-"""GPU benchmark: batch-1 decode against the bandwidth bound, and 256 x 1024/128 vs transformers CB.
+"""GPU benchmark of one model shape: batch-1 decode against the bandwidth bound, then N x 1024/128
+(against transformers' continuous batching where asked).
 
-    python bench/gpu_bench.py            # one H100/H200: Llama-3.1-8B shape, random bf16, < 8 min
-    python bench/gpu_bench.py --small    # CPU: a tiny shape and workload (checks the bench itself)
+    python bench/gpu_bench.py                  # Llama-3.1-8B shape, bf16, 256 x 1024/128 vs CB
+    python bench/gpu_bench.py --shape llama-3.3-70b --requests 64 --cb-requests 0 \\
+        --gpu-memory-utilization 0.97         # 70B bf16 on one H200
+    python bench/gpu_bench.py --quantization fp8 ...    # fp8 decoder layers (engine/fp8.py)
+    python bench/gpu_bench.py --small          # CPU: a tiny shape (checks the bench itself)
 
-No downloads: the model is built from a config with random weights. Prints one table with the
-targets of issue 6 and each figure's same-run baseline.
+No downloads: the model is built on the device with random weights (engine/dummy.py, what
+`load_format: dummy` does). Prints one table; with --json, one JSON line per figure as well
+(bench/gpu_summary.py gathers them into the device check's table).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -22,16 +28,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_bench import (
+    SHAPES,
+    _NullTokenizer,
     bench_hearth,
     bench_transformers_cb,
     free_device_memory,
-    load,
     make_prompts,
     plain_model,
     sync,
 )
-from engine.loader import configure_cpu_threads
+from engine.config import ModelConfig
+from engine.dummy import build_dummy_model, fp8_quantizer, model_bytes
+from engine.loader import LoadedModel, configure_cpu_threads
 from engine.runner import kv_bytes_per_token
+from engine.sources import resolve_source
 
 TARGETS = {"batch1_tok_s": 150.0, "throughput_tok_s": 5000.0, "vs_cb": 1.5}
 
@@ -52,50 +62,116 @@ def copy_bandwidth(device: str, nbytes: int, repeats: int = 10) -> float:
     return 2 * nbytes * repeats / seconds
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes a decode step reads of the model: parameters and buffers (fp8 scales included)."""
+    return model_bytes(model)
 
 
 def workload(args: argparse.Namespace, **values) -> argparse.Namespace:
-    """engine_bench's arguments for one workload."""
+    """engine_bench's arguments for one workload; kernels unset: the engine's defaults."""
     base = dict(
         source=None,
         shape=args.shape,
         device=args.device,
         kv_memory=args.kv_memory,
         max_batched_tokens=args.max_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        autotune=args.autotune,
         sequential=0,
         repeat=1,
     )
     return argparse.Namespace(**{**base, **values})
 
 
-def main() -> None:
+def build(args: argparse.Namespace) -> tuple[LoadedModel, float]:
+    """The shape's model with random weights on the device (fp8 layers when asked), and the
+    seconds the build took."""
+    from transformers import LlamaConfig
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    quantize = fp8_quantizer() if args.quantization == "fp8" else None
+    started = time.perf_counter()
+    model = build_dummy_model(LlamaConfig(**SHAPES[args.shape]), args.device, dtype, quantize)
+    seconds = time.perf_counter() - started
+    max_len = args.prompt_len + args.output_len + 16
+    engine = {"gpu_memory_utilization": args.gpu_memory_utilization, "autotune": args.autotune}
+    config = ModelConfig(
+        id=args.shape,
+        source=args.shape,
+        device=args.device,
+        max_model_len=max_len,
+        load_format="dummy",
+        quantization="fp8" if quantize else "none",
+        engine=engine,
+    )
+    loaded = LoadedModel(
+        config,
+        resolve_source("a/b"),
+        "",
+        model,
+        _NullTokenizer(),
+        torch.device(args.device),
+        dtype,
+        max_len,
+    )
+    return loaded, seconds
+
+
+class Report:
+    """Rows of the printed table, each also written as a JSON line to --json."""
+
+    def __init__(self, label: str, json_path: str | None) -> None:
+        self.label, self.json_path = label, json_path
+        self.rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(
+        self, measure: str, value: float | str, baseline: str = "", ratio: str = "", target=""
+    ) -> None:
+        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        self.rows.append((measure, shown, baseline, ratio, target))
+        if self.json_path:
+            line = dict(section=self.label, measure=measure, value=value, baseline=baseline)
+            line.update(ratio=ratio, target=target)
+            with open(self.json_path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(line) + "\n")
+
+    def print(self) -> None:
+        rows = [("measure", "value", "baseline", "ratio", "target"), *self.rows]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shape on CPU, seconds")
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"])
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--batch1-tokens", type=int, default=128, help="prompt and output")
+    parser.add_argument("--batch1-requests", type=int, default=2, help="run one at a time")
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
-    parser.add_argument("--kv-memory", default=None)
-    parser.add_argument("--skip-cb", action="store_true")
+    parser.add_argument("--kv-memory", default=None, help="KV budget; default: GPU memory share")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument(
-        "--kernels",
-        default="sdpa,triton+graphs,triton+graphs+fused",
-        help="variants (comma list): decode kernel sdpa or triton, +graphs (CUDA graphs), "
-        "+fused (Triton RMSNorm and SiLU * up); only sdpa runs without CUDA and Triton",
+        "--autotune",
+        default="auto",
+        choices=["auto", "off", "remeasure"],
+        help="engine.autotune of every engine built (auto: measured once per shape and limits)",
     )
+    parser.add_argument(
+        "--cb-requests",
+        type=int,
+        default=None,
+        help="transformers CB on the first N requests (default: all; 0: skip), and hearth on "
+        "the same N when N is fewer than --requests",
+    )
+    parser.add_argument("--label", default=None, help="section name in the JSON lines")
+    parser.add_argument("--json", default=None, metavar="PATH", help="append JSON lines here")
     args = parser.parse_args()
-    args.shape, args.device = "llama-3.1-8b", "cuda"
+    args.device = "cuda"
     if args.small:
         args.shape, args.device = "tiny", "cpu"
         args.requests, args.prompt_len, args.output_len, args.batch1_tokens = 8, 64, 16, 16
@@ -103,7 +179,23 @@ def main() -> None:
         configure_cpu_threads()
     elif not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --small for the CPU check")
+    if args.cb_requests is None:  # --small: CB on half, so that the subset path runs too
+        args.cb_requests = args.requests // 2 if args.small else args.requests
+    args.cb_requests = min(args.cb_requests, args.requests)
+    args.label = args.label or f"{args.shape} {'fp8' if args.quantization == 'fp8' else 'bf16'}"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     started = time.perf_counter()
+    report = Report(args.label, args.json)
+    # Before the model: a 70B bf16 leaves no room for the copy's buffers.
+    bandwidth = copy_bandwidth(args.device, 256 << 20 if args.small else 4 << 30)
+    loaded, build_seconds = build(args)
+    weights = weight_bytes(loaded.model)
+    report.add("model build s (random weights on the device)", build_seconds)
+    report.add("weights GiB", f"{weights / 2**30:.2f}")
     big = workload(
         args,
         requests=args.requests,
@@ -111,59 +203,89 @@ def main() -> None:
         output_len=args.output_len,
         concurrency=args.requests,
     )
-    loaded = load(big)
     one = workload(
         args,
-        requests=2,
+        requests=args.batch1_requests,
         prompt_len=args.batch1_tokens,
         output_len=args.batch1_tokens,
         concurrency=1,
+        kv_memory=args.kv_memory or "1GiB",  # a few blocks: the rest stays free for the next
     )
     vocab = loaded.model.config.vocab_size
-    bandwidth = copy_bandwidth(args.device, 256 << 20 if args.small else 4 << 30)
-    weights = weight_bytes(loaded.model)
     # Bytes a batch-1 decode step reads: every weight, and the KV of the average context.
     kv = kv_bytes_per_token(loaded.model, loaded.dtype) * int(args.batch1_tokens * 1.5)
     bound = bandwidth / (weights + kv)
-    # The engine as configured by default, then with the Triton decode kernel where it can run.
-    kernels = args.kernels.split(",")
-    if args.device != "cuda" or not _has_triton():
-        kernels = [kernel for kernel in kernels if kernel == "sdpa"]
+    report.add("copy bandwidth GB/s (read + write)", bandwidth / 1e9)
     prompts = make_prompts(big, vocab)
-    batch1, hearth = {}, {}
-    for kernel in kernels:
-        parts = kernel.split("+")
-        for ns in (one, big):
-            ns.decode_kernel = parts[0]
-            ns.cuda_graphs = "graphs" in parts
-            ns.fused_kernels = "fused" in parts
-        try:  # a variant that fails (a kernel that does not compile, say) leaves the others
-            batch1[kernel] = bench_hearth(loaded, make_prompts(one, vocab), one)
-            free_device_memory(args.device)
-            hearth[kernel] = bench_hearth(loaded, prompts, big)
-        except Exception:  # reported, and the table shows what did run
+    stages = [("batch1", one, make_prompts(one, vocab)), ("many", big, prompts)]
+    same = None
+    if 0 < args.cb_requests < args.requests:  # hearth on CB's subset: the same workload
+        same = workload(
+            args,
+            requests=args.cb_requests,
+            prompt_len=args.prompt_len,
+            output_len=args.output_len,
+            concurrency=args.cb_requests,
+        )
+        stages.append(("same", same, prompts[: args.cb_requests]))
+    workload_name = f"{args.requests} x {args.prompt_len}/{args.output_len}"
+    results = {}
+    for name, ns, stage_prompts in stages:
+        try:  # a failing stage (out of memory, say) leaves the others
+            results[name] = bench_hearth(loaded, stage_prompts, ns)
+        except Exception:  # reported; the table shows what did run
             traceback.print_exc()
-            batch1.pop(kernel, None)
             continue
         finally:
             free_device_memory(args.device)
-        many = hearth[kernel]
+        r = results[name]
         print(
-            f"partial: {kernel}: batch 1 {batch1[kernel].tok_s:.1f} tok/s (bound {bound:.1f}); "
-            f"{args.requests} requests {many.tok_s:.1f} tok/s, decode phase "
-            f"{many.decode_tok_s or 0:.1f} tok/s, TTFT p50 {many.ttft(0.5):.2f} s; "
-            f"engine builds {batch1[kernel].setup_seconds:.1f} s / {many.setup_seconds:.1f} s",
+            f"partial: {name}: {r.tok_s:.1f} tok/s, decode phase {r.decode_tok_s or 0:.1f}, "
+            f"TTFT p50 {r.ttft(0.5):.2f} s, engine build {r.setup_seconds:.1f} s, KV cache "
+            f"{r.kv_capacity_tokens} tokens",
             flush=True,
         )
+        # Rows as soon as they are measured: a run stopped later still reports them.
+        if name == "batch1":
+            report.add(
+                f"batch-1 decode tok/s ({args.batch1_tokens}/{args.batch1_tokens})",
+                r.tok_s,
+                f"bound {bound:.1f}",
+                f"{r.tok_s / bound:.0%}",
+                f">= {TARGETS['batch1_tok_s']:.0f}" if args.shape == "llama-3.1-8b" else "",
+            )
+        elif name == "many":
+            target = f">= {TARGETS['throughput_tok_s']:.0f}" if args.shape == "llama-3.1-8b" else ""
+            report.add(f"{workload_name} out tok/s", r.tok_s, "", "", target)
+            report.add(f"{workload_name} decode phase out tok/s", r.decode_tok_s or 0.0)
+            report.add(
+                f"{workload_name} TTFT p50 / p99 s", f"{r.ttft(0.5):.2f} / {r.ttft(0.99):.2f}"
+            )
+            report.add(f"{workload_name} KV cache tokens", str(r.kv_capacity_tokens))
     # The baseline last: hearth's engines have freed the GPU memory they sized for themselves.
-    cb = None
-    if not args.skip_cb:
+    if args.cb_requests:
+        cb_args = same or big
+        cb_name = f"{args.cb_requests} x {args.prompt_len}/{args.output_len}"
         try:
-            cb = bench_transformers_cb(plain_model(loaded), prompts, big)
-            print(f"partial: transformers CB {cb.tok_s:.1f} tok/s", flush=True)
-        except Exception:  # the table then has no baseline column
+            cb = bench_transformers_cb(plain_model(loaded), prompts[: args.cb_requests], cb_args)
+        except Exception:  # the table then has no baseline
             traceback.print_exc()
+            cb = None
         free_device_memory(args.device)
+        ours = results.get("same" if same is not None else "many")
+        if cb is not None:
+            print(f"partial: transformers CB {cb.tok_s:.1f} tok/s", flush=True)
+            report.add(
+                f"{cb_name} out tok/s, transformers CB (TTFT p50 {cb.ttft(0.5):.2f} s)", cb.tok_s
+            )
+        if cb is not None and ours is not None:
+            report.add(
+                f"{cb_name} out tok/s, hearth vs CB (same prompts, same run)",
+                ours.tok_s,
+                f"CB {cb.tok_s:.1f}",
+                f"{ours.tok_s / cb.tok_s:.2f}x",
+                f">= {TARGETS['vs_cb']}x CB",
+            )
     # A copy of the tree on a GPU machine may carry stale git metadata: the launcher can say.
     commit = (
         os.environ.get("HEARTH_COMMIT")
@@ -173,47 +295,11 @@ def main() -> None:
     )
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
-        f"device {device}; torch {torch.__version__}; commit {commit}; shape {args.shape} "
-        f"({weights / 1e9:.2f} GB of weights, {loaded.dtype}); copy bandwidth "
-        f"{bandwidth / 1e9:.0f} GB/s; {time.perf_counter() - started:.0f} s in all"
+        f"{args.label}: device {device}; torch {torch.__version__}; commit {commit}; shape "
+        f"{args.shape} ({weights / 1e9:.2f} GB of weights, {loaded.dtype}, quantization "
+        f"{args.quantization}); {time.perf_counter() - started:.0f} s in all"
     )
-    rows = [("measure", "value", "baseline", "ratio", "target")]
-    for kernel in hearth:
-        tag = "" if kernel == "sdpa" else f" [{kernel}]"
-        one_s, many = batch1[kernel], hearth[kernel]
-        rows += [
-            (
-                f"batch-1 decode tok/s ({args.batch1_tokens}/{args.batch1_tokens}){tag}",
-                f"{one_s.tok_s:.1f}",
-                f"bound {bound:.1f}",
-                f"{one_s.tok_s / bound:.0%}",
-                f">= {TARGETS['batch1_tok_s']:.0f}",
-            ),
-            (
-                f"{args.requests} x {args.prompt_len}/{args.output_len} out tok/s{tag}",
-                f"{many.tok_s:.1f}",
-                f"CB {cb.tok_s:.1f}" if cb else "-",
-                f"{many.tok_s / cb.tok_s:.2f}x" if cb else "-",
-                f">= {TARGETS['throughput_tok_s']:.0f}, >= {TARGETS['vs_cb']}x CB",
-            ),
-            (
-                f"decode phase out tok/s{tag}",
-                f"{many.decode_tok_s or 0:.1f}",
-                "",
-                "",
-                "",
-            ),
-            (
-                f"TTFT p50 / p99 s{tag}",
-                f"{many.ttft(0.5):.2f} / {many.ttft(0.99):.2f}",
-                f"CB {cb.ttft(0.5):.2f} / {cb.ttft(0.99):.2f}" if cb else "-",
-                "",
-                "",
-            ),
-        ]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    report.print()
 
 
 if __name__ == "__main__":

@@ -1,42 +1,148 @@
 #!/usr/bin/env bash
-# One GPU session (device tool): versions, CUDA correctness of every decode path, then gpu_bench.
+# One H200 device session, in priority order, ending within GPU_CHECK_BUDGET seconds (535):
+#   a. versions, the GPU, the machine          d. 8B fp8: batch 1, 256 x 1024/128; fp8_check
+#   b. correctness (gpu_smoke)                 e. 70B bf16 (dummy): batch 1, 64 x 1024/128, serve
+#   c. 8B bf16: batch 1, 256 x 1024/128, CB    f. 70B fp8 (dummy): batch 1, 64 x 1024/128, serve
+# Each section runs in its own process under its own timeout (the GPU is free again after it);
+# one that fails or times out never stops the next; one that no longer fits is skipped and
+# says so. Ends with one table (bench/gpu_summary.py over $OUT/results.jsonl).
 # Needs .whl/ (fastapi, uvicorn, pydantic, llguidance... for python 3.12) and .gpu/tokenizer.
-#   HEARTH_COMMIT=$(git rev-parse --short HEAD) bench/gpu_check.sh [gpu_bench arguments...]
+#   HEARTH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
 # (the commit is passed in: the device's copy of the tree may carry stale git metadata)
+# Files in $OUT: check.log (everything), serve.log (the servers), results.jsonl, summary.txt.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+BUDGET=${GPU_CHECK_BUDGET:-535}  # seconds from start to the end of the summary
+RESERVE=15                       # the summary, and a killed section's 10 s of grace
+CB_REQUESTS=${GPU_CB_REQUESTS:-64}  # transformers CB is slow (~230 tok/s): a subset of the 256
+START=$SECONDS
+RESULTS=$OUT/results.jsonl
+SHAPES=/tmp/hearth-shapes
+exec > >(tee -a "$OUT/check.log") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+export TOKENIZERS_PARALLELISM=false HEARTH_COMMIT=${HEARTH_COMMIT:-unknown}
 
-echo "== CUDA correctness: Triton kernel vs float64; sdpa / triton / graphs vs generate() =="
-timeout 100 python3 bench/gpu_smoke.py --tokenizer .gpu/tokenizer --out /tmp/tiny-llama 2>&1 \
-    | grep -v "it/s]" | tee "$OUT/smoke.log"
+record() {  # record SECTION MEASURE VALUE: one JSON line for the summary
+    python3 -c 'import json, sys; print(json.dumps(dict(section=sys.argv[1], measure=sys.argv[2],
+value=sys.argv[3])))' "$1" "$2" "$3" >> "$RESULTS"
+}
 
-echo "== hearth serve on CUDA (defaults) =="
-timeout 60 python3 -m hearth serve --model /tmp/tiny-llama --port 8000 > "$OUT/serve.log" 2>&1 &
-SERVER=$!
-timeout 50 python3 - <<'PY'
-import json, time, urllib.request
-for _ in range(90):
-    try:
-        if urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2).status == 200:
-            break
-    except Exception:
-        time.sleep(0.5)
-body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-req = urllib.request.Request("http://127.0.0.1:8000/v1/chat/completions",
-                             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-print(json.loads(urllib.request.urlopen(req, timeout=30).read())["usage"])
-PY
-kill -TERM $SERVER; wait $SERVER; echo "serve exit code $?"
-grep -E "decode attention|ready|ERROR|Traceback" "$OUT/serve.log"
+gpu_idle() {  # wait (10 s at most) until the last section's process has left the GPU
+    local used
+    for _ in $(seq 20); do
+        used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)
+        [ "${used:-0}" -lt 2000 ] 2>/dev/null && return
+        sleep 0.5
+    done
+    echo "note: GPU memory still in use: ${used:-?} MiB"
+}
 
-echo "== gpu_bench: batch 1 vs bandwidth bound; 256 x 1024/128 vs transformers CB =="
-timeout "${GPU_BENCH_TIMEOUT:-400}" python3 bench/gpu_bench.py "$@" 2>&1 | grep -v "it/s]" \
-    | tee "$OUT/gpu_bench.log"
+# section NAME MEASURE CAP MIN COMMAND...: COMMAND under a timeout of CAP seconds, cut to the
+# time left; skipped when less than MIN seconds are left. Records "ok (N s)", "TIMEOUT",
+# "FAILED rc=N" or "skipped".
+section() {
+    local name=$1 measure=$2 cap=$3 min=$4
+    shift 4
+    local left=$((BUDGET - RESERVE - (SECONDS - START)))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < min)); then
+        echo "== $name: $measure SKIPPED (${left} s left, needs ${min} s)"
+        record "$name" "$measure" "skipped: ${left} s left"
+        return
+    fi
+    echo "== $name: $measure (timeout ${limit} s, $((SECONDS - START)) s so far) =="
+    local began=$SECONDS rc
+    # timeout signals its whole process group: the section's servers and children too.
+    timeout -k 10 "$limit" bash -c '"$@"' section "$@"
+    rc=$?
+    local took=$((SECONDS - began)) state
+    case $rc in
+        0) state="ok" ;;
+        124 | 137) state="TIMEOUT" ;;
+        *) state="FAILED rc=$rc" ;;
+    esac
+    echo "== $name: $measure: $state after ${took} s"
+    record "$name" "$measure" "$state (${took} s)"
+    gpu_idle
+}
+
+bench() {  # bench LABEL GPU_BENCH_ARGS...
+    local label=$1
+    shift
+    python3 bench/gpu_bench.py --label "$label" --json "$RESULTS" "$@"
+}
+
+serve() {  # serve LABEL HEARTH_SERVE_ARGS...
+    local label=$1
+    shift
+    python3 bench/serve_check.py --label "$label" --log "$OUT/serve.log" --json "$RESULTS" \
+        --ready-timeout 120 -- "$@"
+}
+
+export OUT RESULTS SHAPES
+export -f record bench serve
+
+# -- setup: the server's packages, the shapes' checkpoint dirs (config.json + tokenizer) --------
+if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    echo "wheels: install failed (every section needs pydantic)"
+    export PYTHONPATH=$PWD
+fi
+record setup commit "$HEARTH_COMMIT"
+section setup "checkpoint dirs" 60 5 python3 bench/shapes.py "$SHAPES" --tokenizer .gpu/tokenizer
+
+# -- a. versions, GPU, machine -----------------------------------------------------------------
+versions() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem \
+        --format=csv,noheader
+    record setup GPU "$(nvidia-smi --query-gpu=name,memory.total,driver_version \
+        --format=csv,noheader | head -1)"
+    record setup versions "$(python3 -c 'import torch, transformers, triton; print("torch",
+torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)')"
+    record setup machine "$(python3 bench/machine.py)"
+}
+export -f versions
+section setup versions 30 5 versions
+
+# -- b. correctness: Triton kernel vs float64, every decode path vs generate() ----------------
+section correctness "gpu_smoke (kernel vs float64, paths vs generate)" 90 30 \
+    python3 bench/gpu_smoke.py --tokenizer .gpu/tokenizer --out /tmp/tiny-llama
+
+# -- c. 8B bf16 --------------------------------------------------------------------------------
+section "8B bf16" bench 180 60 bench "8B bf16" --shape llama-3.1-8b --requests 256 \
+    --cb-requests "$CB_REQUESTS"
+
+# -- d. 8B fp8 ---------------------------------------------------------------------------------
+if [ -f engine/fp8.py ]; then
+    section "8B fp8" bench 90 45 bench "8B fp8" --shape llama-3.1-8b --quantization fp8 \
+        --requests 256 --cb-requests 0
+    if [ -f bench/fp8_check.py ]; then
+        section "8B fp8" "fp8_check (fp8 vs bf16 logits)" 45 15 python3 bench/fp8_check.py
+    fi
+else
+    record "8B fp8" bench "skipped: no engine/fp8.py"
+fi
+
+# -- e. 70B bf16: 131 GiB of weights, a few GiB of KV at gpu_memory_utilization 0.97 ----------
+B70=(--shape llama-3.3-70b --requests 64 --cb-requests 0 --batch1-requests 1
+    --max-batched-tokens 4096)
+section "70B bf16" bench 150 60 bench "70B bf16" "${B70[@]}" --gpu-memory-utilization 0.97
+section "70B bf16" serve 75 40 serve "70B bf16" --model "$SHAPES/llama-3.3-70b" \
+    --load-format dummy --gpu-memory-utilization 0.97
+
+# -- f. 70B fp8 --------------------------------------------------------------------------------
+if [ -f engine/fp8.py ]; then
+    section "70B fp8" bench 120 45 bench "70B fp8" "${B70[@]}" --quantization fp8
+    section "70B fp8" serve 60 35 serve "70B fp8" --model "$SHAPES/llama-3.3-70b" \
+        --load-format dummy --quantization fp8
+else
+    record "70B fp8" bench "skipped: no engine/fp8.py"
+fi
+
+echo "== summary ($((SECONDS - START)) s in all) =="
+record setup "total s" "$((SECONDS - START))"
+python3 bench/gpu_summary.py "$RESULTS" | tee "$OUT/summary.txt"
+sleep 1  # let tee write the last lines

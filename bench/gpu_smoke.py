@@ -1,6 +1,6 @@
 """CUDA smoke check: the Triton decode kernel against float64 attention, and hearth's engine
 (sdpa, triton, triton + CUDA graphs, the defaults) on tiny random Llama and Qwen2 models against
-transformers' generate().
+transformers' generate(); the Llama again with load_format dummy (random weights built on the GPU).
 
     python bench/gpu_smoke.py --tokenizer DIR --out /tmp/tiny-llama
 Builds the checkpoints (so `hearth serve --model OUT` can serve the Llama), then compares the
@@ -149,9 +149,15 @@ def main() -> None:
     qwen2 = args.out.with_name(args.out.name + "-qwen2")
     build(qwen2, args.tokenizer, "qwen2")
     compare(qwen2, args.device, prompts, {"sdpa": VARIANTS["sdpa"], "defaults (qwen2)": {}})
+    # load_format dummy: the same config, random weights built on the GPU (seeded: every load
+    # builds the same model, so the first one's generate() is every variant's reference).
+    dummy = {"sdpa": VARIANTS["sdpa"], "defaults (load_format dummy)": {}}
+    compare(args.out, args.device, prompts, dummy, load_format="dummy")
 
 
-def compare(path: Path, device: str, prompts: list[list[int]], variants: dict) -> None:
+def compare(
+    path: Path, device: str, prompts: list[list[int]], variants: dict, load_format: str = "auto"
+) -> None:
     """Each variant's greedy tokens against generate() of the stock model, fp32 and bf16."""
     for dtype in ("float32", "bfloat16"):
         reference = None
@@ -161,6 +167,7 @@ def compare(path: Path, device: str, prompts: list[list[int]], variants: dict) -
                 source=str(path),
                 device=device,
                 dtype=dtype,
+                load_format=load_format,
                 engine={
                     "kv_cache_memory": "256MiB",
                     "max_num_batched_tokens": 128,

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from engine import distributed
 from engine.core import EngineCore, FatalStepError, kv_budget_bytes
 from engine.loader import LoadedModel, LoadError
@@ -241,6 +243,21 @@ def kv_blocks(loaded: LoadedModel) -> int:
     return distributed.agree_min(kv_budget_bytes(limits, loaded.device) // per_block)
 
 
+def _memory(loaded: LoadedModel) -> str:
+    """Why the KV budget is empty, with the figures to fix it."""
+    limits = loaded.config.engine
+    if limits.kv_cache_memory is not None or loaded.device.type != "cuda":
+        return f"kv_cache_memory {limits.kv_cache_memory}: raise it"
+    free, total = torch.cuda.mem_get_info(loaded.device)
+    used, allowed = total - free, total * limits.gpu_memory_utilization
+    return (
+        f"{used / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB are in use, "
+        f"gpu_memory_utilization {limits.gpu_memory_utilization} allows {allowed / 2**30:.1f} "
+        f"GiB for weights and KV: raise it to {min(1.0, (used + 2**30) / total + 0.01):.2f} "
+        "or more, or set kv_cache_memory"
+    )
+
+
 def follow(loaded: LoadedModel) -> None:
     """A tensor-parallel rank other than 0: run rank 0's steps on this rank's shard until it
     shuts down (every rank sizes the same cache, so block ids mean the same everywhere)."""
@@ -260,10 +277,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
     limits = loaded.config.engine
     num_blocks = kv_blocks(loaded)
     if num_blocks < 2:
-        raise MemoryError(
-            f"{loaded.config.id}: no memory left for the KV cache (raise gpu_memory_utilization "
-            "or kv_cache_memory)"
-        )
+        raise MemoryError(f"{loaded.config.id}: no memory for the KV cache ({_memory(loaded)})")
     tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
     tp_size = loaded.config.tensor_parallel_size
     try:
@@ -272,7 +286,14 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         )
     except ValueError as exc:  # an engine setting this model or machine cannot run: one line
         raise LoadError(f"{loaded.config.id}: {exc}") from None
-    log.info("%s: %s", loaded.config.id, core.runner.kernels.describe())
+    per_token = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size)
+    log.info(
+        "%s: KV cache %d tokens (%.2f GiB), %s",
+        loaded.config.id,
+        core.kv_capacity_tokens,
+        core.kv_capacity_tokens * per_token / 2**30,
+        core.runner.kernels.describe(),
+    )
     defaults = loaded.config.defaults.model_dump(exclude_none=True)
     vocab = getattr(loaded.tokenizer, "get_vocab", dict)()
     longest = max((len(token) for token in vocab), default=64)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from engine import distributed
+from engine import distributed, dummy
 from engine.config import ModelConfig
 from engine.fp8_checkpoint import load_fp8_model
 from engine.gguf_cache import converted_checkpoint
@@ -62,7 +62,7 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def hub_snapshot(repo_id: str, revision: str | None) -> str:
+def hub_snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = None) -> str:
     """A hub id from the local cache; downloaded only when online and HF_HUB_OFFLINE is unset."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_OFFLINE
@@ -71,7 +71,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> str:
         return snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=_DOWNLOAD_PATTERNS,
+            allow_patterns=patterns or _DOWNLOAD_PATTERNS,
             local_files_only=HF_HUB_OFFLINE,
         )
     except Exception as exc:
@@ -109,10 +109,12 @@ def load_model(
     base_dir: Path | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer; `device` / `dtype` override the config when given."""
-    if config.quantization == "gguf" or config.load_format != "auto":
-        raise LoadError(f"{config.id}: quantization / load_format: not implemented yet")
     device_name = pick_device(device or config.device)
     torch_dtype = pick_dtype(dtype or config.dtype, device_name)
+    if config.load_format == "dummy":
+        return _load_dummy(config, source, device_name, torch_dtype, base_dir)
+    if config.quantization == "gguf":
+        raise LoadError(f"{config.id}: quantization gguf: not implemented yet")
     path = checkpoint_dir(source, config, torch_dtype)
     trust = config.trust_remote_code
     placement: dict[str, Any]
@@ -129,12 +131,7 @@ def load_model(
     else:
         placement = {"device_map": device_name}
     try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-        if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
-            raise LoadError(
-                f"{config.source}: attention logit softcapping (Gemma 2) is not implemented by "
-                "hearth's paged attention"
-            )
+        hf_config = _read_config(config, path)
         model = load_fp8_model(  # None unless fp8 is asked for or shipped (engine/fp8.py)
             path, hf_config, config.quantization, torch_dtype, placement, trust
         ) or AutoModelForCausalLM.from_pretrained(
@@ -144,6 +141,65 @@ def load_model(
     except (OSError, ValueError, KeyError) as exc:
         detail = " ".join(str(exc).split())[:300]
         raise LoadError(f"{config.source}: {type(exc).__name__}: {detail}") from None
+    return _loaded(config, source, path, hf_config, model, tokenizer, torch_dtype, base_dir)
+
+
+def _read_config(config: ModelConfig, path: str) -> Any:
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
+        raise LoadError(
+            f"{config.source}: attention logit softcapping (Gemma 2) is not implemented by "
+            "hearth's paged attention"
+        )
+    return hf_config
+
+
+def _load_dummy(
+    config: ModelConfig,
+    source: Source,
+    device_name: str,
+    torch_dtype: torch.dtype,
+    base_dir: Path | None,
+) -> LoadedModel:
+    """load_format dummy: config.json and the tokenizer from the checkpoint, random weights
+    built on the device (engine/dummy.py); `quantization: fp8` quantizes layer by layer."""
+    if source.kind not in ("dir", "hub"):
+        raise LoadError(f"{config.id}: load_format dummy needs a checkpoint directory or hub id")
+    if config.tensor_parallel_size > 1 or config.device_map is not None:
+        raise LoadError(f"{config.id}: load_format dummy builds on one device (no device_map/TP)")
+    if config.quantization not in ("auto", "none", "fp8"):
+        raise LoadError(f"{config.id}: load_format dummy: quantization {config.quantization}")
+    path = source.location
+    if source.kind == "hub":  # config and tokenizer files only
+        patterns = [p for p in _DOWNLOAD_PATTERNS if p != "*.safetensors"]
+        path = hub_snapshot(source.location, config.revision, patterns)
+    trust = config.trust_remote_code
+    try:
+        hf_config = _read_config(config, path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise LoadError(f"{config.source}: {type(exc).__name__}: {detail}") from None
+    try:
+        quantize = dummy.fp8_quantizer() if config.quantization == "fp8" else None
+        model = dummy.build_dummy_model(hf_config, device_name, torch_dtype, quantize, trust)
+    except (RuntimeError, ValueError) as exc:  # no engine.fp8, no decoder layers, out of memory
+        detail = " ".join(str(exc).split())[:300]
+        raise LoadError(f"{config.id}: load_format dummy: {detail}") from None
+    return _loaded(config, source, path, hf_config, model, tokenizer, torch_dtype, base_dir)
+
+
+def _loaded(
+    config: ModelConfig,
+    source: Source,
+    path: str,
+    hf_config: Any,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    torch_dtype: torch.dtype,
+    base_dir: Path | None,
+) -> LoadedModel:
+    """The LoadedModel of a built model: chat template, max_model_len, the input device."""
     model.eval()
     template = read_chat_template(config.chat_template, base_dir)
     if template is not None:

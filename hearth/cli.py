@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 30)",
     )
     serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        metavar="FRACTION",
+        help="override every model's engine.gpu_memory_utilization: the share of GPU memory "
+        "for weights plus KV cache (default 0.9; a model that nearly fills the GPU needs more)",
+    )
+    serve.add_argument(
         "--max-waiting",
         type=int,
         metavar="N",
@@ -284,7 +291,11 @@ def select_models(args: argparse.Namespace) -> Selection:
     }
     engine = {
         key: value
-        for key, value in (("max_waiting", args.max_waiting), ("autotune", args.autotune))
+        for key, value in (
+            ("max_waiting", args.max_waiting),
+            ("autotune", args.autotune),
+            ("gpu_memory_utilization", args.gpu_memory_utilization),
+        )
         if value is not None
     }
     if overrides or engine:
