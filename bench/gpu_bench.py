@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -171,6 +172,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label", default=None, help="section name in the JSON lines")
     parser.add_argument("--json", default=None, metavar="PATH", help="append JSON lines here")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("hearth").setLevel(logging.INFO)  # the autotune and KV lines
     args.device = "cuda"
     if args.small:
         args.shape, args.device = "tiny", "cpu"

@@ -8,6 +8,8 @@
 # says so. Ends with one table (bench/gpu_summary.py over $OUT/results.jsonl).
 # Needs .whl/ (fastapi, uvicorn, pydantic, llguidance... for python 3.12) and .gpu/tokenizer.
 #   HEARTH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
+# GPU_CHECK_PART=8b runs a-d, GPU_CHECK_PART=70b runs a, e, f (two calls back to back on a warm
+# machine fit a 15-minute device lease better than one); default: all.
 # (the commit is passed in: the device's copy of the tree may carry stale git metadata)
 # Files in $OUT: check.log (everything), serve.log (the servers), results.jsonl, summary.txt.
 set -u
@@ -107,39 +109,46 @@ torch.__version__, "transformers", transformers.__version__, "triton", triton.__
 export -f versions
 section setup versions 30 5 versions
 
+PART=${GPU_CHECK_PART:-all}
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+
 # -- b. correctness: Triton kernel vs float64, every decode path vs generate() ----------------
-section correctness "gpu_smoke (kernel vs float64, paths vs generate)" 90 30 \
+if want 8b; then
+section correctness "gpu_smoke (kernel vs float64, paths vs generate)" 75 30 \
     python3 bench/gpu_smoke.py --tokenizer .gpu/tokenizer --out /tmp/tiny-llama
 
-# -- c. 8B bf16 --------------------------------------------------------------------------------
+# -- c. 8B bf16 (kernels measured by autotune: the CUDA side of issue 13) -----------------------
 section "8B bf16" bench 180 60 bench "8B bf16" --shape llama-3.1-8b --requests 256 \
     --cb-requests "$CB_REQUESTS"
 
 # -- d. 8B fp8 ---------------------------------------------------------------------------------
 if [ -f engine/fp8.py ]; then
-    section "8B fp8" bench 90 45 bench "8B fp8" --shape llama-3.1-8b --quantization fp8 \
-        --requests 256 --cb-requests 0
     if [ -f bench/fp8_check.py ]; then
         section "8B fp8" "fp8_check (fp8 vs bf16 logits)" 45 15 python3 bench/fp8_check.py
     fi
+    section "8B fp8" bench 90 45 bench "8B fp8" --shape llama-3.1-8b --quantization fp8 \
+        --requests 256 --cb-requests 0
 else
     record "8B fp8" bench "skipped: no engine/fp8.py"
 fi
+fi
 
-# -- e. 70B bf16: 131 GiB of weights, a few GiB of KV at gpu_memory_utilization 0.97 ----------
+if want 70b; then
+# 70B: the kernels without measuring (autotune off: Triton, graphs, fused), to save the lease.
+# -- e/f. 70B bf16 and fp8: the benches first, then a chat request through hearth serve each --
+# bf16: 131 GiB of weights, a few GiB of KV at gpu_memory_utilization 0.97
 B70=(--shape llama-3.3-70b --requests 64 --cb-requests 0 --batch1-requests 1
-    --max-batched-tokens 4096)
+    --max-batched-tokens 4096 --autotune off)
 section "70B bf16" bench 150 60 bench "70B bf16" "${B70[@]}" --gpu-memory-utilization 0.97
-section "70B bf16" serve 75 40 serve "70B bf16" --model "$SHAPES/llama-3.3-70b" \
-    --load-format dummy --gpu-memory-utilization 0.97
-
-# -- f. 70B fp8 --------------------------------------------------------------------------------
 if [ -f engine/fp8.py ]; then
     section "70B fp8" bench 120 45 bench "70B fp8" "${B70[@]}" --quantization fp8
     section "70B fp8" serve 60 35 serve "70B fp8" --model "$SHAPES/llama-3.3-70b" \
-        --load-format dummy --quantization fp8
+        --load-format dummy --quantization fp8 --autotune off
 else
     record "70B fp8" bench "skipped: no engine/fp8.py"
+fi
+section "70B bf16" serve 75 40 serve "70B bf16" --model "$SHAPES/llama-3.3-70b" \
+    --load-format dummy --gpu-memory-utilization 0.97 --autotune off
 fi
 
 echo "== summary ($((SECONDS - START)) s in all) =="
