@@ -127,6 +127,8 @@ def candidates(
         uses_cpu = decode == "cpu" or matmul
         variants: list[str | None] = list(cpu_variants) if uses_cpu else [None]
         for graphs, variant in itertools.product(graph_opts, variants):
+            if graphs and decode != "triton":  # graphs asked for by name need the Triton kernel
+                continue
             out.append(Kernels(decode, graphs, fused, matmul, variant))
     if not out:  # explicit settings that no candidate satisfies: the static choice
         out = [static]

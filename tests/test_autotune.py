@@ -139,6 +139,22 @@ def test_candidates_hold_explicit_settings() -> None:
     assert candidates(EngineLimits(), {CPU}, 64, torch.bfloat16, ["avx2"]) == [SDPA]
 
 
+def test_candidates_on_one_gpu() -> None:
+    """What the CUDA side times: SDPA and Triton decode, graphs (Triton only), fused or not."""
+    pytest.importorskip("triton")
+    gpu = {torch.device("cuda", 0)}
+    every = candidates(EngineLimits(), gpu, 128, torch.bfloat16, [])
+    assert every[0] == SDPA and len(set(every)) == len(every) == 6
+    assert all(k.decode == "triton" for k in every if k.graphs)
+    assert not any(k.cpu_matmul for k in every)
+    pinned = candidates(EngineLimits(cuda_graphs=True), gpu, 128, torch.bfloat16, [])
+    assert {(k.decode, k.graphs) for k in pinned} == {("triton", True)}
+    assert candidates(EngineLimits(), gpu, 96, torch.bfloat16, [])[0] == SDPA  # untileable head
+    assert all(k.decode == "sdpa" for k in candidates(EngineLimits(), gpu, 96, torch.bfloat16, []))
+    two = {torch.device("cuda", 0), torch.device("cuda", 1)}  # device_map: SDPA only
+    assert candidates(EngineLimits(), two, 128, torch.bfloat16, []) == [SDPA]
+
+
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
