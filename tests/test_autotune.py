@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import autotune
+from engine import autotune, autotune_cache
 from engine.autotune import Result, Workload, measure, pick, workloads
 from engine.config import EngineLimits
 from engine.kernels import Kernels, candidates
@@ -115,19 +115,19 @@ def test_workloads_fit_the_cache(seqs, batched, max_len, blocks, block_size) -> 
 def test_the_cache_key_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_llama()
     limits = EngineLimits()
-    key = autotune.decision_key(model, CPU, torch.float32, limits, LOADS)
-    assert key == autotune.decision_key(model, CPU, torch.float32, limits, LOADS)
-    hardware = autotune._hardware(CPU)
-    monkeypatch.setattr(autotune, "_hardware", lambda _: {**hardware, "isa": "avx2 fma"})
-    other_cpu = autotune.decision_key(model, CPU, torch.float32, limits, LOADS)
-    assert autotune._path(other_cpu) != autotune._path(key)
+    key = autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
+    assert key == autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
+    hardware = autotune_cache._hardware(CPU)
+    monkeypatch.setattr(autotune_cache, "_hardware", lambda _: {**hardware, "isa": "avx2 fma"})
+    other_cpu = autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
+    assert autotune_cache._path(other_cpu) != autotune_cache._path(key)
     monkeypatch.undo()
     for changed in (
-        autotune.decision_key(model, CPU, torch.bfloat16, limits, LOADS),
-        autotune.decision_key(model, CPU, torch.float32, EngineLimits(block_size=32), LOADS),
-        autotune.decision_key(model, CPU, torch.float32, limits, LOADS[:2]),
+        autotune_cache.decision_key(model, CPU, torch.bfloat16, limits, LOADS),
+        autotune_cache.decision_key(model, CPU, torch.float32, EngineLimits(block_size=32), LOADS),
+        autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS[:2]),
     ):
-        assert autotune._path(changed) != autotune._path(key)
+        assert autotune_cache._path(changed) != autotune_cache._path(key)
 
 
 def test_candidates_hold_explicit_settings() -> None:
