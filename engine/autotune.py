@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from engine.autotune_cache import decision_key, load_decision, store_decision
+from engine.cpu_linear import MAX_ROWS as MATMUL_ROWS
 from engine.kernels import Kernels
 
 log = logging.getLogger("hearth.engine")
@@ -138,14 +139,18 @@ def measure(
     sync: Callable[[], None],
     want: dict[str, torch.Tensor],
     repeats: int = 5,
+    same_step: Callable[[Kernels, Workload], object] | None = None,
 ) -> list[Result]:
     """Time every candidate on every workload. `apply` switches the model to a candidate
     (returning what it could apply), `run` runs one step and returns its logits. The first
     (warm-up) run's logits are checked against `want` (workload name -> reference logits); an
     empty `want` is filled from the first candidate, which must then be the reference path
     and must run (its failure is raised). The best of `repeats` timed runs counts (prefill:
-    two fewer): the minimum is the least noisy estimate on a shared machine."""
+    two fewer): the minimum is the least noisy estimate on a shared machine. `same_step`
+    names the code path a candidate runs a workload on: a path already timed in this call is
+    not timed again (on CPU a prefill chunk runs the same MKL path whatever the decode kernel)."""
     results: list[Result] = []
+    timed: dict[object, float] = {}
     for kernels in cands:
         result = Result(kernels)
         is_reference = not want
@@ -154,6 +159,10 @@ def measure(
             if applied != kernels:
                 raise RuntimeError(f"could only apply {applied.describe()}")
             for load in loads:
+                path = same_step(kernels, load) if same_step else None
+                if path is not None and path in timed and not is_reference:
+                    result.times[load.name] = timed[path]
+                    continue
                 logits = run(load).float().cpu()
                 if is_reference:
                     want[load.name] = logits
@@ -166,6 +175,8 @@ def measure(
                     sync()
                     best = min(best, time.perf_counter() - start)
                 result.times[load.name] = best
+                if path is not None:
+                    timed[path] = best
         except Exception as exc:  # a candidate that cannot run here is simply not chosen
             if is_reference:
                 raise
@@ -226,11 +237,17 @@ def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -
     order = [reference] + [c for c in cands if c != reference]
     want: dict[str, torch.Tensor] = {}
 
+    def same_step(kernels: Kernels, load: Workload) -> object:
+        """A CPU prefill chunk past the packed matmul's rows runs MKL and SDPA whatever the
+        decode kernel and matmul: the same path for every candidate at one thread count."""
+        if on_cpu and load.prefill and load.context > MATMUL_ROWS:
+            return (load.name, kernels.threads)
+        return None
+
     def timed(kernels: list[Kernels]) -> list[Result]:
-        passes = [measure(run, apply, kernels, loads, runner.dtype, runner.sync, want)]
-        passes += [
-            measure(run, apply, kernels, loads, runner.dtype, runner.sync, want)
-            for _ in range(rounds - 1)
+        passes = [
+            measure(run, apply, kernels, loads, runner.dtype, runner.sync, want, 5, same_step)
+            for _ in range(rounds)
         ]
         return [_best(same) for same in zip(*passes, strict=True)]
 
