@@ -138,7 +138,7 @@ def measure(
     dtype: torch.dtype,
     sync: Callable[[], None],
     want: dict[str, torch.Tensor],
-    repeats: int = 5,
+    repeats: int = 3,
     same_step: Callable[[Kernels, Workload], object] | None = None,
 ) -> list[Result]:
     """Time every candidate on every workload. `apply` switches the model to a candidate
@@ -246,7 +246,7 @@ def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -
 
     def timed(kernels: list[Kernels]) -> list[Result]:
         passes = [
-            measure(run, apply, kernels, loads, runner.dtype, runner.sync, want, 5, same_step)
+            measure(run, apply, kernels, loads, runner.dtype, runner.sync, want, 3, same_step)
             for _ in range(rounds)
         ]
         return [_best(same) for same in zip(*passes, strict=True)]
