@@ -1,0 +1,226 @@
+"""Closing a grammar-constrained sample within its token budget, whatever gets sampled.
+
+Every constrained sample keeps a *closing plan*: a token path that takes its grammar matcher
+from where it is to an accepting state. A greedy walk over the grammar finds it: the bytes the
+grammar forces first, else the first allowed byte, in an order that closes what is open (a
+quote inside a JSON string; '}', ']', ',' and short values outside one). The plan's length c
+bounds the tokens still needed to finish; B is the budget left. The steer keeps c <= B:
+
+- while B > c + CLOSE_MARGIN, the sampled token is kept if the state after it has a plan of at
+  most B - 1 tokens; otherwise the row is sampled again among the model's top candidates that
+  have one, and the plan's first token, which always has (the rest of the plan);
+- once B <= c + CLOSE_MARGIN, sampling is restricted to tokens that shorten the plan (the
+  plan's first token always does) and, once the grammar accepts, to end-of-sequence.
+
+So c is 0 (the matcher accepts) by the budget's last token at the latest, for any sampled path,
+temperature or seed, provided c <= B held at the first token; when the budget is too small
+for even that, the steer still shortens the plan every step, and the sample ends cut off
+('length'). Logprobs stay the model's: only which tokens may be sampled changes.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import llguidance
+import torch
+
+from engine.sampling import sample
+from engine.types import SamplingParams
+
+CLOSE_MARGIN = 8  # tokens: closing starts this many tokens before the budget forces it
+CANDIDATES = 8  # the model's top tokens weighed when a row has to be steered
+PLAN_CAP = 4096  # tokens: a plan longer than this counts as none
+
+# Where the walk is, as far as JSON text goes: it picks which bytes to try first.
+OUTSIDE, IN_STRING, ESCAPED = 0, 1, 2
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_FIRST = {OUTSIDE: b'}],0"', IN_STRING: b'"0a', ESCAPED: b'n\\"'}
+_THEN = (
+    b"123456789"
+    + string.ascii_lowercase.encode()
+    + string.ascii_uppercase.encode()
+    + string.punctuation.encode()
+    + b" \t\n\r"
+)
+
+
+def scan(where: int, data: bytes) -> int:
+    """Where text is (OUTSIDE, IN_STRING, ESCAPED) after `data` follows text that was `where`."""
+    for byte in data:
+        if where == ESCAPED:
+            where = IN_STRING
+        elif where == IN_STRING:
+            if byte == _BACKSLASH:
+                where = ESCAPED
+            elif byte == _QUOTE:
+                where = OUTSIDE
+        elif byte == _QUOTE:
+            where = IN_STRING
+    return where
+
+
+@dataclass
+class ClosingState:
+    """One sample's closing plan, for its matcher's current state."""
+
+    matcher: llguidance.LLMatcher
+    plan: list[int] | None = None  # tokens to an accepting state; None: none found
+    planned: bool = False  # whether `plan` is for the current state
+    where: int = OUTSIDE  # scan() of the text so far
+    # Plans of the tokens weighed this step, for the one sampled: token -> (plan, where).
+    weighed: dict[int, tuple[list[int] | None, int]] = field(default_factory=dict)
+
+
+class Closer:
+    """Finds closing plans for one tokenizer's matchers, and steers sampling with them."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, eos_token_ids: Iterable[int]) -> None:
+        self._tokenizer = tokenizer
+        self.eos = frozenset(eos_token_ids)
+        byte_token = {}
+        for byte in range(256):
+            tokens = tokenizer.tokenize_bytes(bytes([byte]))
+            if len(tokens) == 1:
+                byte_token[byte] = tokens[0]
+        rest = [b for b in range(256) if b not in _THEN]
+        self._orders = {}
+        for where, first in _FIRST.items():
+            order = list(dict.fromkeys([*first, *_THEN, *rest]))
+            self._orders[where] = [byte_token[b] for b in order if b in byte_token]
+        self._bytes: dict[int, bytes] = {}
+
+    def token_bytes(self, token: int) -> bytes:
+        if token not in self._bytes:
+            self._bytes[token] = self._tokenizer.decode_bytes([token])
+        return self._bytes[token]
+
+    # -- plans ------------------------------------------------------------------------------
+    def walk(self, matcher: llguidance.LLMatcher, where: int, cap: int) -> list[int] | None:
+        """A path of at most `cap` tokens from `matcher` (advanced along it: pass a copy), whose
+        text so far is `where`, to an accepting state; None if none is found."""
+        path: list[int] = []
+        while not matcher.is_accepting():
+            if len(path) >= cap or matcher.is_stopped() or matcher.is_error():
+                return None
+            taken: list[int] = []
+            forced = matcher.compute_ff_bytes()
+            if forced:
+                tokens = self._tokenizer.tokenize_bytes(forced)
+                taken = tokens[: matcher.try_consume_tokens(tokens)]
+            if not taken:
+                for token in self._orders[where]:
+                    if matcher.try_consume_tokens([token]):
+                        taken = [token]
+                        break
+                else:
+                    return None  # no single byte goes on: give up
+            path += taken
+            for token in taken:
+                where = scan(where, self.token_bytes(token))
+        return path if len(path) <= cap else None
+
+    def cost(self, state: ClosingState) -> float:
+        """Tokens the sample needs, at most, to complete its grammar (inf: no plan)."""
+        if not state.planned:
+            state.plan = self.walk(state.matcher.deep_copy(), state.where, PLAN_CAP)
+            state.planned = True
+        return float("inf") if state.plan is None else len(state.plan)
+
+    def cost_after(self, state: ClosingState, token: int, bound: int) -> float:
+        """Tokens needed after `token`, if at most `bound` (else inf); -1 when `token` ends the
+        sample with the grammar complete. Remembers the plan for advance()."""
+        if token in self.eos:
+            return -1 if state.matcher.is_accepting() else float("inf")
+        if token not in state.weighed:
+            plan = state.plan
+            if plan and plan[0] == token:  # the rest of the plan is a plan
+                where = scan(state.where, self.token_bytes(token))
+                state.weighed[token] = (plan[1:], where)
+            else:
+                matcher = state.matcher.deep_copy()
+                where = scan(state.where, self.token_bytes(token))
+                plan = None
+                if matcher.try_consume_tokens([token]) == 1:
+                    plan = self.walk(matcher, where, max(bound, 0))
+                state.weighed[token] = (plan, where)
+        plan = state.weighed[token][0]
+        return float("inf") if plan is None or len(plan) > bound else len(plan)
+
+    def advance(self, state: ClosingState, token: int) -> None:
+        """The matcher has consumed `token`: move the plan along."""
+        if token in state.weighed and state.weighed[token][0] is not None:
+            state.plan, state.where = state.weighed[token]
+            state.planned = True
+        else:
+            state.where = scan(state.where, self.token_bytes(token))
+            state.planned = False  # planned on demand
+        state.weighed.clear()
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sample(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[tuple[int, ClosingState, int]],
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """sample() for a batch whose `rows` (row, closing state, budget left) are constrained:
+        each such row completes its grammar within its budget. logits: [B, V] masked by the
+        grammars; returns [B] token ids."""
+        planned = [r for r in rows if self.cost(r[1]) != float("inf")]  # others: unsteered
+        closing = [r for r in planned if r[2] <= self.cost(r[1]) + CLOSE_MARGIN]
+        free = [r for r in planned if r[2] > self.cost(r[1]) + CLOSE_MARGIN]
+        scores = logits
+        if closing:  # only tokens that shorten the plan
+            scores = self._restrict(logits, logits, closing, shorten=True)
+        tokens = sample(scores, params, generators)
+        if not free:
+            return tokens
+        ids = tokens.tolist()
+        broken = [r for r in free if self.cost_after(r[1], ids[r[0]], r[2] - 1) == float("inf")]
+        if not broken:
+            return tokens
+        # Rare: the sampled token leaves too little budget to close. Sample those rows again
+        # among tokens that leave enough.
+        scores = self._restrict(scores, logits, broken, shorten=False)
+        index = torch.tensor([r[0] for r in broken], device=logits.device)
+        again = sample(
+            scores.index_select(0, index),
+            [params[r[0]] for r in broken],
+            [generators[r[0]] for r in broken],
+        )
+        return tokens.index_copy(0, index, again)
+
+    def _restrict(
+        self,
+        scores: torch.Tensor,
+        logits: torch.Tensor,
+        rows: Sequence[tuple[int, ClosingState, int]],
+        shorten: bool,
+    ) -> torch.Tensor:
+        """`scores` with -inf on each row's tokens but the allowed ones among the model's top
+        candidates, the plan's first token and end-of-sequence: those that shorten the plan
+        (`shorten`), or else those after which the budget still suffices. Every row has a
+        plan; its first token is always allowed."""
+        index = torch.tensor([r[0] for r in rows], device=logits.device)
+        picked = logits.index_select(0, index)  # [R, V]
+        top = picked.topk(min(CANDIDATES, picked.shape[-1]), dim=-1).indices.tolist()
+        finite = torch.isfinite(picked)
+        keep = torch.zeros_like(finite)  # [R, V]
+        for i, ((_, state, budget), candidates) in enumerate(zip(rows, top, strict=True)):
+            bound = int(self.cost(state)) - 1 if shorten else budget - 1
+            extra = [*(state.plan or [])[:1], *sorted(self.eos)]
+            allowed = [
+                t
+                for t in dict.fromkeys([*candidates, *extra])
+                if finite[i, t] and self.cost_after(state, t, bound) != float("inf")
+            ]
+            if allowed:
+                keep[i, allowed] = True
+            else:  # nothing known to help (cannot happen with a plan): leave the row be
+                keep[i] = finite[i]
+        restricted = scores.index_select(0, index).masked_fill(~keep, float("-inf"))
+        return scores.index_copy(0, index, restricted)
