@@ -1,21 +1,23 @@
 """Closing a grammar-constrained sample within its token budget, whatever gets sampled.
 
-Every constrained sample keeps a *closing plan*: a token path that takes its grammar matcher
-from where it is to an accepting state. A greedy walk over the grammar finds it: the bytes the
-grammar forces first, else the first allowed byte, in an order that closes what is open (a
-quote inside a JSON string; '}', ']', ',' and short values outside one). The plan's length c
-bounds the tokens still needed to finish; B is the budget left. The steer keeps c <= B:
+Every constrained sample keeps a *closing plan*: a token path from its grammar matcher's
+state to an accepting one, then end-of-sequence unless the grammar stops by itself there. A
+greedy walk over the grammar finds it: the bytes the grammar forces first, else the first
+allowed single-byte token in an order that closes what is open (a quote inside a JSON string;
+'}', ']', ',' and short values outside one). The plan's length c bounds the tokens the sample
+still needs to end complete; B is what is left of its budget. The steer keeps c <= B:
 
-- while B > c + CLOSE_MARGIN, the sampled token is kept if the state after it has a plan of at
-  most B - 1 tokens; otherwise the row is sampled again among the model's top candidates that
+- while B > c + CLOSE_MARGIN, a sampled token is kept if the state after it has a plan of at
+  most B - 1 tokens; otherwise that row is sampled again among the model's top candidates that
   have one, and the plan's first token, which always has (the rest of the plan);
 - once B <= c + CLOSE_MARGIN, sampling is restricted to tokens that shorten the plan (the
-  plan's first token always does) and, once the grammar accepts, to end-of-sequence.
+  plan's first token always does; end-of-sequence once the grammar accepts).
 
-So c is 0 (the matcher accepts) by the budget's last token at the latest, for any sampled path,
-temperature or seed, provided c <= B held at the first token; when the budget is too small
-for even that, the steer still shortens the plan every step, and the sample ends cut off
-('length'). Logprobs stay the model's: only which tokens may be sampled changes.
+So by induction a sample whose plan fit its budget at the first token ends with its grammar
+complete ('stop'), for any sampled path, temperature or seed. When even the first plan is
+longer than the budget, the steer still shortens it every step and the sample ends cut off
+('length'); a grammar the walk finds no plan for (within PLAN_CAP tokens) is not steered.
+Logprobs stay the model's (masked) ones: only which tokens may be sampled changes.
 """
 
 from __future__ import annotations
@@ -32,18 +34,34 @@ from engine.types import SamplingParams
 
 CLOSE_MARGIN = 8  # tokens: closing starts this many tokens before the budget forces it
 CANDIDATES = 8  # the model's top tokens weighed when a row has to be steered
-PLAN_CAP = 4096  # tokens: a plan longer than this counts as none
+PLAN_CAP = 1024  # tokens: a sample with no plan this short at its start is not steered
 
 # Where the walk is, as far as JSON text goes: it picks which bytes to try first.
 OUTSIDE, IN_STRING, ESCAPED = 0, 1, 2
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
-_FIRST = {OUTSIDE: b'}],0"', IN_STRING: b'"0a', ESCAPED: b'n\\"'}
-_THEN = (
+_WHITESPACE = b" \t\n\r"
+_PRINTABLE = (
     b"123456789"
     + string.ascii_lowercase.encode()
     + string.ascii_uppercase.encode()
     + string.punctuation.encode()
-    + b" \t\n\r"
+)
+_CONTROL = bytes(b for b in range(32) if b not in _WHITESPACE)
+_HIGH = bytes(range(127, 256))
+# Byte orders, by style and where: JSON tries '"' early outside strings (keys, string values);
+# the second style, for grammars where a quote opens one more item each time (a walk in the
+# first style never ends there), tries every other byte before '"', '[', '{' and whitespace.
+_ORDERS = (
+    {
+        OUTSIDE: b'}],0"' + _PRINTABLE + _CONTROL + _HIGH + _WHITESPACE,
+        IN_STRING: b'"0a' + _PRINTABLE + _WHITESPACE + _HIGH + _CONTROL,
+        ESCAPED: b'n\\"' + _PRINTABLE,
+    },
+    {
+        OUTSIDE: b"}],0" + _CONTROL + _PRINTABLE.translate(None, b'"[{') + _HIGH + b'"[{',
+        IN_STRING: b'"0a' + _PRINTABLE + _WHITESPACE + _HIGH + _CONTROL,
+        ESCAPED: b'n\\"' + _PRINTABLE,
+    },
 )
 
 
@@ -69,7 +87,9 @@ class ClosingState:
     matcher: llguidance.LLMatcher
     plan: list[int] | None = None  # tokens to an accepting state; None: none found
     planned: bool = False  # whether `plan` is for the current state
+    steered: bool = True  # False once no plan was found at the start: sampled freely
     where: int = OUTSIDE  # scan() of the text so far
+    style: int = 0  # the byte order that found the last plan, tried first next time
     # Plans of the tokens weighed this step, for the one sampled: token -> (plan, where).
     weighed: dict[int, tuple[list[int] | None, int]] = field(default_factory=dict)
 
@@ -80,16 +100,19 @@ class Closer:
     def __init__(self, tokenizer: llguidance.LLTokenizer, eos_token_ids: Iterable[int]) -> None:
         self._tokenizer = tokenizer
         self.eos = frozenset(eos_token_ids)
+        self._end = min(self.eos)  # the end-of-sequence token plans end with
         byte_token = {}
         for byte in range(256):
             tokens = tokenizer.tokenize_bytes(bytes([byte]))
             if len(tokens) == 1:
                 byte_token[byte] = tokens[0]
-        rest = [b for b in range(256) if b not in _THEN]
-        self._orders = {}
-        for where, first in _FIRST.items():
-            order = list(dict.fromkeys([*first, *_THEN, *rest]))
-            self._orders[where] = [byte_token[b] for b in order if b in byte_token]
+        self._orders = [
+            {
+                where: [byte_token[b] for b in dict.fromkeys(order) if b in byte_token]
+                for where, order in orders.items()
+            }
+            for orders in _ORDERS
+        ]
         self._bytes: dict[int, bytes] = {}
 
     def token_bytes(self, token: int) -> bytes:
@@ -98,9 +121,24 @@ class Closer:
         return self._bytes[token]
 
     # -- plans ------------------------------------------------------------------------------
-    def walk(self, matcher: llguidance.LLMatcher, where: int, cap: int) -> list[int] | None:
-        """A path of at most `cap` tokens from `matcher` (advanced along it: pass a copy), whose
-        text so far is `where`, to an accepting state; None if none is found."""
+    def walk(
+        self, state: ClosingState, matcher: llguidance.LLMatcher, where: int, cap: int
+    ) -> list[int] | None:
+        """A path of at most `cap` tokens from `matcher`, whose text so far is `where`, to an
+        accepting state, in the sample's last working style first; None if none is found.
+        Advances `matcher`: pass a copy."""
+        styles = (state.style, 1 - state.style)
+        for style in styles:
+            trial = matcher.deep_copy() if style == styles[0] else matcher
+            path = self._walk(trial, where, cap, self._orders[style])
+            if path is not None:
+                state.style = style
+                return path
+        return None
+
+    def _walk(
+        self, matcher: llguidance.LLMatcher, where: int, cap: int, orders: dict[int, list[int]]
+    ) -> list[int] | None:
         path: list[int] = []
         while not matcher.is_accepting():
             if len(path) >= cap or matcher.is_stopped() or matcher.is_error():
@@ -111,7 +149,7 @@ class Closer:
                 tokens = self._tokenizer.tokenize_bytes(forced)
                 taken = tokens[: matcher.try_consume_tokens(tokens)]
             if not taken:
-                for token in self._orders[where]:
+                for token in orders[where]:
                     if matcher.try_consume_tokens([token]):
                         taken = [token]
                         break
@@ -120,20 +158,25 @@ class Closer:
             path += taken
             for token in taken:
                 where = scan(where, self.token_bytes(token))
+        if not matcher.is_stopped():  # complete, and ended by end-of-sequence
+            path.append(self._end)
         return path if len(path) <= cap else None
 
     def cost(self, state: ClosingState) -> float:
-        """Tokens the sample needs, at most, to complete its grammar (inf: no plan)."""
+        """Tokens the sample needs, at most, to complete its grammar and end (inf: no plan)."""
+        if not state.steered:
+            return float("inf")
         if not state.planned:
-            state.plan = self.walk(state.matcher.deep_copy(), state.where, PLAN_CAP)
+            state.plan = self.walk(state, state.matcher.deep_copy(), state.where, PLAN_CAP)
             state.planned = True
+            state.steered = state.plan is not None
         return float("inf") if state.plan is None else len(state.plan)
 
     def cost_after(self, state: ClosingState, token: int, bound: int) -> float:
-        """Tokens needed after `token`, if at most `bound` (else inf); -1 when `token` ends the
+        """Tokens needed after `token`, if at most `bound` (else inf); 0 when `token` ends the
         sample with the grammar complete. Remembers the plan for advance()."""
         if token in self.eos:
-            return -1 if state.matcher.is_accepting() else float("inf")
+            return 0 if state.matcher.is_accepting() else float("inf")
         if token not in state.weighed:
             plan = state.plan
             if plan and plan[0] == token:  # the rest of the plan is a plan
@@ -144,10 +187,21 @@ class Closer:
                 where = scan(state.where, self.token_bytes(token))
                 plan = None
                 if matcher.try_consume_tokens([token]) == 1:
-                    plan = self.walk(matcher, where, max(bound, 0))
+                    plan = self._same_plan(matcher, state.plan or [])
+                    if plan is None:
+                        plan = self.walk(state, matcher, where, max(bound, 0))
                 state.weighed[token] = (plan, where)
         plan = state.weighed[token][0]
         return float("inf") if plan is None or len(plan) > bound else len(plan)
+
+    @staticmethod
+    def _same_plan(matcher: llguidance.LLMatcher, plan: list[int]) -> list[int] | None:
+        """`plan` if it still ends the sample from `matcher` (most tokens inside a string leave
+        the plan as it was): one call instead of a walk."""
+        trial = matcher.deep_copy()
+        if plan and trial.try_consume_tokens(plan) == len(plan) and trial.is_stopped():
+            return plan
+        return None
 
     def advance(self, state: ClosingState, token: int) -> None:
         """The matcher has consumed `token`: move the plan along."""

@@ -57,11 +57,12 @@ WEATHER = {
 }
 TOOLS = [Tool("get_weather", "Current weather in a city", WEATHER)]
 # name -> (grammar, schema to validate against or None, the length of its closing plan from
-# the start: the least budget it is guaranteed to complete in)
+# the start, end-of-sequence included where the grammar does not stop by itself: the least
+# budget it is guaranteed to complete in)
 GRAMMARS: dict[str, tuple[Grammar, dict | None, int]] = {
     "json_object": (Grammar("json_schema", json.dumps({"type": "object"})), None, 2),
     "nested_schema": (Grammar("json_schema", json.dumps(NESTED)), NESTED, 50),
-    "hermes_tool_call": (call_grammar(TOOLS, "hermes", parallel=True), None, 37),
+    "hermes_tool_call": (call_grammar(TOOLS, "hermes", parallel=True), None, 38),
 }
 STYLES = ("openers", "long", "noise")
 
@@ -162,7 +163,7 @@ def test_adversarial_samples_close_within_any_budget(
         n=4,
     )
     for text, finish in outputs:
-        assert finish in ("stop", "length")
+        assert finish == "stop", text  # the grammar (or end-of-sequence) ended it, in time
         assert_complete(name, text)
 
 
@@ -182,5 +183,52 @@ def test_budgets_just_past_the_close_window(engine: AsyncEngine, name: str) -> N
             seed=7,
             n=4,
         )
-        for text, _ in outputs:
+        for text, finish in outputs:
+            assert finish == "stop", text
             assert_complete(name, text)
+
+
+def test_a_budget_too_small_for_any_completion_ends_cut_off(engine: AsyncEngine) -> None:
+    """Nothing valid fits in 10 tokens: the steer shortens the plan to the end, and the sample
+    stops at max_tokens, as a prefix of a completion."""
+    grammar, _, _ = GRAMMARS["nested_schema"]
+    outputs = generate(engine, "openers", 1, grammar, max_tokens=10, temperature=1.0, n=2)
+    for text, finish in outputs:
+        assert finish == "length" and text.startswith('{"id": ')
+
+
+def test_scan_follows_json_strings_and_escapes() -> None:
+    from engine.closing import ESCAPED, IN_STRING, OUTSIDE, scan
+
+    assert scan(OUTSIDE, b'{"a": "x') == IN_STRING
+    assert scan(OUTSIDE, b'{"a": "x\\') == ESCAPED
+    assert scan(OUTSIDE, b'{"a": "x\\"') == IN_STRING  # an escaped quote
+    assert scan(OUTSIDE, b'{"a": "x\\\\"') == OUTSIDE  # an escaped backslash, then the quote
+    assert scan(IN_STRING, b'", "') == IN_STRING
+
+
+@pytest.mark.parametrize(
+    ("prefix", "ending"),
+    [
+        ('{"a": [[[{"b": "x', '"}]]]}'),
+        ('{"a": "x\\', 'n"}'),
+        ('{"a": -', "0}"),
+        ('{"a": 1.5e', "0}"),
+        ('{"a": tr', "ue}"),
+        ('{"a": [1, ', "0]}"),
+    ],
+)
+def test_plans_close_what_is_open(engine: AsyncEngine, prefix: str, ending: str) -> None:
+    """From a state mid-JSON, the plan is the short completion, ending the sample."""
+    from engine.closing import ClosingState
+
+    grammars = engine.core.grammars
+    matcher = grammars.matcher(GRAMMARS["json_object"][0])
+    tokens = grammars.tokenizer.tokenize_str(prefix)
+    assert matcher.consume_tokens(tokens)
+    state = ClosingState(matcher)
+    for token in tokens:
+        grammars.closer.advance(state, token)
+    grammars.closer.cost(state)
+    plan = b"".join(grammars.closer.token_bytes(t) for t in state.plan).decode()
+    assert plan == ending
