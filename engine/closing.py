@@ -262,19 +262,25 @@ class Closer:
         index = torch.tensor([r[0] for r in rows], device=logits.device)
         picked = logits.index_select(0, index)  # [R, V]
         top = picked.topk(min(CANDIDATES, picked.shape[-1]), dim=-1).indices.tolist()
-        finite = torch.isfinite(picked)
-        keep = torch.zeros_like(finite)  # [R, V]
-        for i, ((_, state, budget), candidates) in enumerate(zip(rows, top, strict=True)):
+        ends = sorted(self.eos)
+        ids = [
+            list(dict.fromkeys([*candidates, *(state.plan or [])[:1], *ends]))
+            for candidates, (_, state, _) in zip(top, rows, strict=True)
+        ]
+        width = max(map(len, ids))
+        padded = torch.tensor([row + row[:1] * (width - len(row)) for row in ids])  # [R, W]
+        finite = picked.gather(1, padded.to(logits.device)).isfinite().tolist()  # one copy
+        keep = torch.zeros_like(picked, dtype=torch.bool)  # [R, V]
+        for i, (_, state, budget) in enumerate(rows):
             bound = int(self.cost(state)) - 1 if shorten else budget - 1
-            extra = [*(state.plan or [])[:1], *sorted(self.eos)]
             allowed = [
                 t
-                for t in dict.fromkeys([*candidates, *extra])
-                if finite[i, t] and self.cost_after(state, t, bound) != float("inf")
+                for t, ok in zip(ids[i], finite[i], strict=False)
+                if ok and self.cost_after(state, t, bound) != float("inf")
             ]
             if allowed:
                 keep[i, allowed] = True
             else:  # nothing known to help (cannot happen with a plan): leave the row be
-                keep[i] = finite[i]
+                keep[i] = picked[i].isfinite()
         restricted = scores.index_select(0, index).masked_fill(~keep, float("-inf"))
         return scores.index_copy(0, index, restricted)
