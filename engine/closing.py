@@ -65,6 +65,14 @@ _ORDERS = (
 )
 
 
+RUN_LENGTH = 2  # bytes of one class after which the walk tries other bytes first
+_RUNS = ("digit", "letter")
+_CLASS = [
+    "digit" if chr(b).isdigit() else "letter" if chr(b).isalpha() and b < 128 else None
+    for b in range(256)
+]
+
+
 def scan(where: int, data: bytes) -> int:
     """Where text is (OUTSIDE, IN_STRING, ESCAPED) after `data` follows text that was `where`."""
     for byte in data:
@@ -106,9 +114,21 @@ class Closer:
             tokens = tokenizer.tokenize_bytes(bytes([byte]))
             if len(tokens) == 1:
                 byte_token[byte] = tokens[0]
+        # [style][where][the class of a run just walked]: that class's bytes go last, so a run
+        # of letters or digits that the grammar would let go on forever ends.
         self._orders = [
             {
-                where: [byte_token[b] for b in dict.fromkeys(order) if b in byte_token]
+                where: {
+                    run: [
+                        byte_token[b]
+                        for b in sorted(
+                            dict.fromkeys(order),
+                            key=lambda b, r=run: r is not None and _CLASS[b] == r,
+                        )
+                        if b in byte_token
+                    ]
+                    for run in (None, *_RUNS)
+                }
                 for where, order in orders.items()
             }
             for orders in _ORDERS
@@ -137,9 +157,14 @@ class Closer:
         return None
 
     def _walk(
-        self, matcher: llguidance.LLMatcher, where: int, cap: int, orders: dict[int, list[int]]
+        self,
+        matcher: llguidance.LLMatcher,
+        where: int,
+        cap: int,
+        orders: dict[int, dict[str | None, list[int]]],
     ) -> list[int] | None:
         path: list[int] = []
+        run: str | None = None  # the class of the last RUN_LENGTH bytes walked, if one
         while not matcher.is_accepting():
             if len(path) >= cap or matcher.is_stopped() or matcher.is_error():
                 return None
@@ -149,13 +174,16 @@ class Closer:
                 tokens = self._tokenizer.tokenize_bytes(forced)
                 taken = tokens[: matcher.try_consume_tokens(tokens)]
             if not taken:
-                for token in orders[where]:
+                for token in orders[where][run]:
                     if matcher.try_consume_tokens([token]):
                         taken = [token]
                         break
                 else:
                     return None  # no single byte goes on: give up
             path += taken
+            tail = b"".join(self.token_bytes(t) for t in path[-RUN_LENGTH:])[-RUN_LENGTH:]
+            classes = {_CLASS[b] for b in tail}
+            run = classes.pop() if len(tail) == RUN_LENGTH and len(classes) == 1 else None
             for token in taken:
                 where = scan(where, self.token_bytes(token))
         if not matcher.is_stopped():  # complete, and ended by end-of-sequence

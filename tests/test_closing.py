@@ -1,15 +1,18 @@
 """Constrained samples complete within their token budget, whatever the model prefers.
 
 The engine runs a tiny random model whose logits are replaced by an adversary's: one that
-prefers tokens opening strings, arrays, objects and escapes, one that prefers long tokens, and
-plain noise. Every sample must end as JSON that parses (and validates against its schema)
-before max_tokens runs out, at every seed, temperature and budget the closing plan fits in.
+prefers tokens opening strings, arrays, objects; one that prefers escapes and partial UTF-8
+characters; one that prefers long tokens; plain noise. Every sample must end complete (JSON
+that parses and validates against its schema, a tool call, a regex match), finished by the
+grammar or end-of-sequence before max_tokens runs out, at every seed, temperature and budget
+its closing plan fits in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,7 @@ WEATHER = {
     "additionalProperties": False,
 }
 TOOLS = [Tool("get_weather", "Current weather in a city", WEATHER)]
+EMAIL_AND_PHONE = r"[a-z]{2,8}@[a-z]+\.(com|org) [0-9]{3}-[0-9]{4}"  # unbounded runs of letters
 # name -> (grammar, schema to validate against or None, the length of its closing plan from
 # the start, end-of-sequence included where the grammar does not stop by itself: the least
 # budget it is guaranteed to complete in)
@@ -63,8 +67,9 @@ GRAMMARS: dict[str, tuple[Grammar, dict | None, int]] = {
     "json_object": (Grammar("json_schema", json.dumps({"type": "object"})), None, 2),
     "nested_schema": (Grammar("json_schema", json.dumps(NESTED)), NESTED, 50),
     "hermes_tool_call": (call_grammar(TOOLS, "hermes", parallel=True), None, 38),
+    "regex": (Grammar("regex", EMAIL_AND_PHONE), None, 17),
 }
-STYLES = ("openers", "long", "noise")
+STYLES = ("openers", "escapes", "long", "noise")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +89,8 @@ def adversary(engine: AsyncEngine, style: str, seed: int) -> Callable[[Any], tor
     if style == "openers":  # open strings, arrays, objects, escapes; never close
         weight = torch.tensor([sum(b in b'{["\\:,' for b in t) for t in texts], dtype=torch.float)
         weight = 6 * weight - 6 * torch.tensor([sum(b in b'"]}' for b in t) for t in texts])
+    elif style == "escapes":  # backslashes, and bytes that start multi-byte characters
+        weight = 6 * torch.tensor([sum(b == 0x5C or b >= 0x80 for b in t) for t in texts])
     elif style == "long":
         weight = 0.5 * torch.tensor([len(t) for t in texts], dtype=torch.float)
     else:
@@ -125,6 +132,9 @@ def generate(
 def assert_complete(name: str, text: str) -> None:
     """The output is what its grammar describes, complete."""
     _, schema, _ = GRAMMARS[name]
+    if name == "regex":
+        assert re.fullmatch(EMAIL_AND_PHONE, text), text
+        return
     if name == "hermes_tool_call":
         content, calls = parse_output(text, TOOLS, "hermes")
         assert calls and not content, text
@@ -138,7 +148,7 @@ def assert_complete(name: str, text: str) -> None:
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     name=st.sampled_from(sorted(GRAMMARS)),
