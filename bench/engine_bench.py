@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine.closing
 import engine.core
 from bench.machine import describe
 from engine.async_engine import AsyncEngine, build_engine
@@ -220,10 +221,14 @@ def bench_hearth(loaded: LoadedModel, prompts, args, grammar: Grammar | None = N
         asyncio.run(warmup())
         sync(args.device)
         masking = _time_calls(engine.core.grammars, "mask")
+        closing = _time_calls(engine.core.grammars.closer, "sample") if grammar else [0, 0]
         result = asyncio.run(_run_hearth(engine, prompts, args, grammar))
         if grammar is not None:
             share = masking[0] / result.seconds
             print(f"grammar masks: {masking[1]} calls, {masking[0]:.2f} s ({share:.1%} of the run)")
+            share = closing[0] / result.seconds
+            calls, seconds = closing[1], closing[0]
+            print(f"sampling with closing plans: {calls} calls, {seconds:.2f} s ({share:.1%})")
         result.setup_seconds = built
         result.kv_capacity_tokens = engine.core.kv_capacity_tokens
         return result
@@ -256,10 +261,11 @@ BENCH_GRAMMAR = Grammar("lark", r'start: "[" (%json {"type": "string"} ", ")* "\
 def grammar_overhead(loaded: LoadedModel, prompts, args) -> None:
     """hearth with and without a JSON-schema grammar on every request, alternating.
 
-    Steering to a close near the budget's end is switched off, so both runs decode the same
-    number of tokens: this measures the cost of masking and advancing the grammar.
+    Closing starts only when the budget forces it (no margin), so both runs decode about the
+    same number of tokens: this measures the cost of masking and advancing the grammar and of
+    keeping each sample's closing plan.
     """
-    engine.core.CLOSE_RESERVE = 0
+    engine.closing.CLOSE_MARGIN = 0
     free, constrained = [], []
     for _ in range(args.repeat):
         free.append(bench_hearth(loaded, prompts, args))

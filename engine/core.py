@@ -11,9 +11,10 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.block_manager import BlockManager
+from engine.closing import ClosingState
 from engine.config import EngineLimits
 from engine.detokenizer import IncrementalDetokenizer
-from engine.grammar import CLOSE_RESERVE, GrammarCompiler
+from engine.grammar import GrammarCompiler
 from engine.runner import ModelRunner
 from engine.sampling import apply_penalties, logprobs_of, sample
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -45,6 +46,7 @@ class _SeqState:
     generator: torch.Generator | None
     siblings: list[Sequence]  # samples 1..n-1, admitted once this one's prompt is computed
     matcher: Any = None  # llguidance matcher when the request has a grammar
+    closing: ClosingState | None = None  # how that grammar completes within the budget
 
 
 def kv_budget_bytes(limits: EngineLimits, device: torch.device) -> int:
@@ -123,7 +125,11 @@ class EngineCore:
             seq = Sequence(request.request_id, index, list(request.prompt_token_ids), params)
             matcher = self.grammars.matcher(params.grammar) if params.grammar else None
             seq.state = _SeqState(
-                IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, [], matcher
+                IncrementalDetokenizer(self.tokenizer.decode, params.stop),
+                generator,
+                [],
+                matcher,
+                ClosingState(matcher) if matcher else None,
             )
             seqs.append(seq)
         seqs[0].state.siblings = seqs[1:]  # they share the first sample's prefill
@@ -257,15 +263,16 @@ class EngineCore:
             for row, ids in blocked:
                 logits[row, ids] = float("-inf")
         constrained = [(row, s.state.matcher) for row, s in enumerate(seqs) if s.state.matcher]
-        scores = logits
-        if constrained:
-            logits = scores = self.grammars.mask(logits.float(), constrained)
-            closing = [
-                row for row, _ in constrained if self._budget_left(seqs[row]) <= CLOSE_RESERVE
+        generators = [s.state.generator for s in seqs]
+        if constrained:  # sampling is steered to close in time; logprobs stay the masked ones
+            logits = self.grammars.mask(logits.float(), constrained)
+            budgets = [
+                (row, seqs[row].state.closing, self._budget_left(seqs[row]))
+                for row, _ in constrained
             ]
-            if closing:  # sampling is steered; logprobs stay the model's (masked) ones
-                scores = self.grammars.steer_to_close(logits, closing)
-        tokens = sample(scores, params, [s.state.generator for s in seqs])  # [n]
+            tokens = self.grammars.closer.sample(logits, budgets, params, generators)
+        else:
+            tokens = sample(logits, params, generators)  # [n]
         want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         top = None
         if want_logprobs:  # one device-to-host copy for the tokens and their logprobs
@@ -332,6 +339,8 @@ class EngineCore:
             and (not matcher.consume_token(token_id) or matcher.is_stopped())
         ):
             reason = "stop"
+        elif matcher is not None and reason is None:
+            self.grammars.closer.advance(state.closing, token_id)
         if reason is None and self._budget_left(seq) <= 0:
             reason = "length"
         if reason is not None:

@@ -12,14 +12,10 @@ from typing import Any
 import llguidance
 import torch
 
+from engine.closing import Closer
 from engine.types import JSON_STYLE, Grammar
 
 _BITS = torch.arange(32, dtype=torch.int32)  # [32]
-# Near the end of its token budget a constrained sample is steered to tokens that close what is
-# open (a string, an array, an object) or end the output, so it still completes validly.
-CLOSE_RESERVE = 48  # tokens
-_CLOSERS = frozenset('"]}')
-_CLOSING_BONUS = 1e4
 
 
 class GrammarError(ValueError):
@@ -78,7 +74,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._closers: torch.Tensor | None = None
+        self._closer: Closer | None = None
         self._cache: OrderedDict[Grammar, llguidance.LLMatcher] = OrderedDict()  # fresh ones
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -88,10 +84,16 @@ class GrammarCompiler:
         with self._lock:
             if self._tokenizer is None:  # built on the first compile, in a worker thread
                 self._tokenizer = token_view(self._hf, self.vocab_size, self._eos)
-                texts = self._hf.batch_decode([[i] for i in range(len(self._hf))])
-                ids = [i for i, text in enumerate(texts) if text and set(text) <= _CLOSERS]
-                self._closers = torch.tensor(ids + self._eos, dtype=torch.long)  # [C]
+                self._closer = Closer(self._tokenizer, self._eos)
             return self._tokenizer
+
+    @property
+    def closer(self) -> Closer:
+        """Closes constrained samples within their budgets (built with the tokenizer view)."""
+        if self._closer is None:
+            _ = self.tokenizer
+        assert self._closer is not None
+        return self._closer
 
     def compile(self, grammar: Grammar) -> llguidance.LLMatcher:
         """Validate, compile and cache a fresh matcher; raises GrammarError. Slow for big
@@ -136,11 +138,3 @@ class GrammarCompiler:
         allowed = bits.flatten(1)[:, : logits.shape[-1]].bool()  # [R, V]
         masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))  # [R, V]
         return logits.index_copy(0, index, masked)  # [B, V]
-
-    def steer_to_close(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-        """logits [B, V] where `rows` prefer, among allowed tokens, those that close or end."""
-        steered = logits.clone()
-        index = torch.tensor(rows, device=logits.device)[:, None]  # [K, 1]
-        closers = self._closers.to(logits.device)[None, :]  # [1, C]: close or end tokens
-        steered[index, closers] += _CLOSING_BONUS
-        return steered

@@ -90,8 +90,14 @@ def test_stop_seed_n_and_logprobs(tiny) -> None:
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]
-    several = client.chat.completions.create(
-        model=model, messages=messages, temperature=1.0, n=3, max_tokens=5
+    several = client.chat.completions.create(  # 5 tokens each whatever is sampled
+        model=model,
+        messages=messages,
+        temperature=1.0,
+        seed=7,
+        n=3,
+        max_tokens=5,
+        extra_body={"ignore_eos": True},
     )
     assert [c.index for c in several.choices] == [0, 1, 2]
     assert several.usage.completion_tokens == sum(5 for _ in range(3))

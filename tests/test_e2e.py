@@ -42,6 +42,7 @@ def test_default_model_system_prompt_and_alias(default_server) -> None:
             {"role": "user", "content": "Say hello."},
         ],
         temperature=0.1,
+        seed=5,
         max_tokens=5,
     )
     assert reply.model == "smollm2"

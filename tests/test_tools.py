@@ -282,10 +282,21 @@ def sdk() -> Any:
         yield openai.OpenAI(base_url=base_url, api_key="x", max_retries=0)
 
 
+# Live requests that sample say how: a fixed temperature and, where the API has one, a seed, so
+# a run repeats on one machine. Their assertions hold for any sample: another CPU's floats give
+# other samples, and grammar-constrained ones always complete within their budget (the closing
+# plan, engine/closing.py; every budget below exceeds its grammar's plan several times over).
+SAMPLED = {"temperature": 0.7, "seed": 20}
+
+
 def ask_weather(sdk: Any, **extra: Any) -> Any:
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     return sdk.chat.completions.create(
-        model="default", messages=messages, tools=CHAT_TOOLS, max_tokens=120, **extra
+        model="default",
+        messages=messages,
+        tools=CHAT_TOOLS,
+        max_tokens=120,
+        **{**SAMPLED, **extra},
     )
 
 
@@ -322,6 +333,7 @@ def test_live_json_schema_outputs_validate(sdk: Any, name: str) -> None:
             response_format=fmt,
             stream=stream,
             messages=[{"role": "user", "content": f"Make up a {name} as JSON."}],
+            **SAMPLED,
         )
         if stream:
             text = "".join(
@@ -338,6 +350,7 @@ def test_live_json_mode_and_responses_text_format(sdk: Any) -> None:
         max_tokens=100,
         response_format={"type": "json_object"},
         messages=[{"role": "user", "content": "Describe a cat in JSON."}],
+        **SAMPLED,
     )
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     schema = SCHEMAS["person"]
@@ -345,6 +358,7 @@ def test_live_json_mode_and_responses_text_format(sdk: Any) -> None:
         model="default",
         input="A person as JSON.",
         max_output_tokens=150,
+        temperature=SAMPLED["temperature"],  # the Responses API has no seed
         text={
             "format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}
         },
@@ -364,7 +378,9 @@ def test_live_chat_tool_round_trip(sdk: Any) -> None:
     second = sdk.chat.completions.create(
         model="default", messages=messages, tools=CHAT_TOOLS, max_tokens=40, temperature=0
     )
-    assert second.choices[0].message.content
+    # With tools offered the model may answer or call again: either is a reply to the result.
+    reply = second.choices[0].message
+    assert reply.content or reply.tool_calls
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
@@ -376,6 +392,7 @@ def test_live_responses_tool_round_trip(sdk: Any) -> None:
         tools=tools,
         tool_choice={"type": "function", "name": "get_weather"},
         max_output_tokens=120,
+        temperature=SAMPLED["temperature"],
     )
     [call] = [item for item in first.output if item.type == "function_call"]
     jsonschema.validate(json.loads(call.arguments), WEATHER)
@@ -388,7 +405,9 @@ def test_live_responses_tool_round_trip(sdk: Any) -> None:
         max_output_tokens=40,
         temperature=0,
     )
-    assert second.status == "completed" and second.output_text
+    # With tools offered the model may answer or call again: either is a reply to the result.
+    assert second.status == "completed"
+    assert second.output_text or any(item.type == "function_call" for item in second.output)
     assert second.usage.input_tokens > first.usage.input_tokens
     with sdk.responses.stream(
         model="default",
@@ -396,6 +415,7 @@ def test_live_responses_tool_round_trip(sdk: Any) -> None:
         tools=tools,
         tool_choice="required",
         max_output_tokens=120,
+        temperature=SAMPLED["temperature"],
     ) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_response()
