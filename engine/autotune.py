@@ -208,6 +208,8 @@ def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -
     )
     on_cpu = runner.device.type == "cpu"
     threads, more_threads = cpu_threads() if on_cpu else (0, [])
+    if len(cands) == 1 and not more_threads:  # nothing to choose (explicit settings, device_map)
+        return cands[0]._replace(threads=threads)
     key = decision_key(runner.model, runner.device, runner.dtype, limits, loads)
     key["threads"], key["candidates"] = threads, [c.describe() for c in cands]
     rounds = 2 if on_cpu else 1  # CPUs are shared and noisy: a second pass, the best of both
