@@ -38,6 +38,7 @@ from bench.engine_bench import (
     plain_model,
     sync,
 )
+from bench.machine import describe
 from engine.config import ModelConfig
 from engine.dummy import build_dummy_model, fp8_quantizer, model_bytes
 from engine.loader import LoadedModel, configure_cpu_threads
@@ -172,6 +173,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label", default=None, help="section name in the JSON lines")
     parser.add_argument("--json", default=None, metavar="PATH", help="append JSON lines here")
     args = parser.parse_args()
+    print(describe(), flush=True)  # the machine every figure below was measured on
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("hearth").setLevel(logging.INFO)  # the autotune and KV lines
     args.device = "cuda"

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import describe
 from engine.async_engine import build_engine
 from engine.config import ModelConfig
 from engine.fusion import restore_forwards
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/tiny-llama"))
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    print(describe(), flush=True)  # the machine every figure below was measured on
     check_kernel(args.device)
     build(args.out, args.tokenizer)
     gen = torch.Generator().manual_seed(1)
