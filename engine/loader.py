@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from engine import distributed
+from engine import distributed, gguf_weights
 from engine.config import ModelConfig
 from engine.gguf_cache import converted_checkpoint
 from engine.sources import Source
@@ -35,6 +35,7 @@ class LoadedModel:
     device: torch.device  # where inputs go (the first layer's device under device_map)
     dtype: torch.dtype
     max_model_len: int
+    quantization: str = "none"  # in effect: "none", or "gguf" (engine/gguf_weights.py)
 
     @property
     def devices(self) -> str:
@@ -108,10 +109,12 @@ def load_model(
     base_dir: Path | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer; `device` / `dtype` override the config when given."""
-    if config.quantization not in ("auto", "none") or config.load_format != "auto":
+    if config.quantization == "fp8" or config.load_format != "auto":
         raise LoadError(f"{config.id}: quantization / load_format: not implemented yet")
     device_name = pick_device(device or config.device)
     torch_dtype = pick_dtype(dtype or config.dtype, device_name)
+    if refused := gguf_weights.refusal(config.quantization, source.kind, device_name, torch_dtype):
+        raise LoadError(f"{config.id}: quantization gguf: {refused}")
     path = checkpoint_dir(source, config, torch_dtype)
     trust = config.trust_remote_code
     placement: dict[str, Any]
@@ -142,6 +145,14 @@ def load_model(
         detail = " ".join(str(exc).split())[:300]
         raise LoadError(f"{config.source}: {type(exc).__name__}: {detail}") from None
     model.eval()
+    quantization = "none"
+    if source.kind == "gguf" and device_name == "cpu" and torch_dtype == torch.float32:
+        try:  # the GGUF file's own blocks for the linear layers (engine/gguf_weights.py)
+            quantization = gguf_weights.attach(model, source.location, config.quantization)
+        except (gguf_weights.GGUFQuantError, OSError, ValueError) as exc:
+            if config.quantization == "gguf":
+                raise LoadError(f"{config.id}: quantization gguf: {exc}") from None
+            log.warning("%s: quantization auto: float32 weights (%s)", config.id, exc)
     template = read_chat_template(config.chat_template, base_dir)
     if template is not None:
         tokenizer.chat_template = template
@@ -160,7 +171,9 @@ def load_model(
         )
         max_len = window
     first_device = next(model.parameters()).device
-    return LoadedModel(config, source, path, model, tokenizer, first_device, torch_dtype, max_len)
+    return LoadedModel(
+        config, source, path, model, tokenizer, first_device, torch_dtype, max_len, quantization
+    )
 
 
 def sliding_window(hf_config: Any) -> int | None:

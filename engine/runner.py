@@ -222,7 +222,12 @@ class ModelRunner:
             from engine.fused_ops import patch_model
 
             patch_model(model)
-        if kernels.cpu_matmul:
+        if getattr(model, "hearth_quantization", None) == "gguf":  # engine/gguf_weights.py
+            from engine.gguf_linear import route_model
+
+            log.info("linear layers on %d MiB of GGUF blocks", route_model(model) >> 20)
+            self.kernels = kernels = kernels._replace(cpu_matmul=False)
+        elif kernels.cpu_matmul:
             from engine.cpu_linear import pack_model
 
             if packed := pack_model(model):

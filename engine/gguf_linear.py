@@ -1,0 +1,70 @@
+"""Route a GGUF-quantized model's linear layers through the block kernels at small batches.
+
+engine/gguf_weights.py hangs each nn.Linear's GGUF blocks on it (`_hearth_blocks`); after
+engine/fusion.py has fused q/k/v and gate/up, this gives every layer and fused group a forward
+that reads the blocks for inputs of up to MAX_ROWS rows (decode steps) and keeps MKL over the
+float32 weights, which stay in memory, above it (prefill chunks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import gguf_kernels
+from engine.fusion import GROUPS, set_forward
+from engine.gguf_kernels import BlockWeight
+
+# Above this many rows MKL's float32 GEMM beats the block kernel (bench/gguf_crossover.py, on a
+# 2-vCPU Zen 4: the kernel dequantizes each block once per 4-row tile, MKL runs near peak FLOPs).
+MAX_ROWS = 16
+
+
+def concat(parts: list[BlockWeight]) -> BlockWeight:
+    """One weight of the parts' rows in order (a fused q/k/v or gate/up); same kind and k."""
+    first = parts[0]
+    if any(p.kind != first.kind or p.k != first.k for p in parts):
+        raise ValueError("cannot fuse blocks of different kinds or widths")
+    qs = torch.cat([p.qs for p in parts])  # [sum n, k/32 * bytes]
+    scales = torch.cat([p.scales for p in parts])
+    return BlockWeight(first.kind, qs, scales, sum(p.n for p in parts), first.k)
+
+
+def _project(blocks: BlockWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    bias = None if bias is None else bias.detach().contiguous()
+    weight = weight.detach()
+
+    def project(x: torch.Tensor) -> torch.Tensor:  # [.., K] -> [.., N]
+        if x.numel() > MAX_ROWS * x.shape[-1] or x.dtype != torch.float32:
+            return F.linear(x, weight, bias)
+        return gguf_kernels.linear(x, blocks, bias)
+
+    return project
+
+
+@torch.no_grad()
+def route_model(model: nn.Module) -> int:
+    """Give every linear layer (or fused group) with blocks the block-kernel forward; returns
+    the bytes of the blocks routed."""
+    size = 0
+    grouped: set[int] = set()
+    for parent in model.modules():
+        for names in GROUPS:
+            layers = [getattr(parent, name, None) for name in names]
+            group = getattr(layers[0], "_hearth_group", None)
+            if group is None or any(not hasattr(m, "_hearth_blocks") for m in layers):
+                continue
+            blocks = concat([m._hearth_blocks for m in layers])
+            group.project = _project(blocks, group.weight, group.bias)
+            grouped.update(id(m) for m in layers)
+            size += blocks.nbytes
+    for module in model.modules():
+        blocks = getattr(module, "_hearth_blocks", None)
+        if blocks is None or id(module) in grouped or hasattr(module, "_hf_hook"):
+            continue
+        set_forward(module, _project(blocks, module.weight, module.bias))
+        size += blocks.nbytes
+    return size
