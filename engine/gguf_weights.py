@@ -145,7 +145,9 @@ def attach(model: nn.Module, gguf_path: str, requested: str) -> str:
     attached: list[tuple[nn.Linear, BlockWeight]] = []
     for module_name, module in linears:
         try:
-            blocks = _blocks_for(module_name, module.weight.detach(), gguf, names[module_name], heads)
+            blocks = _blocks_for(
+                module_name, module.weight.detach(), gguf, names[module_name], heads
+            )
         except GGUFQuantError as exc:
             if requested == "gguf":
                 raise
