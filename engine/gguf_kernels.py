@@ -12,6 +12,7 @@ second start loads it in milliseconds. No compiler, or no x86 AVX2: no variant (
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -41,6 +42,7 @@ BLOCK = 32  # weights per block along K, for both Q4_1 and Q8_0
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | str] = {}  # variant -> its library, or why there is none
+_default: str | None = None  # variants()[0], once loaded
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class BlockWeight:
         return self.qs.numel() + 2 * self.scales.numel()
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -74,10 +77,15 @@ def cpu_flags() -> frozenset[str]:
 
 def variants() -> list[str]:
     """The variants this CPU can run, fastest expected first; [] without a C++ compiler."""
+    return list(_variants())
+
+
+@functools.cache
+def _variants() -> tuple[str, ...]:
     if _compiler() is None:
-        return []
+        return ()
     flags = cpu_flags()
-    return [name for name, (_, needs) in _ISA.items() if needs <= flags]
+    return tuple(name for name, (_, needs) in _ISA.items() if needs <= flags)
 
 
 def _build(compiler: str, name: str) -> Path:
@@ -131,12 +139,19 @@ def _open(name: str) -> ctypes.CDLL:
 
 def _load(variant: str | None) -> ctypes.CDLL | str:
     """The variant's library (the first of variants() when None), or why there is none."""
+    global _default
+    if variant is None:
+        variant = _default
+    lib = _libs.get(variant) if variant is not None else None
+    if lib is not None:  # the per-call path: no lock, no lookups
+        return lib
     with _lock:
         if variant is None:
-            names = variants()
+            names = _variants()
             if not names:
                 return "no variant runs here (needs x86 AVX2 with FMA and F16C, and a C++ compiler)"
             variant = names[0]
+            _default = variant
         if variant not in _libs:
             try:
                 _libs[variant] = _open(variant)
