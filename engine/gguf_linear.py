@@ -1,9 +1,10 @@
 """Route a GGUF-quantized model's linear layers through the block kernels at small batches.
 
 engine/gguf_weights.py hangs each nn.Linear's GGUF blocks on it (`_hearth_blocks`); after
-engine/fusion.py has fused q/k/v and gate/up, this gives every layer and fused group a forward
-that reads the blocks for inputs of up to MAX_ROWS rows (decode steps) and keeps MKL over the
-float32 weights, which stay in memory, above it (prefill chunks).
+engine/fusion.py has fused q/k/v and gate/up (and engine/cpu_linear.py may have packed float32
+copies), this gives every layer and fused group a forward that reads the blocks for inputs of up
+to MAX_ROWS rows (batch-1 and small decode steps) and otherwise calls the forward it had before:
+the packed float32 kernel up to its own limit, MKL over the float32 weights above (prefill).
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine import gguf_kernels
 from engine.fusion import GROUPS, set_forward
 from engine.gguf_kernels import BlockWeight
 
-# Above this many rows MKL's float32 GEMM beats the block kernel (bench/gguf_crossover.py, on a
-# 2-vCPU Zen 4: the kernel dequantizes each block once per 4-row tile, MKL runs near peak FLOPs).
-MAX_ROWS = 16
+# Up to this many rows the block kernel is the fastest: it streams ~5x fewer bytes than float32,
+# but dequantizes each block once per 4-row tile, so its time grows ~linearly with the rows. On
+# a 2-vCPU Zen 4 (SmolLM2-135M's layers, one thread, streaming all 30 layers): 1 row 14.6 ms vs
+# 41 (packed float32) and 68 (MKL); 8 rows 41 vs 31 and 76; 16 rows 82 vs 52 and 99; 32 rows 152
+# vs 92 and 146. Above it the layer's previous forward runs (packed float32 up to its own limit,
+# then MKL). The packed kernel wins from ~8 rows; 16 keeps the blocks up to where MKL would.
+MAX_ROWS = 8
 
 
 def concat(parts: list[BlockWeight]) -> BlockWeight:
@@ -33,13 +37,12 @@ def concat(parts: list[BlockWeight]) -> BlockWeight:
     return BlockWeight(first.kind, qs, scales, sum(p.n for p in parts), first.k)
 
 
-def _project(blocks: BlockWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+def _project(blocks: BlockWeight, bias: torch.Tensor | None, before: Callable) -> Callable:
     bias = None if bias is None else bias.detach().contiguous()
-    weight = weight.detach()
 
     def project(x: torch.Tensor) -> torch.Tensor:  # [.., K] -> [.., N]
         if x.numel() > MAX_ROWS * x.shape[-1] or x.dtype != torch.float32:
-            return F.linear(x, weight, bias)
+            return before(x)
         return gguf_kernels.linear(x, blocks, bias)
 
     return project
@@ -58,13 +61,13 @@ def route_model(model: nn.Module) -> int:
             if group is None or any(not hasattr(m, "_hearth_blocks") for m in layers):
                 continue
             blocks = concat([m._hearth_blocks for m in layers])
-            group.project = _project(blocks, group.weight, group.bias)
+            group.project = _project(blocks, group.bias, group.project)
             grouped.update(id(m) for m in layers)
             size += blocks.nbytes
     for module in model.modules():
         blocks = getattr(module, "_hearth_blocks", None)
         if blocks is None or id(module) in grouped or hasattr(module, "_hf_hook"):
             continue
-        set_forward(module, _project(blocks, module.weight, module.bias))
+        set_forward(module, _project(blocks, module.bias, module.forward))
         size += blocks.nbytes
     return size

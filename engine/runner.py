@@ -222,18 +222,17 @@ class ModelRunner:
             from engine.fused_ops import patch_model
 
             patch_model(model)
-        if getattr(model, "hearth_quantization", None) == "gguf":  # engine/gguf_weights.py
-            from engine.gguf_linear import route_model
-
-            log.info("linear layers on %d MiB of GGUF blocks", route_model(model) >> 20)
-            self.kernels = kernels = kernels._replace(cpu_matmul=False)
-        elif kernels.cpu_matmul:
+        if kernels.cpu_matmul:
             from engine.cpu_linear import pack_model
 
             if packed := pack_model(model):
                 log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
             else:
                 self.kernels = kernels = kernels._replace(cpu_matmul=False)
+        if getattr(model, "hearth_quantization", None) == "gguf":  # engine/gguf_weights.py
+            from engine.gguf_linear import route_model
+
+            log.info("small batches on %d MiB of GGUF blocks", route_model(model) >> 20)
         # With CUDA graphs one more block: the scratch block padding rows write to.
         allocated = num_blocks + 1 if graphs else num_blocks
         # Zeroed: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
