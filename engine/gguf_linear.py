@@ -23,7 +23,7 @@ from engine.gguf_kernels import BlockWeight
 # a 2-vCPU Zen 4 (SmolLM2-135M's layers, one thread, streaming all 30 layers): 1 row 14.6 ms vs
 # 41 (packed float32) and 68 (MKL); 8 rows 41 vs 31 and 76; 16 rows 82 vs 52 and 99; 32 rows 152
 # vs 92 and 146. Above it the layer's previous forward runs (packed float32 up to its own limit,
-# then MKL). The packed kernel wins from ~8 rows; 16 keeps the blocks up to where MKL would.
+# then MKL), which wins from ~8 rows on.
 MAX_ROWS = 8
 
 
