@@ -60,7 +60,9 @@ def route_model(model: nn.Module) -> int:
             group = getattr(layers[0], "_hearth_group", None)
             if group is None or any(not hasattr(m, "_hearth_blocks") for m in layers):
                 continue
-            blocks = concat([m._hearth_blocks for m in layers])
+            blocks = getattr(layers[0], "_hearth_group_blocks", None)  # engine/gguf_block_cache.py
+            if blocks is None or blocks.n != sum(m._hearth_blocks.n for m in layers):
+                blocks = concat([m._hearth_blocks for m in layers])
             group.project = _project(blocks, group.bias, group.project)
             grouped.update(id(m) for m in layers)
             size += blocks.nbytes

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import gguf_kernels
+from engine import gguf_block_cache, gguf_kernels
 from engine.gguf_file import GGUFFile, TensorInfo, read_gguf
 from engine.gguf_kernels import BlockWeight
 
@@ -36,7 +36,9 @@ _NAMES = {  # Hugging Face projection -> GGUF tensor (gguf-py's TensorNameMap, L
     "up_proj": "ffn_up",
     "down_proj": "ffn_down",
 }
-_CHECK_ROWS = 256  # rows of each weight compared with the float32 model at load
+# Rows of each weight compared with the float32 model at load: with the q/k permutation wrong,
+# row 1 already differs (it swaps rows i and head_dim/2 + i within each head).
+_CHECK_ROWS = 8
 
 
 class GGUFQuantError(ValueError):
@@ -108,7 +110,7 @@ def _blocks_for(
     for suffix, count in heads.items():
         if module_name.endswith(suffix) and n % (2 * count) == 0:
             candidates.insert(0, _llama_rows(raw, count))
-    check = slice(0, min(n, _CHECK_ROWS))
+    check = [*range(min(n, _CHECK_ROWS)), n - 1]  # the first rows and the last
     for candidate in candidates:
         rows = repack(np.ascontiguousarray(candidate[check]), kind, k)
         if torch.equal(dequantize(rows), weight[check]):
@@ -116,47 +118,74 @@ def _blocks_for(
     raise GGUFQuantError(f"the blocks of {name} do not dequantize to {module_name}'s weights")
 
 
-def attach(model: nn.Module, gguf_path: str, requested: str) -> str:
-    """Hang each linear layer's GGUF blocks on it; returns the quantization in effect ("gguf"
-    or "none": auto where a layer's block type has no kernel). Raises GGUFQuantError when an
-    explicit `gguf` cannot apply."""
-    if requested not in ("auto", "gguf"):
-        return "none"
-    problem = gguf_kernels.problem()
+def _fits(model: nn.Module, entries: list[gguf_block_cache.Entry], linears: list[str]) -> bool:
+    """Cached entries cover exactly these linear layers, and their first and last rows are
+    the float32 weights."""
+    modules = dict(model.named_modules())
+    members = [(name, rows) for names, _ in entries for name, rows in names]
+    if sorted(name for name, _ in members) != sorted(linears):
+        return False
+    if any(blocks.kind not in KINDS.values() for _, blocks in entries):
+        return False
+    for names, blocks in entries:
+        start = 0
+        for name, rows in names:
+            weight = modules[name].weight.detach()
+            for row in (start, start + rows - 1):
+                one = BlockWeight(
+                    blocks.kind, blocks.qs[row : row + 1], blocks.scales[row : row + 1], 1, blocks.k
+                )
+                if weight.shape != (rows, blocks.k) or not torch.equal(
+                    dequantize(one)[0], weight[row - start]
+                ):
+                    return False
+            start += rows
+    return True
+
+
+def _read_blocks(model: nn.Module, gguf_path: str, linears: list[str]) -> dict[str, BlockWeight]:
+    """Every linear layer's blocks from the GGUF file; GGUFQuantError when one has none."""
     gguf = read_gguf(gguf_path)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    names = {name: tensor_name(name, gguf.tensors) for name, _ in linears}
+    names = {name: tensor_name(name, gguf.tensors) for name in linears}
     for module_name, tensor in names.items():
         info = gguf.tensors.get(tensor) if tensor else None
         if info is None:
-            problem = problem or f"no GGUF tensor for {module_name}"
-        elif info.ggml_type not in KINDS:
-            problem = problem or f"{tensor} is {info.type_name} (kernels: Q4_1, Q8_0)"
-    if problem is not None:
-        if requested == "gguf":
-            raise GGUFQuantError(problem)
-        log.info("quantization auto: float32 weights (%s)", problem)
-        return "none"
+            raise GGUFQuantError(f"no GGUF tensor for {module_name}")
+        if info.ggml_type not in KINDS:
+            raise GGUFQuantError(f"{tensor} is {info.type_name} (kernels: Q4_1, Q8_0)")
     text = model.config.get_text_config()
     heads = {
         "q_proj": text.num_attention_heads,
         "k_proj": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
     }
-    attached: list[tuple[nn.Linear, BlockWeight]] = []
-    for module_name, module in linears:
-        try:
-            blocks = _blocks_for(
-                module_name, module.weight.detach(), gguf, names[module_name], heads
-            )
-        except GGUFQuantError as exc:
-            if requested == "gguf":
-                raise
-            log.warning("quantization auto: float32 weights (%s)", exc)
-            return "none"
-        attached.append((module, blocks))
-    for module, blocks in attached:
-        module._hearth_blocks = blocks
+    modules = dict(model.named_modules())
+    return {
+        name: _blocks_for(name, modules[name].weight.detach(), gguf, names[name], heads)
+        for name in linears
+    }
+
+
+def attach(model: nn.Module, gguf_path: str, requested: str) -> str:
+    """Hang each linear layer's GGUF blocks on it (from the block cache when it holds them);
+    returns the quantization in effect ("gguf", or "none": auto where a layer's block type has
+    no kernel). Raises GGUFQuantError when an explicit `gguf` cannot apply."""
+    if requested not in ("auto", "gguf"):
+        return "none"
+    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    try:
+        if problem := gguf_kernels.problem():
+            raise GGUFQuantError(problem)
+        path = gguf_block_cache.cache_path(gguf_path)
+        entries = gguf_block_cache.load(path)
+        if entries is None or not _fits(model, entries, linears):
+            entries = gguf_block_cache.group(model, _read_blocks(model, gguf_path, linears))
+            gguf_block_cache.save(path, entries)
+    except GGUFQuantError as exc:
+        if requested == "gguf":
+            raise
+        log.info("quantization auto: float32 weights (%s)", exc)
+        return "none"
+    size = gguf_block_cache.hang(model, entries)
     model.hearth_quantization = "gguf"
-    size = sum(blocks.nbytes for _, blocks in attached)
-    log.info("GGUF blocks of %d linear layers: %d MiB", len(attached), size >> 20)
+    log.info("GGUF blocks of %d linear layers: %d MiB", len(linears), size >> 20)
     return "gguf"

@@ -150,3 +150,26 @@ def test_greedy_outputs_with_gguf_equal_those_with_none(tiny_gguf: Path) -> None
         finally:
             engine.shutdown()
     assert results["gguf"] == results["none"]
+
+
+@needs_kernels
+def test_a_second_load_reads_the_block_cache(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch):
+    from engine import gguf_block_cache
+
+    first = load(tiny_gguf)  # writes the cache unless an earlier test did
+    assert gguf_block_cache.cache_path(tiny_gguf).is_file()
+
+    def no_reading(*_: object) -> None:
+        raise AssertionError("read the GGUF file again")
+
+    monkeypatch.setattr(gguf_weights, "_read_blocks", no_reading)
+    second = load(tiny_gguf)
+    assert second.quantization == "gguf"
+    layer = second.model.model.layers[1].self_attn
+    assert layer.q_proj._hearth_group_blocks.n == sum(
+        getattr(layer, p).out_features for p in ("q_proj", "k_proj", "v_proj")
+    )
+    for a, b in zip(first.model.modules(), second.model.modules(), strict=True):
+        if hasattr(a, "_hearth_blocks"):
+            assert torch.equal(a._hearth_blocks.qs, b._hearth_blocks.qs)
+            assert torch.equal(gguf_weights.dequantize(b._hearth_blocks), b.weight)
