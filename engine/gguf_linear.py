@@ -18,13 +18,14 @@ from engine import gguf_kernels
 from engine.fusion import GROUPS, set_forward
 from engine.gguf_kernels import BlockWeight
 
-# Up to this many rows the block kernel is the fastest: it streams ~5x fewer bytes than float32,
-# but dequantizes each block once per 4-row tile, so its time grows ~linearly with the rows. On
-# a 2-vCPU Zen 4 (SmolLM2-135M's layers, one thread, streaming all 30 layers): 1 row 14.6 ms vs
-# 41 (packed float32) and 68 (MKL); 8 rows 41 vs 31 and 76; 16 rows 82 vs 52 and 99; 32 rows 152
-# vs 92 and 146. Above it the layer's previous forward runs (packed float32 up to its own limit,
-# then MKL), which wins from ~8 rows on.
-MAX_ROWS = 8
+# Up to this many rows the block kernel is the fastest: it streams ~5x fewer bytes than float32
+# but dequantizes each block once per register tile of rows (4 on avx512, 2 on avx2; a partial
+# tile's rows go one by one), so its time grows with the passes over the weights. Measured on a
+# 2-vCPU Zen 4, SmolLM2-135M's 30 layers + lm_head streamed, one thread, ms for the whole set:
+# 1 row 14.6 (packed float32 41, MKL 68); 4 rows 21 (57, 113); 8 rows 41 (31, 76); 16 rows 82
+# (52, 99); 32 rows 152 (92, 146). Above it the layer's previous forward runs
+# (engine/cpu_linear.py's packed kernel up to its own limit, then MKL).
+MAX_ROWS = 4
 
 
 def concat(parts: list[BlockWeight]) -> BlockWeight:

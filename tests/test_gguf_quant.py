@@ -123,13 +123,22 @@ def test_a_block_type_without_kernels(tiny_gguf: Path, monkeypatch: pytest.Monke
 
 
 @needs_kernels
-def test_greedy_outputs_with_gguf_equal_those_with_none(tiny_gguf: Path) -> None:
+def test_greedy_outputs_with_gguf_equal_those_with_none(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from engine.async_engine import build_engine
+    from engine.gguf_linear import MAX_ROWS
     from engine.types import GenerationRequest, SamplingParams
 
+    calls = []
+    kernel = gguf_kernels.linear
+    monkeypatch.setattr(gguf_kernels, "linear", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 49152, (4 + 5 * i,), generator=gen).tolist() for i in range(6)]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    count = MAX_ROWS + 2  # decode steps above the row limit, then (as requests end) within it
+    prompts = [torch.randint(3, 49152, (4 + 5 * i,), generator=gen).tolist() for i in range(count)]
+    params = [
+        SamplingParams(max_tokens=6 + 4 * i, temperature=0, ignore_eos=True) for i in range(count)
+    ]
     results = {}
     for quantization in ("gguf", "none"):
         engine = build_engine(load(tiny_gguf, quantization=quantization))
@@ -138,7 +147,8 @@ def test_greedy_outputs_with_gguf_equal_those_with_none(tiny_gguf: Path) -> None
 
         async def one(i: int, prompt: list[int], engine=engine) -> list[int]:
             ids: list[int] = []
-            async for out in engine.generate(GenerationRequest(f"g{i}", prompt, params)):
+            request = GenerationRequest(f"g{i}", prompt, params[i])
+            async for out in engine.generate(request):
                 ids += out.token_ids
             return ids
 
@@ -150,6 +160,7 @@ def test_greedy_outputs_with_gguf_equal_those_with_none(tiny_gguf: Path) -> None
         finally:
             engine.shutdown()
     assert results["gguf"] == results["none"]
+    assert calls  # the block kernel did run
 
 
 @needs_kernels
