@@ -184,3 +184,10 @@ def test_a_second_load_reads_the_block_cache(tiny_gguf: Path, monkeypatch: pytes
         if hasattr(a, "_hearth_blocks"):
             assert torch.equal(a._hearth_blocks.qs, b._hearth_blocks.qs)
             assert torch.equal(gguf_weights.dequantize(b._hearth_blocks), b.weight)
+
+
+def test_no_kernels_here(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gguf_kernels, "problem", lambda variant=None: "this CPU lacks avx2")
+    assert load(tiny_gguf).quantization == "none"
+    with pytest.raises(LoadError, match="lacks avx2"):
+        load(tiny_gguf, quantization="gguf")
