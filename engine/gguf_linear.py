@@ -39,12 +39,12 @@ def concat(parts: list[BlockWeight]) -> BlockWeight:
 
 
 def _project(blocks: BlockWeight, bias: torch.Tensor | None, before: Callable) -> Callable:
-    bias = None if bias is None else bias.detach().contiguous()
+    kernel = gguf_kernels.bind(blocks, bias)
 
     def project(x: torch.Tensor) -> torch.Tensor:  # [.., K] -> [.., N]
         if x.numel() > MAX_ROWS * x.shape[-1] or x.dtype != torch.float32:
             return before(x)
-        return gguf_kernels.linear(x, blocks, bias)
+        return kernel(x)
 
     return project
 

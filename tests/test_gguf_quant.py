@@ -131,8 +131,13 @@ def test_greedy_outputs_with_gguf_equal_those_with_none(
     from engine.types import GenerationRequest, SamplingParams
 
     calls = []
-    kernel = gguf_kernels.linear
-    monkeypatch.setattr(gguf_kernels, "linear", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    bind = gguf_kernels.bind
+
+    def counted(*args, **kwargs):
+        kernel = bind(*args, **kwargs)
+        return lambda x: calls.append(1) or kernel(x)
+
+    monkeypatch.setattr(gguf_kernels, "bind", counted)
     gen = torch.Generator().manual_seed(5)
     count = MAX_ROWS + 2  # decode steps above the row limit, then (as requests end) within it
     prompts = [torch.randint(3, 49152, (4 + 5 * i,), generator=gen).tolist() for i in range(count)]
