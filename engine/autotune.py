@@ -257,6 +257,9 @@ def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -
     if reference not in cands:
         results = results[1:]
     winner = pick(results)
+    if winner.kernels.gguf:  # the GGUF block kernels (quantization gguf): against without them
+        results += timed([winner.kernels._replace(gguf=False)])
+        winner = pick(results)
     if more_threads:
         results += timed([winner.kernels._replace(threads=t) for t in more_threads])
         winner = pick(results)

@@ -30,6 +30,7 @@ class Kernels(NamedTuple):
     cpu_matmul: bool = False  # C++ matmul over packed weights (CPU, float32)
     cpu_variant: str | None = None  # the C++ kernels' ISA build (avx512, avx2); None: default
     threads: int = 0  # torch intra-op threads (CPU); 0: leave as configured
+    gguf: bool = False  # small batches on a GGUF source's own blocks (engine/gguf_linear.py)
 
     def describe(self) -> str:
         """e.g. 'decode attention cpu (avx2), CUDA graphs off, fused kernels off, CPU matmul on
@@ -41,6 +42,7 @@ class Kernels(NamedTuple):
             f"fused kernels {'on' if self.fused else 'off'}, "
             f"CPU matmul {'on' + isa if self.cpu_matmul else 'off'}"
         )
+        text += ", GGUF blocks at small batches" if self.gguf else ""
         return text + (f", {self.threads} threads" if self.threads else "")
 
 

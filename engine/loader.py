@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from engine import distributed, dummy
+from engine import distributed, dummy, gguf_weights
 from engine.config import ModelConfig
 from engine.fp8_checkpoint import load_fp8_model
 from engine.gguf_cache import converted_checkpoint
@@ -36,6 +36,7 @@ class LoadedModel:
     device: torch.device  # where inputs go (the first layer's device under device_map)
     dtype: torch.dtype
     max_model_len: int
+    quantization: str = "none"  # in effect: "none", or "gguf" (engine/gguf_weights.py)
 
     @property
     def devices(self) -> str:
@@ -113,8 +114,8 @@ def load_model(
     torch_dtype = pick_dtype(dtype or config.dtype, device_name)
     if config.load_format == "dummy":
         return _load_dummy(config, source, device_name, torch_dtype, base_dir)
-    if config.quantization == "gguf":
-        raise LoadError(f"{config.id}: quantization gguf: not implemented yet")
+    if refused := gguf_weights.refusal(config.quantization, source.kind, device_name, torch_dtype):
+        raise LoadError(f"{config.id}: quantization gguf: {refused}")
     path = checkpoint_dir(source, config, torch_dtype)
     trust = config.trust_remote_code
     placement: dict[str, Any]
@@ -201,6 +202,15 @@ def _loaded(
 ) -> LoadedModel:
     """The LoadedModel of a built model: chat template, max_model_len, the input device."""
     model.eval()
+    quantization = "none"
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if source.kind == "gguf" and on_cpu and torch_dtype == torch.float32:
+        try:  # the GGUF file's own blocks for the linear layers (engine/gguf_weights.py)
+            quantization = gguf_weights.attach(model, source.location, config.quantization)
+        except (gguf_weights.GGUFQuantError, OSError, ValueError) as exc:
+            if config.quantization == "gguf":
+                raise LoadError(f"{config.id}: quantization gguf: {exc}") from None
+            log.warning("%s: quantization auto: float32 weights (%s)", config.id, exc)
     template = read_chat_template(config.chat_template, base_dir)
     if template is not None:
         tokenizer.chat_template = template
@@ -219,7 +229,9 @@ def _loaded(
         )
         max_len = window
     first_device = next(model.parameters()).device
-    return LoadedModel(config, source, path, model, tokenizer, first_device, torch_dtype, max_len)
+    return LoadedModel(
+        config, source, path, model, tokenizer, first_device, torch_dtype, max_len, quantization
+    )
 
 
 def sliding_window(hf_config: Any) -> int | None:

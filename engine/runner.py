@@ -118,10 +118,14 @@ class ModelRunner:
         shapes = Shapes(cfg.num_attention_heads // tp_size, kv_heads, head_dim, cfg.hidden_size)
         kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
         kernels = probe(kernels, limits, self.device, dtype, shapes)
+        # A GGUF source's own blocks (quantization gguf, engine/gguf_weights.py) at small batches
+        gguf = getattr(model, "hearth_quantization", None) == "gguf"
+        kernels = kernels._replace(gguf=gguf)
         self.allocate_kv_cache(devices, kv_heads, head_dim)
         if limits.autotune != "off" and tp_size == 1:
             on_cpu = all(d.type == "cpu" for d in devices)
             cands = candidates(limits, set(devices), head_dim, dtype, _cpu_variants(dtype, on_cpu))
+            cands = [c._replace(gguf=gguf) for c in cands]
             kernels = autotune.select(self, limits, cands, max_model_len)
         self.kernels = self.apply(kernels, log_packing=True)
 
@@ -143,8 +147,9 @@ class ModelRunner:
         (default: every bucket). Returns what was applied: packing that does not fit in memory
         and a failed capture of graphs that were not asked for by name fall back (logged)."""
         self.graphs = None
-        patched = (kernels.fused, kernels.cpu_matmul, kernels.cpu_variant)
-        if getattr(self, "kernels", None) is None or self.kernels[2:5] != patched:
+        patched = (kernels.fused, kernels.cpu_matmul, kernels.cpu_variant, kernels.gguf)
+        current = self.kernels
+        if current is None or (*current[2:5], current.gguf) != patched:
             kernels = self._patch(kernels, log_packing)
         if kernels.threads:
             torch.set_num_threads(kernels.threads)
@@ -187,6 +192,12 @@ class ModelRunner:
                     log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
             else:
                 kernels = kernels._replace(cpu_matmul=False)
+        if kernels.gguf:  # after the packing: above its row limit a layer runs what it had
+            from engine.gguf_linear import route_model
+
+            routed = route_model(self.model)
+            if log_packing:
+                log.info("small batches on %d MiB of GGUF blocks", routed >> 20)
         return kernels
 
     def sync(self) -> None:
