@@ -30,7 +30,7 @@ from engine.kernels import Kernels
 
 log = logging.getLogger("hearth.engine")
 
-DECODE_CONTEXT = 256  # tokens of context behind each decode row (capped by the KV capacity)
+DECODE_CONTEXT = 128  # tokens of context behind each decode row (capped by the KV capacity)
 PREFILL_CHUNK = 512  # prefill tokens timed (capped by max_num_batched_tokens, max_model_len)
 
 
@@ -140,6 +140,7 @@ def measure(
     want: dict[str, torch.Tensor],
     repeats: int = 3,
     same_step: Callable[[Kernels, Workload], object] | None = None,
+    timed: dict[object, float] | None = None,
 ) -> list[Result]:
     """Time every candidate on every workload. `apply` switches the model to a candidate
     (returning what it could apply), `run` runs one step and returns its logits. The first
@@ -148,9 +149,10 @@ def measure(
     and must run (its failure is raised). The best of `repeats` timed runs counts (prefill:
     two fewer): the minimum is the least noisy estimate on a shared machine. `same_step`
     names the code path a candidate runs a workload on: a path already timed in this call is
-    not timed again (on CPU a prefill chunk runs the same MKL path whatever the decode kernel)."""
+    not timed again (on CPU a prefill chunk runs the same MKL path whatever the decode kernel);
+    `timed` (path -> seconds) carries those times across calls."""
     results: list[Result] = []
-    timed: dict[object, float] = {}
+    timed = {} if timed is None else timed
     for kernels in cands:
         result = Result(kernels)
         is_reference = not want
@@ -246,9 +248,13 @@ def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -
             return (load.name, kernels.threads)
         return None
 
+    paths: dict[object, float] = {}
+
     def timed(kernels: list[Kernels]) -> list[Result]:
         passes = [
-            measure(run, apply, kernels, loads, runner.dtype, runner.sync, want, 3, same_step)
+            measure(
+                run, apply, kernels, loads, runner.dtype, runner.sync, want, 3, same_step, paths
+            )
             for _ in range(rounds)
         ]
         return [_best(same) for same in zip(*passes, strict=True)]
