@@ -87,10 +87,20 @@ async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def _cross_field_param(error: dict[str, Any], param: str | None) -> str | None:
+    """A model-level check names its field (a ParamError): join it to where the model sits."""
+    cause = (error.get("ctx") or {}).get("error")
+    field = getattr(cause, "param", None)
+    if not isinstance(field, str):
+        return param
+    return f"{param}.{field}" if param else field
+
+
 async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "value_error", "msg": "invalid request", "loc": ()}
     param = None if first["type"] == "json_invalid" else _param(tuple(first.get("loc", ())))
+    param = _cross_field_param(first, param)
     message = _validation_message(first, param)
     if first["type"] == "model_attributes_type":  # no JSON body, or JSON that is not an object
         param, message = None, "The request body must be a JSON object."

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from engine.types import SamplingParams
+from server.wire import ParamError, WireModel
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Request(WireModel):
+    """Unknown fields are ignored; `null` on a field with a default means the default."""
 
 
 class TextPart(_Request):
@@ -91,7 +92,7 @@ class ResponseFormat(_Request):
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("json_schema is required when type is 'json_schema'")
+            raise ParamError("json_schema", "json_schema is required when type is 'json_schema'")
         return self
 
 
@@ -185,7 +186,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
         check_stream_options(self)
         return self
 
@@ -233,4 +234,4 @@ class CompletionRequest(SamplingFields):
 
 def check_stream_options(request: SamplingFields) -> None:
     if request.stream_options is not None and not request.stream:
-        raise ValueError("stream_options is only allowed when stream is true")
+        raise ParamError("stream_options", "stream_options is only allowed when stream is true")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from engine.types import SamplingParams
 from server.protocol import FunctionDef
+from server.wire import WireModel
 
 # Per-model defaults (models.yaml) used where the request lacks the field or leaves it unset.
 DEFAULTED = (
@@ -21,8 +22,8 @@ DEFAULTED = (
 )
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Model(WireModel):
+    """Unknown fields are ignored; `null` on a field with a default means the default."""
 
 
 class ContentPart(_Model):
