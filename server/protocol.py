@@ -7,16 +7,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from engine.types import SamplingParams
+from server.content import Part, parts_text
 from server.wire import ParamError, WireModel
 
 
 class _Request(WireModel):
     """Unknown fields are ignored; `null` on a field with a default means the default."""
-
-
-class TextPart(_Request):
-    type: Literal["text", "input_text", "output_text"] = "text"
-    text: str
 
 
 class FunctionCall(_Request):
@@ -31,27 +27,32 @@ class ToolCall(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    """Any message OpenAI's chat API accepts, the deprecated `function` role and call included."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[Part] | None = None
     name: str | None = None
+    refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # deprecated: one call, before tool_calls
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+        text = parts_text(self.content) if isinstance(self.content, list) else self.content or ""
+        return text or self.refusal or ""
 
     def to_template(self) -> dict[str, Any]:
-        """The dict chat templates expect; `developer` is rendered as `system`."""
-        message: dict[str, Any] = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": self.text(),
-        }
+        """The dict chat templates expect: `developer` is rendered as `system`, the deprecated
+        `function` role as `tool`, and a `function_call` as a tool call."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
-        if self.tool_calls:
-            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        calls = self.tool_calls or (
+            [ToolCall(function=self.function_call)] if self.function_call else []
+        )
+        if calls:
+            message["tool_calls"] = [c.model_dump() for c in calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
