@@ -42,7 +42,7 @@ class Aligned:
     entry: TokenLogprob
     raw: bytes
     special: bool
-    offset: int  # characters of the choice text before this token
+    offset: int  # whole characters of the choice text before this token's first byte
 
 
 class LogprobAligner:
@@ -58,7 +58,8 @@ class LogprobAligner:
         self.engine = engine
         self.text_bytes = 0  # bytes of text returned so far
         self.token_bytes = 0  # bytes of the released tokens
-        self.chars = offset  # characters started by the released tokens (plus the offset)
+        self.chars = offset  # whole characters in the released tokens (plus the offset)
+        self.partial = 0  # continuation bytes still owed by the last character begun
         self.held: list[TokenLogprob] = []
 
     def feed(
@@ -78,7 +79,15 @@ class LogprobAligner:
         aligned = Aligned(entry, raw, special, self.chars)
         if not special:
             self.token_bytes += len(raw)
-            self.chars += sum(1 for b in raw if b & 0xC0 != 0x80)  # UTF-8 lead bytes
+            for byte in raw:  # count characters as they complete
+                if byte & 0xC0 == 0x80:
+                    self.partial = max(0, self.partial - 1)
+                else:
+                    self.partial = (
+                        3 if byte >= 0xF0 else 2 if byte >= 0xE0 else 1 if byte >= 0xC0 else 0
+                    )
+                if self.partial == 0:
+                    self.chars += 1
         return aligned
 
 
