@@ -83,3 +83,33 @@ def test_special_tokens_mid_text_are_listed_with_their_text() -> None:
     shown = [token_string(a.raw, a.special) for a in placed]
     assert shown == ["a", f"<|{EOS}|>", "b", f"<|{EOS}|>"]
     assert [a.offset for a in placed] == [0, 1, 1, 2]
+
+
+def test_byte_level_bpe_tokens_map_back_to_their_raw_bytes(smollm_tokenizer_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from engine.tokenizer import ChatTokenizer
+
+    tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(smollm_tokenizer_dir))
+    text = "Hi 😀 there, it's é"
+    ids = tokenizer.hf(text, add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.token_pieces(ids)
+    assert b"".join(raw for raw, _ in pieces) == text.encode()
+    assert not any(special for _, special in pieces)
+    assert any(not raw.decode(errors="ignore") for raw, _ in pieces)  # a piece of the emoji
+    end = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.token_pieces([end]) == [(b"<|im_end|>", True)]
+
+
+def test_sentencepiece_tokens_map_spaces_and_byte_fallbacks() -> None:
+    from engine.token_bytes import TokenBytes
+
+    class Piece:  # a SentencePiece-style vocabulary: ▁ for spaces, <0xNN> byte fallbacks
+        all_special_ids = [2]
+        added_tokens_decoder: dict = {}
+
+        def convert_ids_to_tokens(self, token_id: int) -> str:
+            return {0: "\u2581Hi", 1: "<0xE2>", 2: "</s>"}[token_id]
+
+    pieces = TokenBytes(Piece()).pieces([0, 1, 2])
+    assert pieces == [(b" Hi", False), (b"\xe2", False), (b"</s>", True)]
