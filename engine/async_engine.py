@@ -73,6 +73,9 @@ class AsyncEngine:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids)
 
+    def token_pieces(self, token_ids: Sequence[int]) -> list[tuple[bytes, bool]]:
+        return self.tokenizer.token_pieces(token_ids)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream the request's outputs; closing the iterator early aborts the request."""
         if self._dead:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from engine.token_bytes import TokenBytes, TokenPiece
+
 
 class TemplateError(ValueError):
     """The chat template could not render these messages (a client error)."""
@@ -14,6 +16,7 @@ class ChatTokenizer:
     def __init__(self, tokenizer: Any, generation_config: Any = None) -> None:
         self.hf = tokenizer
         self.eos_token_ids = self._eos_ids(tokenizer, generation_config)
+        self._bytes = TokenBytes(tokenizer)
 
     @staticmethod
     def _eos_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
@@ -73,3 +76,7 @@ class ChatTokenizer:
 
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(token_ids))
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[TokenPiece]:
+        """Each token's raw bytes and whether it is special (see engine.token_bytes)."""
+        return self._bytes.pieces(token_ids)

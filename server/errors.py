@@ -87,10 +87,34 @@ async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def _cross_field_param(error: dict[str, Any], param: str | None) -> str | None:
+    """A model-level check names its field (a ParamError): join it to where the model sits."""
+    cause = (error.get("ctx") or {}).get("error")
+    field = getattr(cause, "param", None)
+    if not isinstance(field, str):
+        return param
+    return f"{param}.{field}" if param else field
+
+
+def _deepest(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first error, or, where a union failed on every member, the member that went deepest.
+
+    `content: "x" | [parts]` sent a bad part fails as "not a string" and as "bad part 0"; the
+    second is what the client got wrong.
+    """
+    first = errors[0]
+    prefix = _param(tuple(first.get("loc", ())))
+    same_field = [
+        e for e in errors if prefix and (_param(tuple(e.get("loc", ()))) or "").startswith(prefix)
+    ]
+    return max(same_field or [first], key=lambda e: len(_param(tuple(e.get("loc", ()))) or ""))
+
+
 async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    first = errors[0] if errors else {"type": "value_error", "msg": "invalid request", "loc": ()}
+    first = _deepest(errors) if errors else {"type": "value_error", "msg": "", "loc": ()}
     param = None if first["type"] == "json_invalid" else _param(tuple(first.get("loc", ())))
+    param = _cross_field_param(first, param)
     message = _validation_message(first, param)
     if first["type"] == "model_attributes_type":  # no JSON body, or JSON that is not an object
         param, message = None, "The request body must be a JSON object."

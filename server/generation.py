@@ -225,6 +225,11 @@ async def collect(outputs: AsyncIterator[GenerationOutput], n: int, prompt_len: 
     return Completed(prompt_len, choices)
 
 
+def client_closed() -> APIError:
+    """The 499 of a client that went away first (nginx's code; nobody reads the body)."""
+    return APIError(499, "The client closed the request.", code="client_closed_request")
+
+
 async def until_disconnected(http: Request) -> None:
     """Returns when the client has gone away (event-driven: no polling)."""
     while True:
@@ -269,10 +274,11 @@ async def run_all(
         watcher.cancel()
         if not work.done():  # the client left (or we are cancelled): abort, free the KV blocks
             work.cancel()
+            # a cancelled gather ends with CancelledError as its *exception*, not as cancelled()
             with contextlib.suppress(asyncio.CancelledError):
                 await work
-    if work.cancelled():
-        raise APIError(499, "The client closed the request.", code="client_closed_request")
+    if not work.done() or work.cancelled() or isinstance(work.exception(), asyncio.CancelledError):
+        raise client_closed()
     results = work.result()
     if metrics is not None:
         metrics.request_finished(engine.info.model_id, sum(r.completion_tokens for r in results))

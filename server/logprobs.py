@@ -1,11 +1,22 @@
-"""Log-probabilities in OpenAI's two shapes: chat (`content[]`) and completions (parallel lists)."""
+"""Log-probabilities in OpenAI's two shapes: chat (`content[]`) and completions (parallel lists).
+
+Token strings, `bytes` and text offsets come from each token's raw bytes (EngineClient.
+token_pieces), never from decoding a token alone: a token that is not valid UTF-8 by itself is
+shown as OpenAI shows it, `bytes:\\xe2\\x80`, with `bytes` its raw bytes; special tokens carry
+their text (`<|im_end|>`). So concatenating the `bytes` of a choice's tokens gives the UTF-8 of
+its text.
+
+Logprobs cover exactly the returned text (LogprobAligner): the tokens of a stop string, and the
+stop token that ended a sequence, are not listed (usage still counts every generated token).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from engine.types import EngineClient, TokenLogprob
+from engine.types import EngineClient, FinishReason, TokenLogprob
 
 FLOOR = -9999.0  # OpenAI's stand-in for log(0); JSON has no -Infinity
 
@@ -14,37 +25,109 @@ def _value(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else FLOOR
 
 
-def _token(engine: EngineClient, token_id: int) -> str:
-    return engine.decode([token_id])
+def token_string(raw: bytes, special: bool = False) -> str:
+    """How a token is shown: its text, or `bytes:\\xNN...` when it is not valid UTF-8 alone."""
+    if special:
+        return raw.decode(errors="replace")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def chat_logprobs(engine: EngineClient, entries: list[TokenLogprob]) -> dict[str, Any]:
-    def item(token_id: int, logprob: float) -> dict[str, Any]:
-        text = _token(engine, token_id)
-        return {"token": text, "logprob": _value(logprob), "bytes": list(text.encode())}
+@dataclass
+class Aligned:
+    """A sampled token's logprob entry, placed in the choice's text."""
+
+    entry: TokenLogprob
+    raw: bytes
+    special: bool
+    offset: int  # whole characters of the choice text before this token's first byte
+
+
+class LogprobAligner:
+    """Per choice: releases logprob entries once the text they produced has been returned.
+
+    Feed each output's text delta, logprob entries and finish reason; get back the entries whose
+    first byte lies within the text returned so far. When a sequence ends with "stop", the
+    entries still held (a stop string's tokens, the stop token) are dropped; any other ending
+    releases them. Special tokens are zero-width in the text.
+    """
+
+    def __init__(self, engine: EngineClient, offset: int = 0) -> None:
+        self.engine = engine
+        self.text_bytes = 0  # bytes of text returned so far
+        self.token_bytes = 0  # bytes of the released tokens
+        self.chars = offset  # whole characters in the released tokens (plus the offset)
+        self.partial = 0  # continuation bytes still owed by the last character begun
+        self.held: list[TokenLogprob] = []
+
+    def feed(
+        self, text: str, entries: list[TokenLogprob] | None, finish: FinishReason | None = None
+    ) -> list[Aligned]:
+        self.text_bytes += len(text.encode())
+        self.held += entries or []
+        released: list[Aligned] = []
+        while self.held and (self.token_bytes < self.text_bytes or finish not in (None, "stop")):
+            released.append(self._place(self.held.pop(0)))
+        if finish is not None:
+            self.held.clear()
+        return released
+
+    def _place(self, entry: TokenLogprob) -> Aligned:
+        [(raw, special)] = self.engine.token_pieces([entry.token_id])
+        aligned = Aligned(entry, raw, special, self.chars)
+        if not special:
+            self.token_bytes += len(raw)
+            for byte in raw:  # count characters as they complete
+                if byte & 0xC0 == 0x80:
+                    self.partial = max(0, self.partial - 1)
+                else:
+                    self.partial = (
+                        3 if byte >= 0xF0 else 2 if byte >= 0xE0 else 1 if byte >= 0xC0 else 0
+                    )
+                if self.partial == 0:
+                    self.chars += 1
+        return aligned
+
+
+def aligned(
+    engine: EngineClient,
+    text: str,
+    entries: list[TokenLogprob],
+    finish: FinishReason | None,
+    offset: int = 0,
+) -> list[Aligned]:
+    """A whole choice's entries, aligned with its text (see LogprobAligner)."""
+    return LogprobAligner(engine, offset).feed(text, entries, finish)
+
+
+def _tops(engine: EngineClient, entry: TokenLogprob) -> list[tuple[str, bytes, float]]:
+    pieces = engine.token_pieces([t for t, _ in entry.top])
+    return [
+        (token_string(raw, special), raw, _value(lp))
+        for (raw, special), (_, lp) in zip(pieces, entry.top, strict=True)
+    ]
+
+
+def chat_logprobs(engine: EngineClient, entries: list[Aligned]) -> dict[str, Any]:
+    def item(token: str, raw: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(raw)}
 
     content = [
-        {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-        for e in entries
+        {
+            **item(token_string(a.raw, a.special), a.raw, _value(a.entry.logprob)),
+            "top_logprobs": [item(*top) for top in _tops(engine, a.entry)],
+        }
+        for a in entries
     ]
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(
-    engine: EngineClient, entries: list[TokenLogprob], offset: int = 0
-) -> dict[str, Any]:
-    """`offset`: characters of choice text before the first of these tokens (echoed prompt)."""
-    tokens, values, tops, offsets = [], [], [], []
-    for entry in entries:
-        text = _token(engine, entry.token_id)
-        tokens.append(text)
-        values.append(_value(entry.logprob))
-        tops.append({_token(engine, t): _value(lp) for t, lp in entry.top})
-        offsets.append(offset)
-        offset += len(text)
+def completion_logprobs(engine: EngineClient, entries: list[Aligned]) -> dict[str, Any]:
     return {
-        "tokens": tokens,
-        "token_logprobs": values,
-        "top_logprobs": tops,
-        "text_offset": offsets,
+        "tokens": [token_string(a.raw, a.special) for a in entries],
+        "token_logprobs": [_value(a.entry.logprob) for a in entries],
+        "top_logprobs": [{t: lp for t, _, lp in _tops(engine, a.entry)} for a in entries],
+        "text_offset": [a.offset for a in entries],
     }

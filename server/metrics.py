@@ -13,6 +13,7 @@ from engine.types import EngineClient
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # The engine-load gauges a client polls to see a model idle (soak runs, tests).
+CLIENT_CLOSED = 499  # the status a request is counted as when its client left first
 LOAD_GAUGES = ("hearth_requests_running", "hearth_requests_waiting", "hearth_kv_cache_usage_ratio")
 
 
@@ -110,7 +111,12 @@ class Metrics:
 
 
 class RequestCounter:
-    """ASGI middleware counting responses by route template and status code."""
+    """ASGI middleware counting responses by route template and status code.
+
+    A client that disconnects before its response is complete is counted as 499 (nginx's
+    "client closed request"), streamed or not, whatever the app sent it; a send that fails
+    because the client is gone ends the request quietly.
+    """
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
@@ -120,16 +126,32 @@ class RequestCounter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = {"code": 500}
+        state = {"code": 500, "complete": False, "gone": False}
+
+        async def watching_receive() -> dict:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["complete"]:
+                state["gone"] = True
+            return message
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
+                state["code"] = message["status"]
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4 servers raise on a send to a client that is gone
+                state["gone"] = True
+                raise
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
 
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, watching_receive, counting_send)
+        except Exception:
+            if not state["gone"]:
+                raise
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(path, str(status["code"])).inc()
+            code = CLIENT_CLOSED if state["gone"] else state["code"]
+            self.metrics.requests.labels(path, str(code)).inc()

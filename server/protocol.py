@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from engine.types import SamplingParams
+from server.content import Part, parts_text
+from server.wire import ParamError, WireModel
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class TextPart(_Request):
-    type: Literal["text", "input_text", "output_text"] = "text"
-    text: str
+class _Request(WireModel):
+    """Unknown fields are ignored; `null` on a field with a default means the default."""
 
 
 class FunctionCall(_Request):
@@ -30,27 +27,32 @@ class ToolCall(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    """Any message OpenAI's chat API accepts, the deprecated `function` role and call included."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[Part] | None = None
     name: str | None = None
+    refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # deprecated: one call, before tool_calls
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+        text = parts_text(self.content) if isinstance(self.content, list) else self.content or ""
+        return text or self.refusal or ""
 
     def to_template(self) -> dict[str, Any]:
-        """The dict chat templates expect; `developer` is rendered as `system`."""
-        message: dict[str, Any] = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": self.text(),
-        }
+        """The dict chat templates expect: `developer` is rendered as `system`, the deprecated
+        `function` role as `tool`, and a `function_call` as a tool call."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
-        if self.tool_calls:
-            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        calls = self.tool_calls or (
+            [ToolCall(function=self.function_call)] if self.function_call else []
+        )
+        if calls:
+            message["tool_calls"] = [c.model_dump() for c in calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
@@ -91,7 +93,7 @@ class ResponseFormat(_Request):
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("json_schema is required when type is 'json_schema'")
+            raise ParamError("json_schema", "json_schema is required when type is 'json_schema'")
         return self
 
 
@@ -185,7 +187,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
         check_stream_options(self)
         return self
 
@@ -233,4 +235,4 @@ class CompletionRequest(SamplingFields):
 
 def check_stream_options(request: SamplingFields) -> None:
     if request.stream_options is not None and not request.stream:
-        raise ValueError("stream_options is only allowed when stream is true")
+        raise ParamError("stream_options", "stream_options is only allowed when stream is true")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from engine.types import SamplingParams
+from server.content import Part, parts_text
 from server.protocol import FunctionDef
+from server.wire import WireModel
 
 # Per-model defaults (models.yaml) used where the request lacks the field or leaves it unset.
 DEFAULTED = (
@@ -21,13 +23,8 @@ DEFAULTED = (
 )
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class ContentPart(_Model):
-    type: Literal["input_text", "output_text"]
-    text: str
+class _Model(WireModel):
+    """Unknown fields are ignored; `null` on a field with a default means the default."""
 
 
 class InputMessage(_Model):
@@ -35,7 +32,7 @@ class InputMessage(_Model):
 
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: list[ContentPart]
+    content: list[Part]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -45,7 +42,7 @@ class InputMessage(_Model):
     def to_template(self) -> dict[str, Any]:
         """The dict chat templates expect; `developer` is rendered as `system`."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": "".join(part.text for part in self.content)}
+        return {"role": role, "content": parts_text(self.content)}
 
 
 class FunctionCallItem(_Model):
@@ -143,6 +140,10 @@ class ResponseRequest(_Model):
         params = {name: defaults[name] for name in DEFAULTED if name in defaults}
         params.update(self.model_dump(include={"temperature", "top_p"}, exclude_none=True))
         return SamplingParams(max_tokens=max_tokens, **params)
+
+    def contents(self) -> list[Any]:
+        """Each input item's content parts (None for items that are not messages)."""
+        return [item.content if isinstance(item, InputMessage) else None for item in self.input]
 
     def turns(self) -> list[dict[str, Any]]:
         """The input as chat-template messages; calls join the assistant turn they follow."""

@@ -41,6 +41,10 @@ class FakeEngine:
     def decode(self, token_ids: Sequence[int]) -> str:
         return bytes(token_ids).decode(errors="replace")
 
+    def token_pieces(self, token_ids: Sequence[int]) -> list[tuple[bytes, bool]]:
+        """Ids below 256 are bytes; the rest are special tokens."""
+        return [(bytes([t]), False) if t < 256 else (f"<|{t}|>".encode(), True) for t in token_ids]
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         self.requests.append(request)
         prompt = self.decode(request.prompt_token_ids).rstrip("\n").split("\n")[-1]

@@ -294,7 +294,8 @@ def test_validation_errors_are_400_with_param() -> None:
     call = [{"type": "function_call", "call_id": "c1", "name": "f"}]  # no arguments
     assert_envelope(create(client, input=call), 400, "input[0].arguments")
     image = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
-    assert_envelope(create(client, input=image), 400, "input[0].content[0].type")
+    error = assert_envelope(create(client, input=image), 400, "input[0].content[0]")
+    assert "'input_image'" in error["message"]  # a valid shape, refused by a text-only model
     assert_envelope(
         create(client, input=[{"role": "wizard", "content": "x"}]), 400, "input[0].role"
     )

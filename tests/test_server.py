@@ -197,8 +197,16 @@ def test_chat_stream_without_usage_has_no_usage_key() -> None:
 
 def test_stream_options_without_stream_is_400() -> None:
     client, _ = make_client()
-    assert_envelope(chat(client, stream_options={"include_usage": True}), 400)
-    assert_envelope(chat(client, top_logprobs=2), 400)
+    assert_envelope(chat(client, stream_options={"include_usage": True}), 400, "stream_options")
+    assert_envelope(chat(client, top_logprobs=2), 400, "top_logprobs")
+    schema_missing = {"type": "json_schema"}
+    assert_envelope(
+        chat(client, response_format=schema_missing), 400, "response_format.json_schema"
+    )
+    stream_options = {"include_usage": True}
+    assert_envelope(
+        completion(client, prompt="x", stream_options=stream_options), 400, "stream_options"
+    )
 
 
 def completion(client: TestClient, **body) -> object:

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from engine.types import EngineClient, GenerationOutput, GenerationRequest, Grammar, ModelInfo
 from server.auth import require_api_key
+from server.content import refuse_media
 from server.generation import (
     check_text_length,
     new_id,
@@ -22,7 +23,7 @@ from server.generation import (
     tokenize,
     usage,
 )
-from server.logprobs import chat_logprobs
+from server.logprobs import LogprobAligner, aligned, chat_logprobs
 from server.protocol import ChatCompletionRequest
 from server.streaming import event_stream, sse
 from server.tools import (
@@ -64,6 +65,7 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
     engine = request.app.state.registry.get(body.model)
+    refuse_media([m.content for m in body.messages], body.model, "messages")
     tools, grammar = constraints(body, engine.info)
     messages, template_tools = prepare_messages(
         [m.to_template() for m in body.messages], tools, engine.info.template_tools
@@ -90,7 +92,11 @@ async def create_chat_completion(
             {
                 "index": choice.index,
                 **_message(reply, choice.text, choice.finish_reason),
-                "logprobs": chat_logprobs(engine, choice.logprobs) if body.logprobs else None,
+                "logprobs": chat_logprobs(
+                    engine, aligned(engine, choice.text, choice.logprobs, choice.finish_reason)
+                )
+                if body.logprobs
+                else None,
             }
             for choice in result.choices
         ],
@@ -168,17 +174,19 @@ async def _chunks(
         yield chunk(index, {"role": "assistant", "content": ""})
     parsers = [ToolCallParser(reply.tools, reply.engine.info.tool_parser) for _ in range(n)]
     held: list[list] = [[] for _ in range(n)]  # logprobs of text the tool parser holds back
+    aligners = [LogprobAligner(reply.engine) for _ in range(n)]  # logprobs follow the text
     completion_tokens = 0
     async for output in outputs:
         raise_for_output(output)
         completion_tokens += len(output.token_ids)
+        placed = aligners[output.index].feed(output.text, output.logprobs, output.finish_reason)
         if not reply.tools:
-            if output.text or output.logprobs:
-                logprobs = chat_logprobs(reply.engine, output.logprobs) if output.logprobs else None
+            if output.text or placed:
+                logprobs = chat_logprobs(reply.engine, placed) if placed else None
                 yield chunk(output.index, {"content": output.text}, logprobs)
         else:
             parser, entries = parsers[output.index], held[output.index]
-            entries += output.logprobs or []
+            entries += placed
             events = parser.feed(output.text)
             if output.finish_reason is not None:
                 events += parser.finish()

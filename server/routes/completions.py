@@ -23,7 +23,7 @@ from server.generation import (
     tokenize,
     usage,
 )
-from server.logprobs import completion_logprobs
+from server.logprobs import LogprobAligner, aligned, completion_logprobs
 from server.protocol import CompletionRequest
 from server.streaming import event_stream, sse
 
@@ -84,7 +84,10 @@ async def create_completion(
         for choice in result.choices:
             logprobs = None
             if body.logprobs is not None:
-                logprobs = completion_logprobs(engine, choice.logprobs, offset=len(echoes[p]))
+                placed = aligned(
+                    engine, choice.text, choice.logprobs, choice.finish_reason, len(echoes[p])
+                )
+                logprobs = completion_logprobs(engine, placed)
             choices.append(
                 {
                     "index": p * body.n + choice.index,
@@ -149,10 +152,10 @@ async def _chunks(
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse({**base, "choices": [choice], **extra})
 
-    offsets: dict[int, int] = {}
+    aligners: dict[int, LogprobAligner] = {}  # logprobs follow the text, offsets count it
     for p, echo in enumerate(echoes):
         for i in range(n):
-            offsets[p * n + i] = len(echo)
+            aligners[p * n + i] = LogprobAligner(engine, len(echo))
             if echo:
                 yield chunk(p * n + i, echo)
     completion_tokens = 0
@@ -160,10 +163,8 @@ async def _chunks(
         raise_for_output(output)
         index = p * n + output.index
         completion_tokens += len(output.token_ids)
-        logprobs = None
-        if with_logprobs and output.logprobs:
-            logprobs = completion_logprobs(engine, output.logprobs, offset=offsets[index])
-        offsets[index] += len(output.text)
+        placed = aligners[index].feed(output.text, output.logprobs, output.finish_reason)
+        logprobs = completion_logprobs(engine, placed) if with_logprobs and placed else None
         if output.text or logprobs or output.finish_reason:
             yield chunk(index, output.text, logprobs, output.finish_reason)
     metrics.request_finished(engine.info.model_id, completion_tokens)

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from engine.types import EngineClient, GenerationOutput, GenerationRequest, Grammar, ModelInfo
 from server.auth import require_api_key
+from server.content import refuse_media
 from server.errors import APIError
 from server.generation import (
     check_text_length,
@@ -135,6 +136,7 @@ async def create_response(
     body: ResponseRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
     engine = request.app.state.registry.get(body.model)
+    refuse_media(body.contents(), body.model, "input")
     store = get_store(request.app)
     tools, grammar = constraints(body, engine.info)
     turns = conversation(body, store)

@@ -1,0 +1,83 @@
+"""Message content parts, as OpenAI's request types have them, for chat and Responses input.
+
+Every part shape OpenAI defines is accepted on the wire. Text and refusals become template text;
+media parts (images, audio, files) are refused by the route, naming the part and the model, since
+the models served here read text only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Tag
+
+from server.errors import APIError
+from server.wire import WireModel
+
+MEDIA_TYPES = ("image_url", "input_audio", "file", "input_image", "input_file")
+
+
+class TextPart(WireModel):
+    type: Literal["text", "input_text", "output_text"] = "text"
+    text: str
+
+
+class RefusalPart(WireModel):
+    """An assistant's refusal, sent back as conversation history."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+class MediaPart(WireModel):
+    """An image, audio clip or file: parsed, then refused by text-only models."""
+
+    type: Literal["image_url", "input_audio", "file", "input_image", "input_file"]
+
+
+# Capitalised tags: error locations leave them out (content[0].text, not content[0].Text.text).
+_PART_TAGS = {"text": "Text", "input_text": "Text", "output_text": "Text", "refusal": "Refusal"}
+
+
+def _part_tag(value: Any) -> str | None:
+    kind = value.get("type", "text") if isinstance(value, dict) else getattr(value, "type", None)
+    if not isinstance(kind, str):
+        return None
+    return _PART_TAGS.get(kind) or ("Media" if kind in MEDIA_TYPES else None)
+
+
+Part = Annotated[
+    Annotated[TextPart, Tag("Text")]
+    | Annotated[RefusalPart, Tag("Refusal")]
+    | Annotated[MediaPart, Tag("Media")],
+    Discriminator(
+        _part_tag,
+        custom_error_type="invalid_content_part",
+        custom_error_message="content parts must be of type text, refusal, image_url, "
+        "input_audio, file (chat) or input_text, output_text, input_image, input_file (responses)",
+    ),
+]
+
+
+def parts_text(parts: list[Part]) -> str:
+    """The text a template sees: text and refusal parts, in order."""
+    return "".join(
+        p.text if isinstance(p, TextPart) else p.refusal if isinstance(p, RefusalPart) else ""
+        for p in parts
+    )
+
+
+def refuse_media(contents: list[Any], model: str, param: str) -> None:
+    """400 naming the first media part and the model; `contents`: each message's content."""
+    for i, content in enumerate(contents):
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if isinstance(part, MediaPart):
+                raise APIError(
+                    400,
+                    f"Content parts of type '{part.type}' are not supported by model "
+                    f"'{model}': it reads text only.",
+                    param=f"{param}[{i}].content[{j}]",
+                    code="unsupported_content_part",
+                )
