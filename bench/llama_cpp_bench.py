@@ -84,15 +84,27 @@ class LlamaCpp:
             self.proc.wait(timeout=60)
 
 
-def hearth_engine(source: str, quantization: str):
-    from engine.async_engine import build_engine
+def hearth_model(source: str, quantization: str):
     from engine.config import ModelConfig
     from engine.loader import load_model
     from engine.sources import resolve_source
 
     config = ModelConfig(id=f"hearth-{quantization}", source=source, quantization=quantization)
-    loaded = load_model(config, resolve_source(source))
-    return build_engine(loaded), loaded.quantization
+    return load_model(config, resolve_source(source))
+
+
+def hearth_runs(loaded, tokens: list[int], n: int, warm: int = 8) -> dict:
+    """One engine, as `hearth serve` runs one model: built (its thread the only one running
+    torch multi-threaded), warmed up, one request of n tokens, shut down (the thread and its
+    OpenMP team end, so the next variant's engine is alone too)."""
+    from engine.async_engine import build_engine
+
+    engine = build_engine(loaded)
+    try:
+        hearth_run(engine, tokens, warm)
+        return hearth_run(engine, tokens, n)
+    finally:
+        engine.shutdown()
 
 
 def hearth_run(engine, tokens: list[int], n: int) -> dict:
@@ -130,21 +142,24 @@ def main() -> None:
     if args.worker:
         return llama_worker(args.worker, args.threads)
 
-    import torch
+
+    import os
 
     from bench.machine import describe
-    from engine.loader import configure_cpu_threads
+    from engine.loader import single_threaded
     from engine.sources import resolve_source
+    from engine.tokenizer import ChatTokenizer
 
-    configure_cpu_threads(args.threads)
+    os.environ["HEARTH_NUM_THREADS"] = str(args.threads)  # the engine threads' torch threads
+    single_threaded()  # as hearth serve's loader: only the engine threads run multi-threaded
     path = resolve_source(args.source).location
     engines = {}
     for quantization in ("auto", "none"):
-        engine, used = hearth_engine(args.source, quantization)
-        engines[f"hearth, quantization {quantization} ({used})"] = engine
+        loaded = hearth_model(args.source, quantization)
+        engines[f"hearth, quantization {quantization} ({loaded.quantization})"] = loaded
     first = next(iter(engines.values()))
     messages = [{"role": "user", "content": PROMPT}]
-    tokens = first.core.tokenizer.encode_chat(messages)
+    tokens = ChatTokenizer(first.tokenizer, None).encode_chat(messages)
     rivals = {}
     try:
         rivals["llama.cpp (llama-cpp-python)"] = LlamaCpp(path, args.threads, args.llama_python)
@@ -154,18 +169,16 @@ def main() -> None:
             "--llama-python with a Python that has it (see the docstring)"
         )
     runs: dict[str, list[dict]] = {name: [] for name in [*rivals, *engines]}
-    for engine in engines.values():  # warm-up: kernels built, caches touched
-        hearth_run(engine, tokens, 8)
     for rival in rivals.values():
         rival.run(tokens, 8)
     for _ in range(args.rounds):
         for name, rival in rivals.items():
             runs[name].append(rival.run(tokens, args.tokens))
-        for name, engine in engines.items():
-            runs[name].append(hearth_run(engine, tokens, args.tokens))
+        for name, loaded in engines.items():
+            runs[name].append(hearth_runs(loaded, tokens, args.tokens))
     print(describe())
     print(
-        f"torch threads {torch.get_num_threads()}, llama.cpp threads {args.threads}; prompt "
+        f"torch threads {args.threads}, llama.cpp threads {args.threads}; prompt "
         f"{len(tokens)} tokens, {args.tokens} new, temperature 0, {args.rounds} rounds (medians)"
     )
     base = summary(runs[next(iter(runs))])[0]
@@ -181,8 +194,6 @@ def main() -> None:
         print(f"greedy tokens equal to {names[0]}'s: {other}: {same}/{len(ids[other])}")
     for rival in rivals.values():
         rival.close()
-    for engine in engines.values():
-        engine.shutdown()
 
 
 if __name__ == "__main__":

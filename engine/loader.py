@@ -247,9 +247,21 @@ def sliding_window(hf_config: Any) -> int | None:
     return int(window)
 
 
-def configure_cpu_threads(requested: int | None = None) -> int:
-    """Torch intra-op threads: HEARTH_NUM_THREADS, else every CPU this process may use."""
+def cpu_thread_count() -> int:
+    """Torch intra-op threads for a CPU model's engine: HEARTH_NUM_THREADS, else every CPU this
+    process may use."""
     env = os.environ.get("HEARTH_NUM_THREADS")
-    count = requested or (int(env) if env else len(os.sched_getaffinity(0)))
-    torch.set_num_threads(max(1, count))
+    return max(1, int(env) if env else len(os.sched_getaffinity(0)))
+
+
+def single_threaded() -> None:
+    """Torch at one thread on the calling thread (one that loads models): an OpenMP team of its
+    own next to the engine thread's would stop libgomp's spin-waits on a small machine (see
+    engine/async_engine.py)."""
+    torch.set_num_threads(1)
+
+
+def configure_cpu_threads(requested: int | None = None) -> int:
+    """Torch intra-op threads of the calling thread: `requested`, else cpu_thread_count()."""
+    torch.set_num_threads(requested or cpu_thread_count())
     return torch.get_num_threads()

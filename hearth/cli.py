@@ -435,16 +435,16 @@ def _load_all(
         from tqdm import tqdm
 
         from engine.async_engine import build_engine
-        from engine.loader import LoadError, configure_cpu_threads, load_model
+        from engine.loader import LoadError, cpu_thread_count, load_model, single_threaded
 
         tqdm.monitor_interval = 0  # progress bars: no monitor thread left waking up while serving
+        single_threaded()  # the engine threads alone run torch multi-threaded
         for config in tqdm(
             selection.models, desc="Loading models", unit="model", disable=len(selection.models) < 2
         ):
             loaded = load_model(config, selection.sources[config.id], base_dir=selection.base_dir)
             if loaded.device.type == "cpu":
-                threads = configure_cpu_threads()
-                log.info("CPU: %d torch threads, %s", threads, str(loaded.dtype)[6:])
+                log.info("CPU: %d torch threads, %s", cpu_thread_count(), str(loaded.dtype)[6:])
             registry.add(build_engine(loaded))
         registry.mark_ready()
         for engine in registry.engines:
