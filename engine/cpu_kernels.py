@@ -99,23 +99,27 @@ def _link_flags() -> list[str]:
     return []
 
 
-def _build(compiler: str, name: str) -> Path:
-    flags = [*FLAGS, *VARIANTS[name].flags, *_link_flags()]
+def compile_library(compiler: str, source: Path, flags: list[str], stem: str) -> Path:
+    """`source` built with `flags` (plus torch's libgomp) into a shared library, cached under
+    the hearth cache dir as `{stem}-{key}.so`, the key covering the source, the flags, the
+    compiler's version and the CPU's flags (-mtune=native depends on the CPU). Raises
+    RuntimeError with the compiler's message when the build fails."""
+    flags = [*flags, *_link_flags()]
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=60
     ).stdout
-    cpu = " ".join(sorted(_cpu_flags()))  # -mtune=native depends on the CPU
+    cpu = " ".join(sorted(_cpu_flags()))
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(flags), version, cpu]).encode()
+        "\0".join([source.read_text(), " ".join(flags), version, cpu]).encode()
     ).hexdigest()[:24]
-    target = cache_dir() / "kernels" / f"cpu_kernels-{name}-{key}.so"
+    target = cache_dir() / "kernels" / f"{stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(built)],
+            [compiler, *flags, str(source), "-o", str(built)],
             capture_output=True,
             text=True,
             timeout=300,
@@ -123,8 +127,12 @@ def _build(compiler: str, name: str) -> Path:
         if result.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)  # atomic: concurrent builders each publish a whole file
-    log.info("compiled the %s CPU kernels into %s", name, target)
+    log.info("compiled %s into %s", source.name, target)
     return target
+
+
+def _build(compiler: str, name: str) -> Path:
+    return compile_library(compiler, SOURCE, [*FLAGS, *VARIANTS[name].flags], f"cpu_kernels-{name}")
 
 
 def _open(name: str) -> ctypes.CDLL:

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import subprocess
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.cpu_kernels import _compiler, _link_flags
-from engine.gguf_cache import cache_dir
+from engine.cpu_kernels import _compiler, compile_library
 
 log = logging.getLogger("hearth.engine")
 
@@ -90,33 +85,7 @@ def _variants() -> tuple[str, ...]:
 
 
 def _build(compiler: str, name: str) -> Path:
-    flags = [*FLAGS, *_ISA[name][0], *_link_flags()]
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=60
-    ).stdout
-    cpu = " ".join(sorted(cpu_flags()))
-    key = "\0".join([SOURCE.read_text(), " ".join(flags), version, cpu])
-    target = cache_dir() / "kernels" / f"gguf_kernels-{name}-{_digest(key)}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(built)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)  # atomic: concurrent builders each publish a whole file
-    log.info("compiled the %s GGUF kernels into %s", name, target)
-    return target
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return compile_library(compiler, SOURCE, [*FLAGS, *_ISA[name][0]], f"gguf_kernels-{name}")
 
 
 def _open(name: str) -> ctypes.CDLL:
