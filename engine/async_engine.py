@@ -332,30 +332,34 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         )
     except ValueError as exc:  # an engine setting this model or machine cannot run: one line
         raise LoadError(f"{loaded.config.id}: {exc}") from None
-    per_token = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size)
-    log.info(
-        "%s: KV cache %d tokens (%.2f GiB), %s",
-        loaded.config.id,
-        core.kv_capacity_tokens,
-        core.kv_capacity_tokens * per_token / 2**30,
-        core.runner.kernels.describe(),
-    )
-    defaults = loaded.config.defaults.model_dump(exclude_none=True)
-    vocab = getattr(loaded.tokenizer, "get_vocab", dict)()
-    longest = max((len(token) for token in vocab), default=64)
-    info = ModelInfo(
-        model_id=loaded.config.id,
-        source=loaded.config.source,
-        max_model_len=loaded.max_model_len,
-        device=loaded.devices,
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        kv_capacity_tokens=core.kv_capacity_tokens,
-        created=int(time.time()),
-        aliases=list(loaded.config.aliases),
-        default_sampling=defaults,
-        max_token_chars=max(1, longest),
-        tool_parser=tokenizer.tool_parser(loaded.config.tool_parser),
-        template_tools=tokenizer.template_tools,
-    )
-    engine.info = info
+    try:  # the engine thread runs already: it must not outlive a failed start
+        per_token = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size)
+        log.info(
+            "%s: KV cache %d tokens (%.2f GiB), %s",
+            loaded.config.id,
+            core.kv_capacity_tokens,
+            core.kv_capacity_tokens * per_token / 2**30,
+            core.runner.kernels.describe(),
+        )
+        defaults = loaded.config.defaults.model_dump(exclude_none=True)
+        vocab = getattr(loaded.tokenizer, "get_vocab", dict)()
+        longest = max((len(token) for token in vocab), default=64)
+        info = ModelInfo(
+            model_id=loaded.config.id,
+            source=loaded.config.source,
+            max_model_len=loaded.max_model_len,
+            device=loaded.devices,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            kv_capacity_tokens=core.kv_capacity_tokens,
+            created=int(time.time()),
+            aliases=list(loaded.config.aliases),
+            default_sampling=defaults,
+            max_token_chars=max(1, longest),
+            tool_parser=tokenizer.tool_parser(loaded.config.tool_parser),
+            template_tools=tokenizer.template_tools,
+        )
+        engine.info = info
+    except BaseException:
+        engine.shutdown()
+        raise
     return engine

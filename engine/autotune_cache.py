@@ -63,6 +63,14 @@ def _hardware(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def _sources_digest() -> str:
     """The kernels' own sources: a change to any of them may change the winner."""
     root = Path(__file__).parent
@@ -100,6 +108,11 @@ def decision_key(
         "kernels": _sources_digest(),
         "model": {key: getattr(cfg, key, None) for key in shape_keys},
         "modules": sorted({type(m).__name__ for m in model.modules()}),
+        "quantization": getattr(model, "hearth_quantization", None),
+        "gguf_blocks": sorted(
+            {m._hearth_blocks.kind for m in model.modules() if hasattr(m, "_hearth_blocks")}
+        ),
+        "triton": _triton_version() if device.type == "cuda" else None,
         "dtype": str(dtype),
         "limits": {key: getattr(limits, key) for key in explicit},
         "workloads": [asdict(load) for load in loads],

@@ -116,6 +116,8 @@ def load_model(
         return _load_dummy(config, source, device_name, torch_dtype, base_dir)
     if refused := gguf_weights.refusal(config.quantization, source.kind, device_name, torch_dtype):
         raise LoadError(f"{config.id}: quantization gguf: {refused}")
+    if config.quantization == "gguf" and config.tensor_parallel_size > 1:
+        raise LoadError(f"{config.id}: quantization gguf: not under tensor parallelism")
     path = checkpoint_dir(source, config, torch_dtype)
     trust = config.trust_remote_code
     placement: dict[str, Any]
@@ -204,7 +206,8 @@ def _loaded(
     model.eval()
     quantization = "none"
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if source.kind == "gguf" and on_cpu and torch_dtype == torch.float32:
+    one_rank = config.tensor_parallel_size == 1  # sharded layers would not match whole blocks
+    if source.kind == "gguf" and on_cpu and torch_dtype == torch.float32 and one_rank:
         try:  # the GGUF file's own blocks for the linear layers (engine/gguf_weights.py)
             quantization = gguf_weights.attach(model, source.location, config.quantization)
         except (gguf_weights.GGUFQuantError, OSError, ValueError) as exc:

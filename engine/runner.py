@@ -119,7 +119,7 @@ class ModelRunner:
         kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
         kernels = probe(kernels, limits, self.device, dtype, shapes)
         # A GGUF source's own blocks (quantization gguf, engine/gguf_weights.py) at small batches
-        gguf = getattr(model, "hearth_quantization", None) == "gguf"
+        gguf = getattr(model, "hearth_quantization", None) == "gguf" and tp_size == 1
         kernels = kernels._replace(gguf=gguf)
         self.allocate_kv_cache(devices, kv_heads, head_dim)
         if limits.autotune != "off" and tp_size == 1:

@@ -111,6 +111,8 @@ def test_none_and_the_refusals(tiny_gguf: Path, tiny_llama_dir: Path) -> None:
         load(tiny_llama_dir, quantization="gguf")
     with pytest.raises(LoadError, match="quantization gguf: computes in float32"):
         load(tiny_gguf, quantization="gguf", dtype="bfloat16")
+    with pytest.raises(LoadError, match="quantization gguf: not under tensor parallelism"):
+        load(tiny_gguf, quantization="gguf", tensor_parallel_size=2)
     assert "CPU only" in gguf_weights.refusal("gguf", "gguf", "cuda", torch.float32)
     assert gguf_weights.refusal("auto", "gguf", "cuda", torch.float32) is None
 
