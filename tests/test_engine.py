@@ -501,3 +501,40 @@ def test_an_engine_setting_that_cannot_run_is_a_one_line_load_error(
     loaded = load_model(config, resolve_source(str(tiny_llama_dir)))
     with pytest.raises(LoadError, match=r"^t: decode_kernel triton needs CUDA$"):
         build_engine(loaded)
+
+
+def test_the_engine_thread_builds_its_core_and_alone_runs_torch_multithreaded(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernel choice, autotune and every step share the engine thread's OpenMP team (a second
+    team stops libgomp's spin-waits on small machines); its thread count is HEARTH_NUM_THREADS.
+    A build that fails ends the thread and raises in the caller."""
+    import threading
+
+    import engine.async_engine as async_engine
+    from engine.loader import LoadError
+
+    built_on: list[tuple[str, int]] = []
+    real = async_engine.EngineCore
+
+    def recording(*args, **kwargs):
+        built_on.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(async_engine, "EngineCore", recording)
+    monkeypatch.setenv("HEARTH_NUM_THREADS", "2")
+    engine = start_engine(tiny_llama_dir, autotune="off")
+    try:
+        assert built_on == [("hearth-engine:tiny", 2)]
+        assert engine._thread.is_alive()
+    finally:
+        engine.shutdown()
+
+    def failing(*args, **kwargs):
+        raise ValueError("decode_kernel triton needs CUDA")
+
+    monkeypatch.setattr(async_engine, "EngineCore", failing)
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(LoadError, match=r"^tiny: decode_kernel triton needs CUDA$"):
+        start_engine(tiny_llama_dir)
+    assert {t.name for t in threading.enumerate()} <= before  # no engine thread left behind
