@@ -131,25 +131,35 @@ def compile_library(compiler: str, source: Path, flags: list[str], stem: str) ->
     return target
 
 
-def _build(compiler: str, name: str) -> Path:
-    return compile_library(compiler, SOURCE, [*FLAGS, *VARIANTS[name].flags], f"cpu_kernels-{name}")
+def open_variant(
+    source: Path, name: str, flags: list[str], needs: frozenset[str] | set[str], isa_symbol: str
+) -> ctypes.CDLL:
+    """Build (or find in the cache) and load the `name` variant of `source`, compiled with
+    `flags` (all of them) for a CPU that has the flags `needs`; the library's `isa_symbol()`
+    must name the variant. Raises RuntimeError why it cannot (a missing ISA is refused before
+    anything is built)."""
+    missing = set(needs) - _cpu_flags()
+    if missing:  # checked before building: an ISA the CPU lacks is never loaded
+        raise RuntimeError(f"this CPU lacks {' '.join(sorted(missing))}")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    stem = f"{source.stem}-{name}"
+    lib = ctypes.CDLL(str(compile_library(compiler, source, flags, stem)))
+    isa_fn = getattr(lib, isa_symbol)
+    isa_fn.restype = ctypes.c_char_p
+    isa_fn.argtypes = []
+    if (isa := isa_fn().decode()) != name:
+        raise RuntimeError(f"the {name} build compiled the {isa} code (check the flags)")
+    return lib
 
 
 def _open(name: str) -> ctypes.CDLL:
     """Build (or find in the cache) and load one variant; raises why it cannot."""
     if name not in VARIANTS:
         raise ValueError(f"unknown CPU kernel variant {name!r} (known: {', '.join(VARIANTS)})")
-    missing = VARIANTS[name].needs - _cpu_flags()
-    if missing:  # checked before building: an ISA the CPU lacks is never loaded
-        raise RuntimeError(f"this CPU lacks {' '.join(sorted(missing))}")
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    lib = ctypes.CDLL(str(_build(compiler, name)))
-    lib.hearth_isa.restype = ctypes.c_char_p
-    lib.hearth_isa.argtypes = []
-    if (isa := lib.hearth_isa().decode()) != name:
-        raise RuntimeError(f"the {name} build compiled the {isa} code (check the flags)")
+    variant = VARIANTS[name]
+    lib = open_variant(SOURCE, name, [*FLAGS, *variant.flags], variant.needs, "hearth_isa")
     fn = lib.hearth_paged_decode_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.cpu_kernels import _compiler, compile_library
+from engine.cpu_kernels import _compiler, open_variant
 
 log = logging.getLogger("hearth.engine")
 
@@ -84,23 +84,11 @@ def _variants() -> tuple[str, ...]:
     return tuple(name for name, (_, needs) in _ISA.items() if needs <= flags)
 
 
-def _build(compiler: str, name: str) -> Path:
-    return compile_library(compiler, SOURCE, [*FLAGS, *_ISA[name][0]], f"gguf_kernels-{name}")
-
-
 def _open(name: str) -> ctypes.CDLL:
     if name not in _ISA:
         raise ValueError(f"unknown GGUF kernel variant {name!r} (known: {', '.join(_ISA)})")
-    missing = _ISA[name][1] - cpu_flags()
-    if missing:  # checked before building: an ISA the CPU lacks is never loaded
-        raise RuntimeError(f"this CPU lacks {' '.join(sorted(missing))}")
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    lib = ctypes.CDLL(str(_build(compiler, name)))
-    lib.hearth_gguf_isa.restype = ctypes.c_char_p
-    if (isa := lib.hearth_gguf_isa().decode()) != name:
-        raise RuntimeError(f"the {name} build compiled the {isa} code (check the flags)")
+    flags, needs = _ISA[name]
+    lib = open_variant(SOURCE, name, [*FLAGS, *flags], needs, "hearth_gguf_isa")
     for fn in (lib.hearth_linear_q4_1, lib.hearth_linear_q8_0):
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]

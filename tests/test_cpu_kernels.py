@@ -147,7 +147,7 @@ def test_an_isa_the_cpu_lacks_is_never_built_nor_loaded(monkeypatch: pytest.Monk
     def no_build(*args: object) -> None:
         raise AssertionError("built a variant the CPU cannot run")
 
-    monkeypatch.setattr(cpu_kernels, "_build", no_build)
+    monkeypatch.setattr(cpu_kernels, "compile_library", no_build)
     assert "lacks avx512bw avx512f avx512vl" in cpu_kernels.problem("avx512")
     packed = cpu_kernels.pack_weight(torch.zeros(16, 8))
     with pytest.raises(RuntimeError, match="lacks avx512"):
