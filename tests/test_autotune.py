@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import autotune, autotune_cache
 from engine.autotune import Result, Workload, measure, pick, workloads
 from engine.config import EngineLimits
 from engine.kernels import Kernels, candidates
 from engine.runner import ModelRunner
+from tests.test_cpu_kernels import tiny_llama
 
 CPU = torch.device("cpu")
 SDPA = Kernels("sdpa", False, False)
@@ -153,19 +153,6 @@ def test_candidates_on_one_gpu() -> None:
     assert all(k.decode == "sdpa" for k in candidates(EngineLimits(), gpu, 96, torch.bfloat16, []))
     two = {torch.device("cuda", 0), torch.device("cuda", 1)}  # device_map: SDPA only
     assert candidates(EngineLimits(), two, 128, torch.bfloat16, []) == [SDPA]
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def test_a_real_measurement_is_cached_and_reused(
