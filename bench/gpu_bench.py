@@ -4,10 +4,10 @@
     python bench/gpu_bench.py                  # Llama-3.1-8B shape, bf16, 256 x 1024/128 vs CB
     python bench/gpu_bench.py --shape llama-3.3-70b --requests 64 --cb-requests 0 \\
         --gpu-memory-utilization 0.97         # 70B bf16 on one H200
-    python bench/gpu_bench.py --quantization fp8 ...    # fp8 decoder layers (engine/fp8.py)
+    python bench/gpu_bench.py --quantization fp8 ...    # fp8 decoder layers (quantization/fp8.py)
     python bench/gpu_bench.py --small          # CPU: a tiny shape (checks the bench itself)
 
-No downloads: the model is built on the device with random weights (engine/dummy.py, what
+No downloads: the model is built on the device with random weights (engine/loading/dummy.py, what
 `load_format: dummy` does). Prints one table; with --json, one JSON line per figure as well
 (bench/gpu_summary.py gathers them into the device check's table).
 """
@@ -26,7 +26,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
+
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading.dummy import build_dummy_model, fp8_quantizer, model_bytes
+from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.runner import kv_bytes_per_token
 
 from bench.engine_bench import (
     SHAPES,
@@ -39,11 +45,6 @@ from bench.engine_bench import (
     sync,
 )
 from bench.machine import describe
-from engine.config import ModelConfig
-from engine.dummy import build_dummy_model, fp8_quantizer, model_bytes
-from engine.loader import LoadedModel, configure_cpu_threads
-from engine.runner import kv_bytes_per_token
-from engine.sources import resolve_source
 
 TARGETS = {"batch1_tok_s": 150.0, "throughput_tok_s": 5000.0, "vs_cb": 1.5}
 

@@ -93,6 +93,11 @@ else
     echo "wheels: install failed (every section needs pydantic)"
     export PYTHONPATH=$PWD
 fi
+# hearth itself, built from this checkout (hearth.engine lives in engine/: an install maps it)
+if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .; then
+    echo "hearth: install from the checkout failed (needs setuptools>=68 in the device's python)"
+fi
 record setup commit "$HEARTH_COMMIT"
 section setup "checkpoint dirs" 60 5 python3 bench/shapes.py "$SHAPES" --tokenizer .gpu/tokenizer
 
@@ -122,14 +127,14 @@ section "8B bf16" bench 180 60 bench "8B bf16" --shape llama-3.1-8b --requests 2
     --cb-requests "$CB_REQUESTS"
 
 # -- d. 8B fp8 ---------------------------------------------------------------------------------
-if [ -f engine/fp8.py ]; then
+if [ -f engine/quantization/fp8.py ]; then
     if [ -f bench/fp8_check.py ]; then
         section "8B fp8" "fp8_check (fp8 vs bf16 logits)" 45 15 python3 bench/fp8_check.py
     fi
     section "8B fp8" bench 90 45 bench "8B fp8" --shape llama-3.1-8b --quantization fp8 \
         --requests 256 --cb-requests 0
 else
-    record "8B fp8" bench "skipped: no engine/fp8.py"
+    record "8B fp8" bench "skipped: no engine/quantization/fp8.py"
 fi
 fi
 
@@ -140,12 +145,12 @@ if want 70b; then
 B70=(--shape llama-3.3-70b --requests 64 --cb-requests 0 --batch1-requests 1
     --max-batched-tokens 4096 --autotune off)
 section "70B bf16" bench 150 60 bench "70B bf16" "${B70[@]}" --gpu-memory-utilization 0.97
-if [ -f engine/fp8.py ]; then
+if [ -f engine/quantization/fp8.py ]; then
     section "70B fp8" bench 120 45 bench "70B fp8" "${B70[@]}" --quantization fp8
     section "70B fp8" serve 60 35 serve "70B fp8" --model "$SHAPES/llama-3.3-70b" \
         --load-format dummy --quantization fp8 --autotune off
 else
-    record "70B fp8" bench "skipped: no engine/fp8.py"
+    record "70B fp8" bench "skipped: no engine/quantization/fp8.py"
 fi
 section "70B bf16" serve 75 40 serve "70B bf16" --model "$SHAPES/llama-3.3-70b" \
     --load-format dummy --gpu-memory-utilization 0.97 --autotune off

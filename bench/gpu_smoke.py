@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
+
+from hearth.engine.async_engine import build_engine
+from hearth.engine.config import ModelConfig
+from hearth.engine.kernels.fusion import restore_forwards
+from hearth.engine.loading.loader import load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.types import GenerationRequest, SamplingParams
 
 from bench.machine import describe
-from engine.async_engine import build_engine
-from engine.config import ModelConfig
-from engine.fusion import restore_forwards
-from engine.loader import load_model
-from engine.sources import resolve_source
-from engine.types import GenerationRequest, SamplingParams
 
 
 def build(out: Path, tokenizer_dir: Path, family: str = "llama") -> None:
@@ -75,8 +76,8 @@ KERNEL_CASES = ((torch.float32, 37, 300), (torch.bfloat16, 256, 1100))  # dtype,
 def check_kernel(device: str, cases=KERNEL_CASES, timing: bool = True) -> None:
     """paged_decode on random data against float64 attention; then, at the last case's shape
     (a Llama-3-8B layer, 256 sequences of up to 1100 tokens), its time against gather + SDPA."""
-    from engine.attention import PagedBatch, _decode_attention
-    from engine.triton_attention import paged_decode
+    from hearth.engine.kernels.attention import PagedBatch, _decode_attention
+    from hearth.engine.kernels.triton_attention import paged_decode
 
     gen = torch.Generator(device=device).manual_seed(0)
     heads, kv_heads, dim, bs = 32, 8, 128, 16

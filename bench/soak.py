@@ -28,10 +28,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # bench.*; hearth comes installed
+
+from hearth.server.metrics import LOAD_GAUGES, read_load_gauges  # noqa: E402
 
 from bench.machine import describe  # noqa: E402
-from server.metrics import LOAD_GAUGES, read_load_gauges  # noqa: E402
 
 KINDS = ("chat", "completions", "responses")
 
@@ -290,10 +291,10 @@ async def soak(
 
 def tiny_checkpoint(out: Path) -> Path:
     """A 2-layer random-weight Llama with SmolLM2's tokenizer (as the test suite builds it)."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))  # bench.*; hearth comes installed
+    from hearth.engine.loading.sources import resolve_source
     from transformers import AutoTokenizer
 
-    from engine.sources import resolve_source
     from tests.conftest import DEFAULT_GGUF, build_tiny_checkpoint
 
     source = resolve_source(DEFAULT_GGUF)
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         base_url, model, pid = args.base_url, args.model, args.pid
         if base_url is None:
-            sys.path.insert(0, str(ROOT))
+            sys.path.append(str(ROOT))  # bench.*; hearth comes installed
             from tests.conftest import running_server
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
+
+from hearth.engine.config import EngineLimits
+from hearth.engine.runner import ModelRunner, StepInputs
 
 from bench.engine_bench import load, sync
 from bench.machine import describe
-from engine.config import EngineLimits
-from engine.runner import ModelRunner, StepInputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run with --shape tiny
 

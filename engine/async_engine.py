@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from engine import distributed
-from engine.core import EngineCore, FatalStepError, kv_budget_bytes
-from engine.loader import LoadedModel, LoadError, cpu_thread_count
-from engine.runner import ModelRunner, kv_bytes_per_token
-from engine.tokenizer import ChatTokenizer
-from engine.types import (
+from hearth.engine import distributed
+from hearth.engine.core import EngineCore, FatalStepError, kv_budget_bytes
+from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count
+from hearth.engine.runner import ModelRunner, kv_bytes_per_token
+from hearth.engine.tokenizer import ChatTokenizer
+from hearth.engine.types import (
     EngineDeadError,
     EngineStats,
     GenerationOutput,

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 
 import llguidance
 import torch
-
-from engine.sampling import sample
-from engine.types import SamplingParams
+from hearth.engine.sampler import sample
+from hearth.engine.types import SamplingParams
 
 CLOSE_MARGIN = 8  # tokens: closing starts this many tokens before the budget forces it
 CANDIDATES = 8  # the model's top tokens weighed when a row has to be steered

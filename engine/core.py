@@ -8,25 +8,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
-
-from engine.block_manager import BlockManager
-from engine.closing import ClosingState
-from engine.config import EngineLimits
-from engine.detokenizer import IncrementalDetokenizer
-from engine.grammar import GrammarCompiler
-from engine.runner import ModelRunner
-from engine.sampling import apply_penalties, logprobs_of, sample
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence, Status
-from engine.tokenizer import ChatTokenizer
-from engine.types import (
+from hearth.engine.block_manager import BlockManager
+from hearth.engine.closing import ClosingState
+from hearth.engine.config import EngineLimits
+from hearth.engine.detokenizer import IncrementalDetokenizer
+from hearth.engine.grammar import GrammarCompiler
+from hearth.engine.runner import ModelRunner
+from hearth.engine.sampler import apply_penalties, logprobs_of, sample
+from hearth.engine.scheduler import Scheduler, SchedulerOutput
+from hearth.engine.sequence import Sequence, Status
+from hearth.engine.tokenizer import ChatTokenizer
+from hearth.engine.types import (
     EngineStats,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
     TokenLogprob,
 )
+from transformers import PreTrainedModel
 
 log = logging.getLogger("hearth.engine")
 

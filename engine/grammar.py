@@ -11,9 +11,8 @@ from typing import Any
 
 import llguidance
 import torch
-
-from engine.closing import Closer
-from engine.types import JSON_STYLE, Grammar
+from hearth.engine.closing import Closer
+from hearth.engine.types import JSON_STYLE, Grammar
 
 _BITS = torch.arange(32, dtype=torch.int32)  # [32]
 

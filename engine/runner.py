@@ -6,15 +6,15 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from hearth.engine import distributed
+from hearth.engine.config import EngineLimits
+from hearth.engine.kernels import autotune
+from hearth.engine.kernels.attention import PagedBatch, Prefill, register
+from hearth.engine.kernels.cuda_graphs import DecodeGraphs, GraphCaptureError
+from hearth.engine.kernels.fusion import fuse_projections, reattach_groups, restore_forwards
+from hearth.engine.kernels.selection import Kernels, Shapes, candidates, choose_kernels, probe
+from hearth.engine.scheduler import Scheduled
 from transformers import PreTrainedModel
-
-from engine import autotune, distributed
-from engine.attention import PagedBatch, Prefill, register
-from engine.config import EngineLimits
-from engine.cuda_graphs import DecodeGraphs, GraphCaptureError
-from engine.fusion import fuse_projections, reattach_groups, restore_forwards
-from engine.kernels import Kernels, Shapes, candidates, choose_kernels, probe
-from engine.scheduler import Scheduled
 
 __all__ = ["Kernels", "ModelRunner", "StepInputs", "choose_kernels", "kv_bytes_per_token"]
 
@@ -68,7 +68,7 @@ def _cpu_variants(dtype: torch.dtype, on_cpu: bool) -> list[str | None]:
     """The C++ kernels' builds this CPU can run (none for other dtypes or devices)."""
     if not on_cpu or dtype != torch.float32:
         return []
-    from engine import cpu_kernels
+    from hearth.engine.kernels import cpu_kernels
 
     usable = [v for v in cpu_kernels.variants() if cpu_kernels.problem(v) is None]
     if not usable:
@@ -82,7 +82,7 @@ class ModelRunner:
     each step's inputs to the other ranks, which run the same forward in `follow()`.
 
     Start-up, in order: fuse projections, choose kernels (`choose_kernels` + `probe`, then
-    engine/autotune.py's measured choice unless autotune is off), allocate the KV cache,
+    engine/kernels/autotune.py's measured choice unless autotune is off), allocate the KV cache,
     apply the kernels (patch forwards, pack weights, capture CUDA graphs)."""
 
     def __init__(
@@ -118,7 +118,7 @@ class ModelRunner:
         shapes = Shapes(cfg.num_attention_heads // tp_size, kv_heads, head_dim, cfg.hidden_size)
         kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
         kernels = probe(kernels, limits, self.device, dtype, shapes)
-        # A GGUF source's own blocks (quantization gguf, engine/gguf_weights.py) at small batches
+        # A GGUF source's own blocks (quantization/gguf_weights.py) at small batches
         gguf = getattr(model, "hearth_quantization", None) == "gguf" and tp_size == 1
         kernels = kernels._replace(gguf=gguf)
         self.allocate_kv_cache(devices, kv_heads, head_dim)
@@ -181,11 +181,11 @@ class ModelRunner:
         restore_forwards(self.model)
         reattach_groups(self.model)
         if kernels.fused:
-            from engine.fused_ops import patch_model
+            from hearth.engine.kernels.fused_ops import patch_model
 
             patch_model(self.model)
         if kernels.cpu_matmul:
-            from engine.cpu_linear import pack_model
+            from hearth.engine.kernels.cpu_linear import pack_model
 
             if packed := pack_model(self.model, variant=kernels.cpu_variant):
                 if log_packing:
@@ -193,7 +193,7 @@ class ModelRunner:
             else:
                 kernels = kernels._replace(cpu_matmul=False)
         if kernels.gguf:  # after the packing: above its row limit a layer runs what it had
-            from engine.gguf_linear import route_model
+            from hearth.engine.quantization.gguf_linear import route_model
 
             routed = route_model(self.model)
             if log_packing:

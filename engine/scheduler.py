@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockKey, BlockManager
-from engine.sequence import Sequence, Status
+from hearth.engine.block_manager import BlockKey, BlockManager
+from hearth.engine.sequence import Sequence, Status
 
 
 @dataclass

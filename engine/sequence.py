@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from engine.types import FinishReason, SamplingParams
+from hearth.engine.types import FinishReason, SamplingParams
 
 _arrivals = itertools.count()
 

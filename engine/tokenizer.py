@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from engine.token_bytes import TokenBytes, TokenPiece
+from hearth.engine.token_bytes import TokenBytes, TokenPiece
 
 
 class TemplateError(ValueError):

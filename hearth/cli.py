@@ -16,12 +16,18 @@ from pathlib import Path
 import uvicorn
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from engine.config import ConfigError, HearthConfig, ModelConfig, load_config, resolve_sources
-from engine.sources import Source, looks_like_hub_id
 from hearth import __version__
-from server.app import create_app
-from server.registry import ModelRegistry
-from server.settings import ServerSettings
+from hearth.engine.config import (
+    ConfigError,
+    HearthConfig,
+    ModelConfig,
+    load_config,
+    resolve_sources,
+)
+from hearth.engine.loading.sources import Source, looks_like_hub_id
+from hearth.server.app import create_app
+from hearth.server.registry import ModelRegistry
+from hearth.server.settings import ServerSettings
 
 log = logging.getLogger("hearth")
 
@@ -396,7 +402,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def _join_tensor_parallel(selection: Selection) -> int:
     """Join torchrun's process group; this rank, or -1 when the config does not fit it."""
-    from engine import distributed
+    from hearth.engine import distributed
 
     world = distributed.init_from_env()
     sizes = [config.tensor_parallel_size for config in selection.models]
@@ -412,8 +418,8 @@ def _join_tensor_parallel(selection: Selection) -> int:
 
 def _follow(selection: Selection) -> int:
     """A tensor-parallel rank other than 0: load this rank's shard and run rank 0's steps."""
-    from engine.async_engine import follow
-    from engine.loader import configure_cpu_threads, load_model
+    from hearth.engine.async_engine import follow
+    from hearth.engine.loading.loader import configure_cpu_threads, load_model
 
     # torchrun passes SIGTERM/SIGINT to every rank: only rank 0 acts on them (it drains, then
     # its close() ends this loop); a follower that left early would stall rank 0's collectives.
@@ -434,8 +440,13 @@ def _load_all(
     try:
         from tqdm import tqdm
 
-        from engine.async_engine import build_engine
-        from engine.loader import LoadError, cpu_thread_count, load_model, single_threaded
+        from hearth.engine.async_engine import build_engine
+        from hearth.engine.loading.loader import (
+            LoadError,
+            cpu_thread_count,
+            load_model,
+            single_threaded,
+        )
 
         tqdm.monitor_interval = 0  # progress bars: no monitor thread left waking up while serving
         single_threaded()  # the engine threads alone run torch multi-threaded

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from hearth.server.errors import install_error_handlers
+from hearth.server.limits import RequestGuard
+from hearth.server.metrics import Metrics, RequestCounter
+from hearth.server.registry import ModelRegistry
+from hearth.server.routes import chat, completions, models, responses
+from hearth.server.settings import ServerSettings
 
 from hearth import __version__
-from server.errors import install_error_handlers
-from server.limits import RequestGuard
-from server.metrics import Metrics, RequestCounter
-from server.registry import ModelRegistry
-from server.routes import chat, completions, models, responses
-from server.settings import ServerSettings
 
 
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Request
-
-from server.errors import APIError
+from hearth.server.errors import APIError
 
 
 def _matches(token: str, keys: tuple[str, ...]) -> bool:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from hearth.server.errors import APIError
+from hearth.server.wire import WireModel
 from pydantic import Discriminator, Tag
-
-from server.errors import APIError
-from server.wire import WireModel
 
 MEDIA_TYPES = ("image_url", "input_audio", "file", "input_image", "input_file")
 

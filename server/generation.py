@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-
-from engine.types import (
+from hearth.engine.types import (
     EngineClient,
     EngineDeadError,
     GenerationOutput,
@@ -21,9 +20,9 @@ from engine.types import (
     SamplingParams,
     TokenLogprob,
 )
-from server import limits
-from server.errors import APIError
-from server.metrics import Metrics
+from hearth.server import limits
+from hearth.server.errors import APIError
+from hearth.server.metrics import Metrics
 
 T = TypeVar("T")
 

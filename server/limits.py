@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.types import GenerationRequest
-from server.errors import APIError, error_body
-from server.registry import ModelRegistry
-from server.streaming import dumps
+from hearth.engine.types import GenerationRequest
+from hearth.server.errors import APIError, error_body
+from hearth.server.registry import ModelRegistry
+from hearth.server.streaming import dumps
 
 MAX_STOP_CHARS = 256  # per stop string (OpenAI caps their number at 4; so does the protocol)
 DRAIN_AT_MOST = 64 << 20  # an oversized body is read and dropped up to this, so the 413 arrives

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from engine.types import EngineClient, FinishReason, TokenLogprob
+from hearth.engine.types import EngineClient, FinishReason, TokenLogprob
 
 FLOOR = -9999.0  # OpenAI's stand-in for log(0); JSON has no -Infinity
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from hearth.engine.types import SamplingParams
+from hearth.server.content import Part, parts_text
+from hearth.server.wire import ParamError, WireModel
 from pydantic import Field, field_validator, model_validator
-
-from engine.types import SamplingParams
-from server.content import Part, parts_text
-from server.wire import ParamError, WireModel
 
 
 class _Request(WireModel):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from engine.types import EngineClient
-from server.errors import APIError
+from hearth.engine.types import EngineClient
+from hearth.server.errors import APIError
 
 State = Literal["loading", "ready", "draining", "failed"]
 

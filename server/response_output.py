@@ -8,10 +8,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.types import SamplingParams
-from server.generation import new_id
-from server.response_protocol import ResponseRequest
-from server.tools import Event, Tool, ToolCallParser
+from hearth.engine.types import SamplingParams
+from hearth.server.generation import new_id
+from hearth.server.response_protocol import ResponseRequest
+from hearth.server.tools import Event, Tool, ToolCallParser
 
 StreamEvent = tuple[str, dict[str, Any]]  # (event type, its fields)
 

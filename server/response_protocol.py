@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from hearth.engine.types import SamplingParams
+from hearth.server.content import Part, parts_text
+from hearth.server.protocol import FunctionDef
+from hearth.server.wire import WireModel
 from pydantic import Discriminator, Field, Tag, field_validator
-
-from engine.types import SamplingParams
-from server.content import Part, parts_text
-from server.protocol import FunctionDef
-from server.wire import WireModel
 
 # Per-model defaults (models.yaml) used where the request lacks the field or leaves it unset.
 DEFAULTED = (

@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
-
-from server.errors import APIError, error_body
+from hearth.server.errors import APIError, error_body
 
 log = logging.getLogger("hearth.server")
 

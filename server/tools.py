@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jsonschema
-
-from engine.types import JSON_STYLE, Grammar
-from server.errors import APIError
+from hearth.engine.types import JSON_STYLE, Grammar
+from hearth.server.errors import APIError
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"

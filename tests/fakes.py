@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from engine.types import EngineStats, GenerationOutput, GenerationRequest, ModelInfo
+from hearth.engine.types import EngineStats, GenerationOutput, GenerationRequest, ModelInfo
 
 
 class FakeEngine:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hearth.engine.config import EngineLimits
+from hearth.engine.kernels import autotune, autotune_cache
+from hearth.engine.kernels.autotune import Result, Workload, measure, pick, workloads
+from hearth.engine.kernels.selection import Kernels, candidates
+from hearth.engine.runner import ModelRunner
 
-from engine import autotune, autotune_cache
-from engine.autotune import Result, Workload, measure, pick, workloads
-from engine.config import EngineLimits
-from engine.kernels import Kernels, candidates
-from engine.runner import ModelRunner
 from tests.test_cpu_kernels import tiny_llama
 
 CPU = torch.device("cpu")

@@ -75,7 +75,7 @@ def test_gpu_check_runs_every_section_and_prints_one_table(tmp_path) -> None:
     assert starts == order, summary
     assert re.search(r"correctness +gpu_smoke .* FAILED rc=3", summary)
     assert re.search(r"70B bf16 +bench +ok", summary) and re.search(r"serve +ok", summary)
-    assert ("skipped: no engine/fp8.py" in summary) != has_fp8
+    assert ("skipped: no engine/quantization/fp8.py" in summary) != has_fp8
     assert "ran bench/gpu_bench.py --label 70B bf16" in (out / "check.log").read_text()
 
 
@@ -137,9 +137,10 @@ def test_gpu_bench_engines_keep_the_memory_share_and_autotune() -> None:
     """Every engine the bench builds gets --gpu-memory-utilization (a 70B bf16 needs 0.97)."""
     import argparse
 
+    from hearth.engine.config import EngineLimits
+
     from bench.engine_bench import engine_limits
     from bench.gpu_bench import workload
-    from engine.config import EngineLimits
 
     args = argparse.Namespace(
         shape="llama-3.3-70b",

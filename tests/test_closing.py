@@ -20,12 +20,12 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+from hearth.engine.async_engine import AsyncEngine
+from hearth.engine.types import GenerationRequest, Grammar, SamplingParams
+from hearth.server.tools import Tool, call_grammar, parse_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.async_engine import AsyncEngine
-from engine.types import GenerationRequest, Grammar, SamplingParams
-from server.tools import Tool, call_grammar, parse_output
 from tests.test_engine import start_engine
 
 NESTED = {
@@ -208,7 +208,7 @@ def test_a_budget_too_small_for_any_completion_ends_cut_off(engine: AsyncEngine)
 
 
 def test_scan_follows_json_strings_and_escapes() -> None:
-    from engine.closing import ESCAPED, IN_STRING, OUTSIDE, scan
+    from hearth.engine.closing import ESCAPED, IN_STRING, OUTSIDE, scan
 
     assert scan(OUTSIDE, b'{"a": "x') == IN_STRING
     assert scan(OUTSIDE, b'{"a": "x\\') == ESCAPED
@@ -230,7 +230,7 @@ def test_scan_follows_json_strings_and_escapes() -> None:
 )
 def test_plans_close_what_is_open(engine: AsyncEngine, prefix: str, ending: str) -> None:
     """From a state mid-JSON, the plan is the short completion, ending the sample."""
-    from engine.closing import ClosingState
+    from hearth.engine.closing import ClosingState
 
     grammars = engine.core.grammars
     matcher = grammars.matcher(GRAMMARS["json_object"][0])

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from engine.config import ConfigError, load_config, parse_config, resolve_sources
-from engine.sources import SourceError, resolve_source
+from hearth.engine.config import ConfigError, load_config, parse_config, resolve_sources
+from hearth.engine.loading.sources import SourceError, resolve_source
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,13 +8,12 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from hearth.engine.config import EngineLimits
+from hearth.engine.kernels import cpu_kernels
+from hearth.engine.kernels.cpu_linear import pack_model
+from hearth.engine.kernels.fusion import fuse_projections, restore_forwards
+from hearth.engine.runner import ModelRunner
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from engine import cpu_kernels
-from engine.config import EngineLimits
-from engine.cpu_linear import pack_model
-from engine.fusion import fuse_projections, restore_forwards
-from engine.runner import ModelRunner
 
 
 def runnable(name: str) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-
-from engine.detokenizer import IncrementalDetokenizer
+from hearth.engine.detokenizer import IncrementalDetokenizer
 
 
 def byte_decode(ids: Sequence[int]) -> str:

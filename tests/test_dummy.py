@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hearth.engine.async_engine import build_engine
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading.loader import LoadError, load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.types import GenerationRequest, SamplingParams
 
 from bench.shapes import write_checkpoint
-from engine.async_engine import build_engine
-from engine.config import ModelConfig
-from engine.loader import LoadError, load_model
-from engine.sources import resolve_source
-from engine.types import GenerationRequest, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_greedy_decode_through_the_engine_matches_generate(tiny_dir: Path) -> No
         got = asyncio.run(run())
     finally:
         engine.shutdown()
-    from engine.fusion import restore_forwards
+    from hearth.engine.kernels.fusion import restore_forwards
 
     restore_forwards(loaded.model)
     want = loaded.model.generate(
@@ -86,7 +86,7 @@ def test_fp8_quantizes_each_decoder_layer_as_it_is_built(
 ) -> None:
     """engine.fp8.quantize_model (a stand-in here) gets each decoder layer once, in order, once
     it has its weights and while the layers after it have none yet; never lm_head."""
-    import engine.dummy as dummy
+    import hearth.engine.loading.dummy as dummy
 
     found: list[torch.nn.ModuleList] = []
     calls: list[tuple[int, bool, bool]] = []  # (layer index, built, later layers still meta)
@@ -106,7 +106,7 @@ def test_fp8_quantizes_each_decoder_layer_as_it_is_built(
     real = dummy.decoder_layers
     monkeypatch.setattr(dummy, "decoder_layers", decoder_layers)
     stand_in = types.SimpleNamespace(quantize_model=quantize_model)
-    monkeypatch.setitem(sys.modules, "engine.fp8", stand_in)
+    monkeypatch.setitem(sys.modules, "hearth.engine.quantization.fp8", stand_in)
     loaded = load(tiny_dir, quantization="fp8")
     count = len(loaded.model.model.layers)
     assert calls == [(i, True, True) for i in range(count)]
@@ -116,7 +116,9 @@ def test_fp8_quantizes_each_decoder_layer_as_it_is_built(
 def test_fp8_without_the_fp8_module_is_one_line(
     tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "engine.fp8", None)  # import engine.fp8 -> ImportError
+    monkeypatch.setitem(
+        sys.modules, "hearth.engine.quantization.fp8", None
+    )  # import hearth.engine.quantization.fp8 -> ImportError
     with pytest.raises(LoadError, match="load_format dummy: quantization fp8 is not available"):
         load(tiny_dir, quantization="fp8")
 

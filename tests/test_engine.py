@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hearth.engine.async_engine import AsyncEngine, build_engine
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading.loader import load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.types import GenerationRequest, SamplingParams
 
-from engine.async_engine import AsyncEngine, build_engine
-from engine.config import ModelConfig
-from engine.loader import load_model
-from engine.sources import resolve_source
-from engine.types import GenerationRequest, SamplingParams
 from tests.conftest import build_tiny_checkpoint
 
 
@@ -323,7 +323,7 @@ def test_smollm2_greedy_matches_transformers() -> None:
 
 
 def test_fused_projections_compute_the_same_function(tiny_llama_dir: Path) -> None:
-    from engine.fusion import fuse_projections
+    from hearth.engine.kernels.fusion import fuse_projections
 
     model = reference_model(str(tiny_llama_dir))
     fused = type(model)(model.config)
@@ -353,7 +353,7 @@ BOUNDED_SCHEMA = {
 def test_grammar_constrains_random_model_and_leaves_neighbours_alone(engine: AsyncEngine) -> None:
     import json
 
-    from engine.types import Grammar
+    from hearth.engine.types import Grammar
 
     grammar = Grammar("json_schema", json.dumps(BOUNDED_SCHEMA))
     free_prompt = prompts(1)[0]
@@ -382,8 +382,8 @@ def test_grammar_constrains_random_model_and_leaves_neighbours_alone(engine: Asy
 
 
 def test_invalid_grammar_is_rejected_before_queueing(engine: AsyncEngine) -> None:
-    from engine.grammar import GrammarError
-    from engine.types import Grammar
+    from hearth.engine.grammar import GrammarError
+    from hearth.engine.types import Grammar
 
     bad = Grammar("json_schema", '{"type": "nope"}', param="response_format.json_schema")
 
@@ -398,10 +398,9 @@ def test_invalid_grammar_is_rejected_before_queueing(engine: AsyncEngine) -> Non
 def test_grammar_token_view_reads_byte_level_tokens(smollm_tokenizer_dir: Path) -> None:
     """transformers 5.17 converts SmolLM2's GGUF vocabulary with a sentencepiece-style decoder
     around ByteLevel; llguidance must still read 'Ġ' as a space, or JSON grammars stall."""
+    from hearth.engine.grammar import token_view
     from tokenizers import decoders
     from transformers import AutoTokenizer
-
-    from engine.grammar import token_view
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
     tokenizer.backend_tokenizer.decoder = decoders.Sequence(
@@ -416,9 +415,9 @@ def test_grammar_token_view_reads_byte_level_tokens(smollm_tokenizer_dir: Path) 
 def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog, asked
 ) -> None:
-    import engine.runner as runner_module
-    from engine.config import EngineLimits
-    from engine.cuda_graphs import GraphCaptureError
+    import hearth.engine.runner as runner_module
+    from hearth.engine.config import EngineLimits
+    from hearth.engine.kernels.cuda_graphs import GraphCaptureError
 
     def no_capture(*_, **__):
         raise GraphCaptureError("operation not permitted when stream is capturing")
@@ -464,12 +463,9 @@ def test_auto_kernels_that_cannot_launch_give_way(
     """auto chose the Triton kernels (as on a GPU), but they fail to launch (too little shared
     memory, say): the runner starts on the PyTorch paths and says why."""
     pytest.importorskip("triton")
+    import hearth.engine.runner as runner_module
+    from hearth.engine.config import EngineLimits
     from transformers import AutoModelForCausalLM
-
-    import engine.fused_ops
-    import engine.runner as runner_module
-    import engine.triton_attention
-    from engine.config import EngineLimits
 
     def out_of_resources(*_, **__):
         raise RuntimeError("out of resource: shared memory, Required: 155648, limit: 101376")
@@ -492,7 +488,7 @@ def test_an_engine_setting_that_cannot_run_is_a_one_line_load_error(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`decode_kernel: triton` on a CPU model: what `hearth serve` prints, not a traceback."""
-    from engine.loader import LoadError
+    from hearth.engine.loading.loader import LoadError
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     config = ModelConfig(
@@ -511,8 +507,8 @@ def test_the_engine_thread_builds_its_core_and_alone_runs_torch_multithreaded(
     A build that fails ends the thread and raises in the caller."""
     import threading
 
-    import engine.async_engine as async_engine
-    from engine.loader import LoadError
+    import hearth.engine.async_engine as async_engine
+    from hearth.engine.loading.loader import LoadError
 
     built_on: list[tuple[str, int]] = []
     real = async_engine.EngineCore

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from hearth.engine.async_engine import AsyncEngine
+from hearth.engine.types import EngineDeadError, GenerationRequest, SamplingParams
+from hearth.server.app import create_app
+from hearth.server.registry import ModelRegistry
 
-from engine.async_engine import AsyncEngine
-from engine.types import EngineDeadError, GenerationRequest, SamplingParams
-from server.app import create_app
-from server.registry import ModelRegistry
 from tests.test_engine import prompts, start_engine
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading.loader import LoadError, load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.quantization import fp8
+from hearth.engine.quantization.fp8 import Fp8Linear, dequantize, quantize_model, quantize_weight
 from torch import nn
 
-from engine import fp8
-from engine.config import ModelConfig
-from engine.fp8 import Fp8Linear, dequantize, quantize_model, quantize_weight
-from engine.loader import LoadError, load_model
-from engine.sources import resolve_source
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
@@ -138,7 +138,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def test_quantize_model_on_a_layer_and_a_model_then_fusion() -> None:
-    from engine.fusion import fuse_projections
+    from hearth.engine.kernels.fusion import fuse_projections
 
     model = tiny_llama()
     ids = torch.randint(0, 512, (1, 12))
@@ -263,8 +263,8 @@ def test_prequantized_checkpoints_load_into_fp8_layers(
 def test_quantization_fp8_serves_a_plain_checkpoint_end_to_end(tiny_llama_dir: Path) -> None:
     """quantization: fp8 on CPU: weight-only fp8, the engine's greedy tokens equal generate()
     on the dequantized model (fusion and the engine's paged attention included)."""
-    from engine.async_engine import build_engine
-    from engine.types import GenerationRequest, SamplingParams
+    from hearth.engine.async_engine import build_engine
+    from hearth.engine.types import GenerationRequest, SamplingParams
 
     loaded = load(tiny_llama_dir, quantization="fp8", engine={"kv_cache_memory": "16MiB"})
     assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, Fp8Linear)
@@ -297,7 +297,7 @@ def test_quantization_fp8_serves_a_plain_checkpoint_end_to_end(tiny_llama_dir: P
 def test_names_not_the_models_fall_back_to_transformers_then_quantize(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine import fp8_checkpoint
+    from hearth.engine.quantization import fp8_checkpoint
 
     def renamed(*_: object, **__: object) -> None:
         raise fp8_checkpoint.NameMismatch("no tensor for model.layers.0.mlp.up_proj.weight")
@@ -326,13 +326,13 @@ def test_refusals_are_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
 
 FP8_ENGINE_CHECK = """
 import asyncio, sys, torch
-from engine import fp8
-from engine.async_engine import build_engine
-from engine.config import ModelConfig
-from engine.loader import load_model
-from engine.sources import resolve_source
-from engine.types import GenerationRequest, SamplingParams
-from engine.fp8_kernels import quantize_rows
+from hearth.engine.quantization import fp8
+from hearth.engine.async_engine import build_engine
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading.loader import load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.types import GenerationRequest, SamplingParams
+from hearth.engine.kernels.fp8_kernels import quantize_rows
 quant, why = fp8._triton_quantizer(torch.device("cpu"))  # the probe CUDA devices get
 assert quant is quantize_rows, why
 fp8._PATHS[torch.device("cpu")] = quant  # the _scaled_mm path + Triton kernel, as on an H200
@@ -362,8 +362,8 @@ print("fp8 engine ok")
 
 QUANT_KERNEL_CHECK = """
 import torch
-from engine.fp8 import quantize_activation
-from engine.fp8_kernels import quantize_rows
+from hearth.engine.quantization.fp8 import quantize_activation
+from hearth.engine.kernels.fp8_kernels import quantize_rows
 torch.manual_seed(0)
 ties = torch.tensor([448.0, 8.5, 9.5, 2**-10, 3 * 2**-10, 17.0, -0.0, -8.5, 0.3, -448.0])
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -398,7 +398,7 @@ def test_quantize_kernel_compiles_for_hopper() -> None:
         from triton.compiler import ASTSource
     except ImportError:
         pytest.skip("this Triton has no ASTSource / GPUTarget")
-    from engine.fp8_kernels import _quant_rows_kernel
+    from hearth.engine.kernels.fp8_kernels import _quant_rows_kernel
 
     signature = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32"}
     signature |= {"BLOCK": "constexpr", "DIV_RN": "constexpr"}

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from hearth.server.app import create_app
+from hearth.server.registry import ModelRegistry
 from hypothesis import HealthCheck, Phase, settings
 
-from server.app import create_app
-from server.registry import ModelRegistry
 from tests.fakes import FakeEngine
 
 STATUSES: collections.Counter[str] = collections.Counter()
@@ -69,10 +69,10 @@ TINY = schemathesis.openapi.from_asgi("/openapi.json", create_app(TINY_REGISTRY)
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_llama_dir: Path):
     """The real engine on the tiny model with a 32-token context, so any request is cheap."""
-    from engine.async_engine import build_engine
-    from engine.config import ModelConfig
-    from engine.loader import load_model
-    from engine.sources import resolve_source
+    from hearth.engine.async_engine import build_engine
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading.loader import load_model
+    from hearth.engine.loading.sources import resolve_source
 
     config = ModelConfig(
         id="fake-model",

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hearth.engine.config import ModelConfig
+from hearth.engine.kernels import gguf_kernels
+from hearth.engine.kernels.gguf_kernels import BlockWeight
+from hearth.engine.loading.loader import LoadError, load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.quantization import gguf_weights
 
-from engine import gguf_kernels, gguf_weights
-from engine.config import ModelConfig
-from engine.gguf_kernels import BlockWeight
-from engine.loader import LoadError, load_model
-from engine.sources import resolve_source
 from tests.gguf_fixture import write_tiny_gguf
 
 VARIANTS = gguf_kernels.variants()
@@ -128,9 +129,9 @@ def test_a_block_type_without_kernels(tiny_gguf: Path, monkeypatch: pytest.Monke
 def test_greedy_outputs_with_gguf_equal_those_with_none(
     tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine.async_engine import build_engine
-    from engine.gguf_linear import MAX_ROWS
-    from engine.types import GenerationRequest, SamplingParams
+    from hearth.engine.async_engine import build_engine
+    from hearth.engine.quantization.gguf_linear import MAX_ROWS
+    from hearth.engine.types import GenerationRequest, SamplingParams
 
     calls = []
     bind = gguf_kernels.bind
@@ -149,7 +150,10 @@ def test_greedy_outputs_with_gguf_equal_those_with_none(
     results = {}
     for quantization in ("gguf", "none"):
         engine = build_engine(load(tiny_gguf, quantization=quantization))
-        routed = engine.core.runner.model.lm_head.forward.__module__ == "engine.gguf_linear"
+        routed = (
+            engine.core.runner.model.lm_head.forward.__module__
+            == "hearth.engine.quantization.gguf_linear"
+        )
         assert routed == (quantization == "gguf")
 
         async def one(i: int, prompt: list[int], engine=engine) -> list[int]:
@@ -172,7 +176,7 @@ def test_greedy_outputs_with_gguf_equal_those_with_none(
 
 @needs_kernels
 def test_a_second_load_reads_the_block_cache(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch):
-    from engine import gguf_block_cache
+    from hearth.engine.quantization import gguf_block_cache
 
     first = load(tiny_gguf)  # writes the cache unless an earlier test did
     assert gguf_block_cache.cache_path(tiny_gguf).is_file()

@@ -27,14 +27,17 @@ def imported_modules(statement: str) -> set[str]:
 
 def test_server_never_imports_torch() -> None:
     modules = imported_modules(
-        "import server.app, server.protocol, server.generation, server.routes.chat"
+        "import hearth.server.app, hearth.server.protocol, hearth.server.generation,"
+        " hearth.server.routes.chat"
     )
     assert "torch" not in modules and "transformers" not in modules
     assert "fastapi" in modules
 
 
 def test_engine_never_imports_fastapi() -> None:
-    modules = imported_modules("import engine.async_engine, engine.loader, engine.core")
+    modules = imported_modules(
+        "import hearth.engine.async_engine, hearth.engine.loading.loader, hearth.engine.core"
+    )
     assert "torch" in modules
     assert not {"fastapi", "starlette", "uvicorn"} & modules
 
@@ -118,7 +121,7 @@ class NoTriton(importlib.abc.MetaPathFinder):
         if name.split(".")[0] == "triton":
             raise ImportError("no triton here")
 sys.meta_path.insert(0, NoTriton())
-import engine.async_engine, engine.runner, engine.cuda_graphs
+import hearth.engine.async_engine, hearth.engine.runner, hearth.engine.kernels.cuda_graphs
 print("ok")
 """
     out = subprocess.run(

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from hearth.server.app import create_app
+from hearth.server.registry import ModelRegistry
+from hearth.server.settings import ServerSettings
 
-from server.app import create_app
-from server.registry import ModelRegistry
-from server.settings import ServerSettings
 from tests.fakes import FakeEngine
 from tests.test_server import assert_envelope
 
@@ -97,9 +97,9 @@ def test_model_ids_never_reach_the_filesystem(model: str) -> None:
 def test_trust_remote_code_is_off_unless_the_config_sets_it(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine import loader
-    from engine.config import ModelConfig
-    from engine.sources import resolve_source
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading import loader
+    from hearth.engine.loading.sources import resolve_source
 
     seen: list[object] = []
     real = loader.AutoConfig.from_pretrained

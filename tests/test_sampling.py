@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from engine.sampling import logprobs_of, sample
-from engine.types import SamplingParams
+from hearth.engine.sampler import logprobs_of, sample
+from hearth.engine.types import SamplingParams
 
 
 def test_greedy_is_argmax() -> None:
@@ -70,7 +69,7 @@ def test_logprobs() -> None:
 
 
 def test_penalties() -> None:
-    from engine.sampling import apply_penalties
+    from hearth.engine.sampler import apply_penalties
 
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
     params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from hearth.server.app import create_app
+from hearth.server.registry import ModelRegistry
+from hearth.server.settings import ServerSettings
 
-from server.app import create_app
-from server.registry import ModelRegistry
-from server.settings import ServerSettings
 from tests.fakes import FakeEngine
 
 
@@ -275,7 +275,7 @@ def test_huge_prompt_is_rejected_before_tokenizing() -> None:
 
 
 def test_queue_full_is_429_with_retry_after() -> None:
-    from engine.types import QueueFullError
+    from hearth.engine.types import QueueFullError
 
     client, engine = make_client()
 
@@ -292,7 +292,7 @@ def test_queue_full_is_429_with_retry_after() -> None:
 def test_engine_error_mid_stream_is_an_error_event_then_done() -> None:
     import json
 
-    from engine.types import GenerationOutput
+    from hearth.engine.types import GenerationOutput
 
     client, engine = make_client()
 
@@ -310,7 +310,7 @@ def test_engine_error_mid_stream_is_an_error_event_then_done() -> None:
 
 def test_requests_ended_by_shutdown_are_503() -> None:
     """A drain that runs out of time ends requests with a retryable error: 503, not 500."""
-    from engine.types import GenerationOutput
+    from hearth.engine.types import GenerationOutput
 
     client, engine = make_client()
 

@@ -65,9 +65,9 @@ def test_two_ranks_serve_the_same_greedy_tokens_as_transformers(
 
 
 def test_tensor_parallel_needs_torchrun(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from engine.config import ModelConfig
-    from engine.loader import LoadError, load_model
-    from engine.sources import resolve_source
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading.loader import LoadError, load_model
+    from hearth.engine.loading.sources import resolve_source
 
     config = ModelConfig(id="tp", source=str(tiny_llama_dir), device="cpu", tensor_parallel_size=2)
     with pytest.raises(LoadError, match="torchrun --nproc-per-node 2"):

@@ -8,10 +8,10 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
+from hearth.server.tools import Tool, ToolCallParser, call_grammar, parse_output, prepare_messages
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.tools import Tool, ToolCallParser, call_grammar, parse_output, prepare_messages
 from tests.conftest import running_server
 from tests.fakes import FakeEngine
 from tests.test_responses import assert_envelope, events_of
@@ -426,9 +426,8 @@ def test_live_responses_tool_round_trip(sdk: Any) -> None:
 
 
 def test_tool_aware_templates_render_tools_and_pick_the_parser(smollm_tokenizer_dir) -> None:
+    from hearth.engine.tokenizer import ChatTokenizer
     from transformers import AutoTokenizer
-
-    from engine.tokenizer import ChatTokenizer
 
     hf = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
     plain = ChatTokenizer(hf)

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hearth.engine.config import EngineLimits
+from hearth.engine.runner import Kernels, choose_kernels
 
-from engine.config import EngineLimits
-from engine.runner import Kernels, choose_kernels
 from tests.conftest import ROOT
 
 pytest.importorskip("triton")
 
 KERNEL_CHECK = """
 import torch
-from engine.triton_attention import paged_decode
+from hearth.engine.kernels.triton_attention import paged_decode
 torch.manual_seed(0)
 N, bs, Hkv, D, H = 12, 16, 3, 64, 9
 k, v = torch.randn(N, bs, Hkv, D), torch.randn(N, bs, Hkv, D)
@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from engine.fused_ops import patch_model, rms_norm, silu_mul
-from engine.fusion import fuse_projections, restore_forwards
+from hearth.engine.kernels.fused_ops import patch_model, rms_norm, silu_mul
+from hearth.engine.kernels.fusion import fuse_projections, restore_forwards
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
     norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
@@ -76,11 +76,11 @@ print("fused ok")
 ENGINE_CHECK = """
 import asyncio, json, sys, torch
 from transformers import AutoModelForCausalLM
-from engine.async_engine import build_engine
-from engine.config import ModelConfig
-from engine.loader import load_model
-from engine.sources import resolve_source
-from engine.types import GenerationRequest, SamplingParams
+from hearth.engine.async_engine import build_engine
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading.loader import load_model
+from hearth.engine.loading.sources import resolve_source
+from hearth.engine.types import GenerationRequest, SamplingParams
 path = sys.argv[1]
 limits = {"kv_cache_memory": "16MiB", "decode_kernel": "triton", **json.loads(sys.argv[2])}
 config = ModelConfig(id="t", source=path, device="cpu", engine=limits)
@@ -153,7 +153,7 @@ CPU, GPU, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cud
 @pytest.mark.parametrize(
     ("limits", "devices", "head_dim", "tp", "want"),
     [
-        # Without measuring (autotune off, TP): PyTorch's own paths on CPU (engine/autotune.py)
+        # Without measuring (autotune off, TP): PyTorch's own paths on CPU (kernels/autotune.py)
         ({}, {CPU}, 64, 1, ("sdpa", False, False, False)),
         ({}, {CPU}, 64, 2, ("sdpa", False, False, False)),
         ({"decode_kernel": "cpu", "cpu_matmul": True}, {CPU}, 64, 1, ("cpu", False, False, True)),

@@ -9,11 +9,16 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-
-from engine.types import EngineClient, GenerationOutput, GenerationRequest, Grammar, ModelInfo
-from server.auth import require_api_key
-from server.content import refuse_media
-from server.generation import (
+from hearth.engine.types import (
+    EngineClient,
+    GenerationOutput,
+    GenerationRequest,
+    Grammar,
+    ModelInfo,
+)
+from hearth.server.auth import require_api_key
+from hearth.server.content import refuse_media
+from hearth.server.generation import (
     check_text_length,
     new_id,
     open_stream,
@@ -23,10 +28,10 @@ from server.generation import (
     tokenize,
     usage,
 )
-from server.logprobs import LogprobAligner, aligned, chat_logprobs
-from server.protocol import ChatCompletionRequest
-from server.streaming import event_stream, sse
-from server.tools import (
+from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs
+from hearth.server.protocol import ChatCompletionRequest
+from hearth.server.streaming import event_stream, sse
+from hearth.server.tools import (
     Tool,
     ToolCall,
     ToolCallParser,

@@ -9,11 +9,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-
-from engine.types import EngineClient, GenerationOutput, GenerationRequest
-from server.auth import require_api_key
-from server.errors import APIError
-from server.generation import (
+from hearth.engine.types import EngineClient, GenerationOutput, GenerationRequest
+from hearth.server.auth import require_api_key
+from hearth.server.errors import APIError
+from hearth.server.generation import (
     check_text_length,
     new_id,
     open_streams,
@@ -23,9 +22,9 @@ from server.generation import (
     tokenize,
     usage,
 )
-from server.logprobs import LogprobAligner, aligned, completion_logprobs
-from server.protocol import CompletionRequest
-from server.streaming import event_stream, sse
+from hearth.server.logprobs import LogprobAligner, aligned, completion_logprobs
+from hearth.server.protocol import CompletionRequest
+from hearth.server.streaming import event_stream, sse
 
 router = APIRouter()
 

@@ -6,9 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-
-from engine.types import EngineClient
-from server.auth import require_api_key
+from hearth.engine.types import EngineClient
+from hearth.server.auth import require_api_key
 
 router = APIRouter()
 

@@ -9,23 +9,28 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-
-from engine.types import EngineClient, GenerationOutput, GenerationRequest, Grammar, ModelInfo
-from server.auth import require_api_key
-from server.content import refuse_media
-from server.errors import APIError
-from server.generation import (
+from hearth.engine.types import (
+    EngineClient,
+    GenerationOutput,
+    GenerationRequest,
+    Grammar,
+    ModelInfo,
+)
+from hearth.server.auth import require_api_key
+from hearth.server.content import refuse_media
+from hearth.server.errors import APIError
+from hearth.server.generation import (
     check_text_length,
     open_stream,
     resolve_max_tokens,
     run_to_completion,
     tokenize,
 )
-from server.response_output import OutputItems, Reply, assistant_turn
-from server.response_protocol import ResponseRequest
-from server.response_store import ResponseStore, get_store
-from server.streaming import event_stream, sse
-from server.tools import Tool, format_grammar, plan, prepare_messages
+from hearth.server.response_output import OutputItems, Reply, assistant_turn
+from hearth.server.response_protocol import ResponseRequest
+from hearth.server.response_store import ResponseStore, get_store
+from hearth.server.streaming import event_stream, sse
+from hearth.server.tools import Tool, format_grammar, plan, prepare_messages
 
 log = logging.getLogger("hearth.server")
 router = APIRouter()

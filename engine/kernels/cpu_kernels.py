@@ -1,4 +1,4 @@
-"""Native CPU kernels (engine/csrc/cpu_kernels.cpp): compiled per instruction set, run via ctypes.
+"""Native CPU kernels (kernels/csrc/cpu_kernels.cpp): compiled per instruction set, run via ctypes.
 
 The decode attention reads the paged KV cache in place, where the PyTorch path copies every
 sequence's blocks out (index_select) and then runs SDPA over the copy: on a 2-vCPU machine at
@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from engine.gguf_cache import cache_dir
+from hearth.paths import cache_dir
 
 log = logging.getLogger("hearth.engine")
 

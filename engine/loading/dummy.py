@@ -174,7 +174,7 @@ def model_bytes(model: nn.Module) -> int:
 def fp8_quantizer() -> Quantize:
     """engine.fp8.quantize_model, imported when first needed."""
     try:
-        from engine.fp8 import quantize_model
+        from hearth.engine.quantization.fp8 import quantize_model
     except ImportError as exc:
         raise RuntimeError(f"quantization fp8 is not available: {exc}") from None
 

@@ -1,9 +1,9 @@
 """CPU float32 models: small-batch matmuls through the C++ kernel over packed weight copies.
 
 At decode batch sizes (tens of rows) MKL re-packs each weight on every call, so a step streams
-the weights several times; the kernel in engine/csrc/cpu_kernels.cpp reads a copy packed once
+the weights several times; the kernel in kernels/csrc/cpu_kernels.cpp reads a copy packed once
 at load ([N/16, K, 16]) a single time per call. `pack_model(model, variant)` picks the kernel
-build (engine/cpu_kernels.py `variants()`; None: the first, the fastest expected). Larger inputs
+build (kernels/cpu_kernels.py `variants()`; None: the first, the fastest expected). Larger inputs
 (prefill chunks) keep MKL on the original weights, which stay in place: the packed copies add
 the linear weights' size in memory.
 """
@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hearth.engine.kernels import cpu_kernels
+from hearth.engine.kernels.fusion import set_forward
 from torch import nn
-
-from engine import cpu_kernels
-from engine.fusion import set_forward
 
 log = logging.getLogger("hearth.engine")
 
@@ -61,7 +60,7 @@ def _available_bytes() -> int | None:
 @torch.no_grad()
 def pack_model(model: nn.Module, variant: str | None = None) -> int:
     """Route the model's float32 CPU linear layers (and fused q/k/v, gate/up groups, see
-    engine/fusion.py) through the kernel build `variant` (a name from cpu_kernels.variants();
+    kernels/fusion.py) through the kernel build `variant` (a name from cpu_kernels.variants();
     None: the first); returns the bytes the packed copies take (0: none, e.g. when they would
     not fit in half the free memory). The packed layout is the same for every variant."""
     targets: list[tuple[object, torch.Tensor, torch.Tensor | None]] = []  # module or group

@@ -1,8 +1,8 @@
-"""quantization: gguf: a GGUF source's own weight blocks, repacked for engine/gguf_kernels.py.
+"""quantization: gguf: a GGUF source's own weight blocks, repacked for kernels/gguf_kernels.py.
 
-The model itself is loaded as today (the cached float32 conversion, engine/gguf_cache.py); this
+The model itself is loaded as today (the cached float32 conversion, loading/gguf_cache.py); this
 reads the GGUF file's Q4_1 / Q8_0 blocks of every linear layer (lm_head: `output`, else the tied
-`token_embd`) and hangs them on the nn.Linear modules as `_hearth_blocks` (engine/gguf_linear.py
+`token_embd`) and hangs them on the nn.Linear modules as `_hearth_blocks` (gguf_linear.py
 routes small batches through them). transformers reverse-permutes Llama's q/k rows when it
 converts (its LlamaTensorProcessor, undoing llama.cpp's convert_hf_to_gguf permute): the block
 rows are permuted the same way, and every weight's first rows are checked bit-for-bit against
@@ -16,11 +16,11 @@ import re
 
 import numpy as np
 import torch
+from hearth.engine.kernels import gguf_kernels
+from hearth.engine.kernels.gguf_kernels import BlockWeight
+from hearth.engine.loading.gguf_file import GGUFFile, TensorInfo, read_gguf
+from hearth.engine.quantization import gguf_block_cache
 from torch import nn
-
-from engine import gguf_block_cache, gguf_kernels
-from engine.gguf_file import GGUFFile, TensorInfo, read_gguf
-from engine.gguf_kernels import BlockWeight
 
 log = logging.getLogger("hearth.loader")
 

@@ -12,9 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from engine.attention import PagedBatch
-from engine.devices import on_device
+from hearth.engine.kernels.attention import PagedBatch
+from hearth.engine.kernels.devices import on_device
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]  # model kwargs -> logits [B, V]
 

@@ -1,7 +1,7 @@
 """The repacked GGUF blocks of a model, cached beside its float32 conversion (a second start
 reads them memory-mapped instead of re-reading, re-permuting and re-checking the GGUF file).
 
-Entries group the sibling projections engine/fusion.py fuses (q/k/v, gate/up) into one
+Entries group the sibling projections engine/kernels/fusion.py fuses (q/k/v, gate/up) into one
 contiguous weight, rows in member order, so the fused matmul needs no copy: each member's
 blocks are row views of it, and the first member carries the whole as `_hearth_group_blocks`.
 File: <cache>/gguf/<file sha256[:24]>-blocks-v1.safetensors; tensors "<key>.qs", "<key>.scales";
@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from hearth.engine.kernels.fusion import GROUPS
+from hearth.engine.kernels.gguf_kernels import BlockWeight
+from hearth.engine.loading.gguf_cache import file_digest
 from torch import nn
 
-from engine.fusion import GROUPS
-from engine.gguf_cache import cache_dir, file_digest
-from engine.gguf_kernels import BlockWeight
+from hearth.paths import cache_dir
 
 log = logging.getLogger("hearth.loader")
 

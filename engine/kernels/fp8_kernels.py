@@ -1,7 +1,7 @@
 """Triton kernel: dynamic per-token fp8 quantization of a matmul's input in one launch.
 
 `quantize_rows(x [M, K]) -> (q float8_e4m3fn [M, K], scale float32 [M, 1])`, equal bit for bit to
-engine/fp8.py's `quantize_activation` (torch ops: ~9 launches and float32 copies of x). The
+quantization/fp8.py's `quantize_activation` (torch ops: ~9 launches and float32 copies of x). The
 rounding to e4m3 is done in float32 arithmetic (round half to even onto e4m3's grid, including
 its subnormals), so the final cast converts exact values only: the result does not depend on
 the conversion's own rounding mode (Triton's interpreter rounds wrongly across powers of two).
@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from engine.devices import on_device
+from hearth.engine.kernels.devices import on_device
 
 _DIV_RN = hasattr(tl.math, "div_rn")
 _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to nearest even

@@ -1,7 +1,7 @@
 """Models with fp8 weights: quantized on the fly, or read from checkpoints that ship fp8.
 
 `quantization: fp8` on a bf16/fp16/fp32 checkpoint: every nn.Linear but lm_head is quantized per
-channel (engine/fp8.py) as its weight is read, so a model whose bf16 weights would not fit on the
+channel (fp8.py) as its weight is read, so a model whose bf16 weights would not fit on the
 GPU does in fp8. `auto` (or `fp8`) on a checkpoint that ships fp8 weights reads them as they are.
 
 Formats read (the scale multiplies: W ~= q * scale in both):
@@ -21,7 +21,7 @@ Formats read (the scale multiplies: W ~= q * scale in both):
 
 Why not transformers' own quantizers: its fine-grained FP8 layer needs the `kernels` package and a
 kernel downloaded from the hub on GPUs (and dequantizes to bf16 on CPU), compressed-tensors needs
-the `compressed-tensors` package; hearth's Fp8Linear (engine/fp8.py) serves both everywhere.
+the `compressed-tensors` package; hearth's Fp8Linear (quantization/fp8.py) serves both everywhere.
 The model is built with its parameters on the meta device (buffers such as RoPE's inv_freq are
 computed as usual), then every tensor is read from the safetensors files straight to the device:
 memory is the fp8 model's, never the bf16 one's.
@@ -39,9 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hearth.engine.quantization.fp8 import (
+    FP8,
+    Fp8Linear,
+    fast_path,
+    quantize_model,
+    quantize_weight,
+    skipped,
+)
 from torch import nn
-
-from engine.fp8 import FP8, Fp8Linear, fast_path, quantize_model, quantize_weight, skipped
 
 log = logging.getLogger("hearth.fp8")
 

@@ -3,11 +3,11 @@
 A weight W [N, K] is kept as q = round_e4m3(W / s) with float32 scales s, one per output channel
 ([N], absmax / 448, 448 being e4m3fn's largest finite value) or one per block ([ceil(N/bn),
 ceil(K/bk)], the fine-grained format of DeepSeek V3 / transformers' `FineGrainedFP8Config`).
-Dequantized: W ~= q * s (the checkpoint formats' convention, see engine/fp8_checkpoint.py).
+Dequantized: W ~= q * s (the checkpoint formats' convention, see quantization/fp8_checkpoint.py).
 
 Matmuls, per device (probed once per device by `quantizer`):
 - CUDA with compute capability >= 8.9 (Ada, Hopper, Blackwell) and `torch._scaled_mm`: the input
-  is quantized per token (row absmax / 448, dynamic; one Triton launch, engine/fp8_kernels.py, or
+  is quantized per token (row absmax / 448, dynamic; one Triton launch, kernels/fp8_kernels.py, or
   torch ops where that kernel does not run) and multiplied on the fp8 tensor cores with
   row-wise scales: x_q [M, K] @ q.T [K, N] (column-major), scale_a [M, 1], scale_b [1, N], bf16
   out (cuBLASLt's row-wise scaling accepts bf16 output only; K and N multiples of 16).
@@ -107,10 +107,10 @@ def _check_matmul(device: torch.device, quantize: Quantizer) -> float:
 
 
 def _triton_quantizer(device: torch.device) -> tuple[Quantizer | None, str]:
-    """engine/fp8_kernels.py's one-launch quantizer where it runs and agrees with
+    """engine/kernels/fp8_kernels.py's one-launch quantizer where it runs and agrees with
     quantize_activation to e4m3's rounding (one step of its grid), else (None, why)."""
     try:
-        from engine.fp8_kernels import quantize_rows
+        from hearth.engine.kernels.fp8_kernels import quantize_rows
 
         gen = torch.Generator(device="cpu").manual_seed(1)
         x = torch.randn(5, 3000, generator=gen) * torch.logspace(-3, 3, 5)[:, None]
@@ -269,7 +269,7 @@ def quantize_model(module: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> i
     suffix matching an entry of `skip` excepted) by an Fp8Linear with per-channel scales, in
     place, one layer at a time, freeing each original weight. Works on a whole model or one
     decoder layer (CPU or CUDA; the fp8 path is probed here on CUDA, outside any graph
-    capture). Run it before engine/fusion.py fuses projections. Returns the bytes the fp8
+    capture). Run it before engine/kernels/fusion.py fuses projections. Returns the bytes the fp8
     weights and scales now take (all Fp8Linear layers in `module`, including earlier ones)."""
     targets = [
         (name, child)
@@ -302,7 +302,7 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 def fuse(layers: list[Fp8Linear]) -> Fp8Linear:
     """One Fp8Linear over per-channel layers sharing K (q/k/v, gate/up): weights and scales
     concatenated along N; each layer's own tensors become views of the fused ones, so no
-    memory is added (see engine/fusion.py)."""
+    memory is added (see engine/kernels/fusion.py)."""
     weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum N, K]
     scale = torch.cat([layer.weight_scale.detach() for layer in layers])  # [sum N]
     has_bias = layers[0].bias is not None

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hearth.engine import distributed
+from hearth.engine.config import ModelConfig
+from hearth.engine.loading import dummy
+from hearth.engine.loading.gguf_cache import converted_checkpoint
+from hearth.engine.loading.sources import Source
+from hearth.engine.quantization import gguf_weights
+from hearth.engine.quantization.fp8_checkpoint import load_fp8_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
-from engine import distributed, dummy, gguf_weights
-from engine.config import ModelConfig
-from engine.fp8_checkpoint import load_fp8_model
-from engine.gguf_cache import converted_checkpoint
-from engine.sources import Source
 
 log = logging.getLogger("hearth.loader")
 
@@ -36,7 +37,7 @@ class LoadedModel:
     device: torch.device  # where inputs go (the first layer's device under device_map)
     dtype: torch.dtype
     max_model_len: int
-    quantization: str = "none"  # in effect: "none", or "gguf" (engine/gguf_weights.py)
+    quantization: str = "none"  # in effect: "none", or "gguf" (engine/quantization/gguf_weights.py)
 
     @property
     def devices(self) -> str:
@@ -135,10 +136,13 @@ def load_model(
         placement = {"device_map": device_name}
     try:
         hf_config = _read_config(config, path)
-        model = load_fp8_model(  # None unless fp8 is asked for or shipped (engine/fp8.py)
-            path, hf_config, config.quantization, torch_dtype, placement, trust
-        ) or AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust, **placement
+        model = (
+            load_fp8_model(  # None unless fp8 is asked for or shipped (engine/quantization/fp8.py)
+                path, hf_config, config.quantization, torch_dtype, placement, trust
+            )
+            or AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust, **placement
+            )
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError, KeyError) as exc:
@@ -165,7 +169,7 @@ def _load_dummy(
     base_dir: Path | None,
 ) -> LoadedModel:
     """load_format dummy: config.json and the tokenizer from the checkpoint, random weights
-    built on the device (engine/dummy.py); `quantization: fp8` quantizes layer by layer."""
+    built on the device (engine/loading/dummy.py); `quantization: fp8` quantizes layer by layer."""
     if source.kind not in ("dir", "hub"):
         raise LoadError(f"{config.id}: load_format dummy needs a checkpoint directory or hub id")
     if config.tensor_parallel_size > 1 or config.device_map is not None:
@@ -208,7 +212,7 @@ def _loaded(
     on_cpu = next(model.parameters()).device.type == "cpu"
     one_rank = config.tensor_parallel_size == 1  # sharded layers would not match whole blocks
     if source.kind == "gguf" and on_cpu and torch_dtype == torch.float32 and one_rank:
-        try:  # the GGUF file's own blocks for the linear layers (engine/gguf_weights.py)
+        try:  # the GGUF file's own blocks for the linear layers (quantization/gguf_weights.py)
             quantization = gguf_weights.attach(model, source.location, config.quantization)
         except (gguf_weights.GGUFQuantError, OSError, ValueError) as exc:
             if config.quantization == "gguf":

@@ -1,7 +1,7 @@
 """Route a GGUF-quantized model's linear layers through the block kernels at small batches.
 
-engine/gguf_weights.py hangs each nn.Linear's GGUF blocks on it (`_hearth_blocks`); after
-engine/fusion.py has fused q/k/v and gate/up (and engine/cpu_linear.py may have packed float32
+quantization/gguf_weights.py hangs each nn.Linear's GGUF blocks on it (`_hearth_blocks`); after
+kernels/fusion.py has fused q/k/v and gate/up (and kernels/cpu_linear.py may have packed float32
 copies), this gives every layer and fused group a forward that reads the blocks for inputs of up
 to MAX_ROWS rows (batch-1 and small decode steps) and otherwise calls the forward it had before:
 the packed float32 kernel up to its own limit, MKL over the float32 weights above (prefill).
@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from hearth.engine.kernels import gguf_kernels
+from hearth.engine.kernels.fusion import GROUPS, set_forward
+from hearth.engine.kernels.gguf_kernels import BlockWeight
 from torch import nn
-
-from engine import gguf_kernels
-from engine.fusion import GROUPS, set_forward
-from engine.gguf_kernels import BlockWeight
 
 # Up to this many rows the block kernel is the fastest: it streams ~5x fewer bytes than float32
 # but dequantizes each block once per register tile of rows (4 on avx512, 2 on avx2; a partial
@@ -24,7 +23,7 @@ from engine.gguf_kernels import BlockWeight
 # 2-vCPU Zen 4, SmolLM2-135M's 30 layers + lm_head streamed, one thread, ms for the whole set:
 # 1 row 14.6 (packed float32 41, MKL 68); 4 rows 21 (57, 113); 8 rows 41 (31, 76); 16 rows 82
 # (52, 99); 32 rows 152 (92, 146). Above it the layer's previous forward runs
-# (engine/cpu_linear.py's packed kernel up to its own limit, then MKL).
+# (engine/kernels/cpu_linear.py's packed kernel up to its own limit, then MKL).
 MAX_ROWS = 4
 
 
@@ -61,7 +60,9 @@ def route_model(model: nn.Module) -> int:
             group = getattr(layers[0], "_hearth_group", None)
             if group is None or any(not hasattr(m, "_hearth_blocks") for m in layers):
                 continue
-            blocks = getattr(layers[0], "_hearth_group_blocks", None)  # engine/gguf_block_cache.py
+            blocks = getattr(
+                layers[0], "_hearth_group_blocks", None
+            )  # engine/quantization/gguf_block_cache.py
             if blocks is None or blocks.n != sum(m._hearth_blocks.n for m in layers):
                 blocks = concat([m._hearth_blocks for m in layers])
             group.project = _project(blocks, group.bias, group.project)

@@ -1,6 +1,6 @@
-"""Linear layers over GGUF weight blocks (engine/csrc/gguf_kernels.cpp), built per ISA, via ctypes.
+"""Linear layers over GGUF weight blocks (kernels/csrc/gguf_kernels.cpp), built per ISA, via ctypes.
 
-The source is built into variants (same API as engine/cpu_kernels.py):
+The source is built into variants (same API as engine/kernels/cpu_kernels.py):
 - `avx512`: 16-float vectors, 4-row register tiles (needs avx512f/bw/vl, avx2, fma, f16c);
 - `avx2`: 8-float vectors, 2-row tiles, no AVX-512 instruction (needs avx2, fma, f16c).
 `variants()` lists those this CPU can run (by /proc/cpuinfo), fastest expected first; a variant
@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from engine.cpu_kernels import _compiler, open_variant
+from hearth.engine.kernels.cpu_kernels import _compiler, open_variant
 
 log = logging.getLogger("hearth.engine")
 
@@ -43,7 +42,7 @@ _default: str | None = None  # variants()[0], once loaded
 
 @dataclass(frozen=True)
 class BlockWeight:
-    """A linear weight [n, k] kept as repacked GGUF blocks (layout: engine/csrc/gguf_kernels.cpp).
+    """A linear weight [n, k] kept as repacked GGUF blocks (layout: kernels/csrc/gguf_kernels.cpp).
 
     kind "q4_1": qs uint8 [n, k/32 * 16], scales int16 (fp16 bits) [n, k/32 * 2] (d, m);
     kind "q8_0": qs uint8 (int8 bits) [n, k/32 * 32], scales int16 (fp16 bits) [n, k/32].

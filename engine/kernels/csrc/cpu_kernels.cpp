@@ -1,7 +1,7 @@
-// hearth's CPU kernels (fp32), compiled at first use by engine/cpu_kernels.py and called through
+// hearth's CPU kernels (fp32), compiled at first use by engine/kernels/cpu_kernels.py and called through
 // ctypes. Parallel loops run on the OpenMP runtime that PyTorch itself has loaded.
 //
-// One source, one build per instruction set (engine/cpu_kernels.py VARIANTS); the compiler flags
+// One source, one build per instruction set (engine/kernels/cpu_kernels.py VARIANTS); the compiler flags
 // pick the vector code below through the predefined macros:
 //   __AVX512F__            "avx512": 16-float zmm vectors, 32 registers: 8-row x 48-column tiles
 //   __AVX2__ && __FMA__    "avx2":   8-float ymm vectors, 16 registers: 6-row x 16-column tiles

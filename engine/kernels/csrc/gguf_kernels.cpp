@@ -4,7 +4,7 @@
 //   Q4_1: 32 weights along K: fp16 d, fp16 m, 16 bytes qs; weight j = d * q_j + m where
 //         q_j = qs[j] & 15 for j < 16 and qs[j - 16] >> 4 for j >= 16.
 //   Q8_0: 32 weights along K: fp16 d, 32 int8 q; weight j = d * q_j.
-// hearth repacks them at load (engine/gguf_weights.py) into two arrays per weight [N, K]:
+// hearth repacks them at load (engine/quantization/gguf_weights.py) into two arrays per weight [N, K]:
 //   qs     uint8 [N, K/32, 16] (Q4_1) or int8 [N, K/32, 32] (Q8_0): each output row contiguous,
 //   scales fp16  [N, K/32, 2] (d, m: Q4_1) or [N, K/32] (d: Q8_0),
 // so the quantized bytes stream 16- or 32-byte aligned and the scales convert 8/16 at a time.

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from hearth.engine.kernels.devices import on_device
+from hearth.engine.kernels.fusion import set_forward
 from torch import nn
-
-from engine.devices import on_device
-from engine.fusion import set_forward
 
 # Norms computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) (not Gemma's 1 + weight).
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -112,7 +111,7 @@ def _joined(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Te
 @torch.no_grad()
 def patch_model(model: nn.Module) -> int:
     """Swap in the fused forwards; returns how many modules were patched. MLPs are patched
-    only where gate and up were fused into one matmul (engine/fusion.py)."""
+    only where gate and up were fused into one matmul (engine/kernels/fusion.py)."""
     patched = 0
     for module in model.modules():
         kind = type(module).__name__
@@ -124,7 +123,9 @@ def patch_model(model: nn.Module) -> int:
         elif kind in MLPS and _is_silu(getattr(module, "act_fn", None)):
             gate, up = module.gate_proj, module.up_proj
             group = getattr(gate, "_hearth_group", None)
-            if type(gate) is not nn.Linear:  # fp8 (engine/fp8.py): the fused group's matmul
+            if (
+                type(gate) is not nn.Linear
+            ):  # fp8 (engine/quantization/fp8.py): the fused group's matmul
                 if group is None or group.sizes != [gate.out_features, up.out_features]:
                     continue
                 set_forward(module, _mlp_forward(module, group.project))

@@ -2,7 +2,7 @@
 
 A kernel that wins on one machine can lose 8x on another (the packed CPU matmul built for
 AVX-512 against MKL on an AVX2-only CPU), so `auto` is decided by timing, not assumed:
-every candidate of engine/kernels.py runs three steps of this model through the engine's own
+every candidate of kernels/selection.py runs three steps of this model through the engine's own
 runner and KV cache: a batch-1 decode, a full-batch decode (max_num_seqs rows) and a prefill
 chunk. Each candidate's logits are checked against the PyTorch path's (SDPA, MKL / cuBLAS, no
 graphs); a candidate that fails or differs is never chosen. The pick minimises the mean, over
@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from engine.autotune_cache import decision_key, load_decision, store_decision
-from engine.cpu_linear import MAX_ROWS as MATMUL_ROWS
-from engine.kernels import Kernels
+from hearth.engine.kernels.autotune_cache import decision_key, load_decision, store_decision
+from hearth.engine.kernels.cpu_linear import MAX_ROWS as MATMUL_ROWS
+from hearth.engine.kernels.selection import Kernels
 
 log = logging.getLogger("hearth.engine")
 

@@ -3,7 +3,7 @@
 Four knobs (EngineLimits): decode attention (`triton` and `cpu` read the paged cache in place,
 `sdpa` gathers blocks), CUDA graphs, fused Triton norm/MLP kernels, and the C++ CPU matmul over
 packed weights, plus, on CPU, the torch thread count. `candidates` lists every combination
-`auto` may pick on the model's devices (explicit settings fixed); engine/autotune.py times them
+`auto` may pick on the model's devices (explicit settings fixed); kernels/autotune.py times them
 on the model's own shapes and picks the fastest correct one. `choose_kernels` is the choice
 made without measuring (autotune off, tensor parallelism).
 """
@@ -17,8 +17,7 @@ import os
 from typing import NamedTuple
 
 import torch
-
-from engine.config import EngineLimits
+from hearth.engine.config import EngineLimits
 
 log = logging.getLogger("hearth.engine")
 
@@ -30,7 +29,9 @@ class Kernels(NamedTuple):
     cpu_matmul: bool = False  # C++ matmul over packed weights (CPU, float32)
     cpu_variant: str | None = None  # the C++ kernels' ISA build (avx512, avx2); None: default
     threads: int = 0  # torch intra-op threads (CPU); 0: leave as configured
-    gguf: bool = False  # small batches on a GGUF source's own blocks (engine/gguf_linear.py)
+    gguf: bool = (
+        False  # small batches on a GGUF source's own blocks (engine/quantization/gguf_linear.py)
+    )
 
     def describe(self) -> str:
         """e.g. 'decode attention cpu (avx2), CUDA graphs off, fused kernels off, CPU matmul on
@@ -110,7 +111,7 @@ def candidates(
 ) -> list[Kernels]:
     """Every kernel combination `auto` may pick on these devices (one process, no tensor
     parallelism), explicit settings held fixed; the PyTorch path first where it is allowed.
-    `cpu_variants`: the C++ kernels' builds this CPU runs (engine/cpu_kernels.py). Threads are
+    `cpu_variants`: the C++ kernels' builds this CPU runs (kernels/cpu_kernels.py). Threads are
     left at 0 (autotune tries thread counts on the winner). Raises ValueError as
     choose_kernels does for explicit choices that cannot run."""
     static = choose_kernels(limits, devices, head_dim)  # validates the explicit choices
@@ -160,7 +161,7 @@ def probe(
     float32 for the CPU kernels) gives way to the PyTorch path, with a warning. Explicit
     choices that cannot run raise ValueError (or the launch's own error)."""
     if kernels.decode == "cpu" or kernels.cpu_matmul:
-        from engine import cpu_kernels
+        from hearth.engine.kernels import cpu_kernels
 
         problem = "they compute in float32 only" if dtype != torch.float32 else None
         problem = problem or cpu_kernels.problem()
@@ -173,7 +174,7 @@ def probe(
             kernels = kernels._replace(decode="sdpa", cpu_matmul=False, cpu_variant=None)
     if kernels.decode == "triton" and limits.decode_kernel == "auto":
         try:
-            from engine.triton_attention import paged_decode
+            from hearth.engine.kernels.triton_attention import paged_decode
 
             q = torch.randn(1, shape.heads, shape.head_dim, device=device).to(dtype)  # [1, H, D]
             kv = torch.randn(1, limits.block_size, shape.kv_heads, shape.head_dim, device=device)
@@ -188,7 +189,7 @@ def probe(
             kernels = kernels._replace(decode="sdpa", graphs=False)
     if kernels.fused and limits.fused_kernels is None:
         try:
-            from engine.fused_ops import rms_norm, silu_mul
+            from hearth.engine.kernels.fused_ops import rms_norm, silu_mul
 
             hidden = torch.randn(1, shape.hidden, device=device).to(dtype)  # [1, hidden]
             rms_norm(hidden, hidden[0], 1e-6)
@@ -206,6 +207,6 @@ def _sync(device: torch.device) -> None:
 
 
 def _triton_shape_problem(limits: EngineLimits, head_dim: int) -> str | None:
-    from engine.triton_attention import shape_problem
+    from hearth.engine.kernels.triton_attention import shape_problem
 
     return shape_problem(limits.block_size, head_dim)

@@ -19,7 +19,7 @@ class _FusedGroup:
         self.sizes = [layer.out_features for layer in layers]
         self.layers = layers
         if type(layers[0]) is not nn.Linear:  # fp8 layers: one Fp8Linear over the group
-            from engine.fp8 import fuse
+            from hearth.engine.quantization.fp8 import fuse
 
             fused = fuse(layers)
             self.weight, self.bias = fused.weight, fused.bias  # fp8 [sum(out), in]; scales in fused
@@ -102,7 +102,7 @@ def reattach_groups(model: nn.Module) -> int:
 
 def _fusable(layers: list[nn.Module]) -> bool:
     if type(layers[0]).__name__ == "Fp8Linear":
-        from engine.fp8 import fusable
+        from hearth.engine.quantization.fp8 import fusable
 
         return fusable(layers)
     if not all(type(layer) is nn.Linear for layer in layers):

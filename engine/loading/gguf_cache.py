@@ -10,17 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import platformdirs
+from hearth.paths import cache_dir
 
 log = logging.getLogger("hearth.gguf")
 
 _CHUNK = 16 * 1024 * 1024
-
-
-def cache_dir() -> Path:
-    """$HEARTH_CACHE_DIR, else the user cache dir (~/.cache/hearth on Linux)."""
-    root = os.environ.get("HEARTH_CACHE_DIR") or platformdirs.user_cache_dir("hearth")
-    return Path(root)
 
 
 def file_digest(path: Path) -> str:

@@ -36,7 +36,7 @@ class PagedBatch:
     prefills: list[Prefill]
     decode_lens: torch.Tensor | None = None  # [Bd] context lengths (for the Triton kernel)
     decode_kernel: str = "sdpa"  # sdpa: gather blocks + SDPA; triton, cpu: read blocks in place
-    cpu_variant: str | None = None  # the C++ kernels' ISA build (engine/cpu_kernels.py)
+    cpu_variant: str | None = None  # the C++ kernels' ISA build (engine/kernels/cpu_kernels.py)
 
 
 def _gather_blocks(blocks: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -120,9 +120,9 @@ def _decode_attention(
     rows = batch.decode_rows.to(q.device)
     if batch.decode_kernel in ("triton", "cpu"):
         if batch.decode_kernel == "triton":
-            from engine.triton_attention import paged_decode
+            from hearth.engine.kernels.triton_attention import paged_decode
         else:
-            from engine.cpu_kernels import paged_decode
+            from hearth.engine.kernels.cpu_kernels import paged_decode
 
         qd = q if len(rows) == len(q) else q[rows]  # [Bd, H, D]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from hearth.engine.kernels.selection import Kernels
 
-from engine.gguf_cache import cache_dir
-from engine.kernels import Kernels
+from hearth.paths import cache_dir
 
 if TYPE_CHECKING:
-    from engine.autotune import Result, Workload
+    from hearth.engine.kernels.autotune import Result, Workload
 
 log = logging.getLogger("hearth.engine")
 
