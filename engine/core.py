@@ -76,7 +76,9 @@ class EngineCore:
         self.settings = settings
         self.max_model_len = max_model_len
         self.blocks = BlockManager(num_blocks, settings.block_size)
-        self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks, settings.max_num_seqs, settings.max_num_batched_tokens
+        )
         self.runner = ModelRunner(model, num_blocks, dtype, settings, max_model_len, tp_size)
         self.device = self.runner.device
         self.vocab_size = model.config.get_text_config().vocab_size

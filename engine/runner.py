@@ -124,7 +124,9 @@ class ModelRunner:
         self.allocate_kv_cache(devices, kv_heads, head_dim)
         if settings.autotune != "off" and tp_size == 1:
             on_cpu = all(d.type == "cpu" for d in devices)
-            cands = candidates(settings, set(devices), head_dim, dtype, _cpu_variants(dtype, on_cpu))
+            cands = candidates(
+                settings, set(devices), head_dim, dtype, _cpu_variants(dtype, on_cpu)
+            )
             cands = [c._replace(gguf=gguf) for c in cands]
             kernels = autotune.select(self, settings, cands, max_model_len)
         self.kernels = self.apply(kernels, log_packing=True)

@@ -13,7 +13,7 @@ JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separat
 
 
 class InvalidRequestError(ValueError):
-    """A request the client can fix (HTTP 400): the only engine error the server blames on the client.
+    """A request the client can fix (HTTP 400): the only engine error the server blames on them.
 
     `param` names the request field at fault when the engine knows it (e.g. "messages",
     "response_format"). Template and grammar errors derive from it. Any other exception raised

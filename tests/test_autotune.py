@@ -124,7 +124,9 @@ def test_the_cache_key_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.undo()
     for changed in (
         autotune_cache.decision_key(model, CPU, torch.bfloat16, limits, LOADS),
-        autotune_cache.decision_key(model, CPU, torch.float32, EngineSettings(block_size=32), LOADS),
+        autotune_cache.decision_key(
+            model, CPU, torch.float32, EngineSettings(block_size=32), LOADS
+        ),
         autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS[:2]),
     ):
         assert autotune_cache._path(changed) != autotune_cache._path(key)
@@ -150,7 +152,9 @@ def test_candidates_on_one_gpu() -> None:
     pinned = candidates(EngineSettings(cuda_graphs=True), gpu, 128, torch.bfloat16, [])
     assert {(k.decode, k.graphs) for k in pinned} == {("triton", True)}
     assert candidates(EngineSettings(), gpu, 96, torch.bfloat16, [])[0] == SDPA  # untileable head
-    assert all(k.decode == "sdpa" for k in candidates(EngineSettings(), gpu, 96, torch.bfloat16, []))
+    assert all(
+        k.decode == "sdpa" for k in candidates(EngineSettings(), gpu, 96, torch.bfloat16, [])
+    )
     two = {torch.device("cuda", 0), torch.device("cuda", 1)}  # device_map: SDPA only
     assert candidates(EngineSettings(), two, 128, torch.bfloat16, []) == [SDPA]
 

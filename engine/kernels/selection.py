@@ -74,7 +74,9 @@ def choose_kernels(
     kernel = settings.decode_kernel
     if kernel == "auto":
         usable = one_gpu and _has_triton()
-        kernel = "triton" if usable and _triton_shape_problem(settings, head_dim) is None else "sdpa"
+        kernel = (
+            "triton" if usable and _triton_shape_problem(settings, head_dim) is None else "sdpa"
+        )
     elif kernel == "cpu" and not on_cpu:
         raise ValueError("decode_kernel cpu needs the model on the CPU")
     elif kernel == "triton":
@@ -154,7 +156,11 @@ class Shapes:
 
 
 def probe(
-    kernels: Kernels, settings: EngineSettings, device: torch.device, dtype: torch.dtype, shape: Shapes
+    kernels: Kernels,
+    settings: EngineSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: Shapes,
 ) -> Kernels:
     """Launch each kernel that `auto` chose once, on tiny inputs of the model's shapes: one that
     cannot run here (too little shared memory, an old GPU, no C++ compiler, a dtype other than
