@@ -22,7 +22,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
-from hearth.engine.config import EngineLimits, ModelConfig
+from hearth.engine.config import EngineSettings, ModelConfig
 from hearth.engine.kernels import cpu_kernels, gguf_kernels
 from hearth.engine.loading.loader import configure_cpu_threads, load_model
 from hearth.engine.loading.sources import resolve_source
@@ -72,7 +72,7 @@ def main() -> None:
     for quantization in ("auto", "none"):
         config = ModelConfig(id=quantization, source=args.source, quantization=quantization)
         loaded = load_model(config, resolve_source(args.source))
-        runner = ModelRunner(loaded.model, 64, torch.float32, EngineLimits(), 1024)
+        runner = ModelRunner(loaded.model, 64, torch.float32, EngineSettings(), 1024)
         runners[f"{quantization} ({loaded.quantization})"] = runner
     step = decode_step(1, args.context, 16)
     results: dict[str, list[dict[str, float]]] = defaultdict(list)

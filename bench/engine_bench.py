@@ -30,7 +30,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth 
 import hearth.engine.closing
 import hearth.engine.core
 from hearth.engine.async_engine import AsyncEngine, build_engine
-from hearth.engine.config import EngineLimits, ModelConfig
+from hearth.engine.config import EngineSettings, ModelConfig
 from hearth.engine.kernels.fusion import restore_forwards
 from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads, load_model
 from hearth.engine.loading.sources import resolve_source
@@ -204,7 +204,7 @@ def with_limits(loaded: LoadedModel, args: argparse.Namespace) -> LoadedModel:
     """The loaded model with the engine limits of these arguments (kernel, graphs, batch), its
     modules' own forwards back (an earlier variant's fused kernels must not carry over)."""
     restore_forwards(loaded.model)
-    config = loaded.config.model_copy(update={"engine": EngineLimits(**engine_limits(args))})
+    config = loaded.config.model_copy(update={"engine": EngineSettings(**engine_limits(args))})
     return dataclasses.replace(loaded, config=config)
 
 

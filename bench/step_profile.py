@@ -18,7 +18,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
-from hearth.engine.config import EngineLimits
+from hearth.engine.config import EngineSettings
 from hearth.engine.runner import ModelRunner, StepInputs
 
 from bench.engine_bench import load, sync
@@ -90,7 +90,7 @@ def main() -> None:
     model.set_attn_implementation("sdpa")
     with torch.inference_mode():
         stock = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
-    limits = EngineLimits(
+    limits = EngineSettings(
         max_num_seqs=256, decode_kernel="triton", cuda_graphs=True, max_num_batched_tokens=8192
     )
     blocks = 256 * 66 + 8

@@ -91,7 +91,7 @@ class AsyncEngine:
         if self._dead:
             raise EngineDeadError(self._dead)
         self.core.check_request(request)  # ValueError now, before anything is queued
-        if len(self._streams) >= self.core.limits.max_num_seqs + self.core.limits.max_waiting:
+        if len(self._streams) >= self.core.settings.max_num_seqs + self.core.settings.max_waiting:
             raise QueueFullError(f"{len(self._streams)} requests are in flight; the queue is full")
         if request.sampling.grammar is not None:  # compile (cached) off the loop and the engine
             await asyncio.to_thread(self.core.grammars.compile, request.sampling.grammar)
@@ -271,21 +271,21 @@ def _failed(request_id: str, n: int, prompt_len: int, message: str) -> list[Gene
 
 def kv_blocks(loaded: LoadedModel) -> int:
     """KV blocks for the model's budget; under tensor parallelism, what fits on every rank."""
-    limits, tp_size = loaded.config.engine, loaded.config.tensor_parallel_size
-    per_block = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size) * limits.block_size
-    return distributed.agree_min(kv_budget_bytes(limits, loaded.device) // per_block)
+    settings, tp_size = loaded.config.engine, loaded.config.tensor_parallel_size
+    per_block = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size) * settings.block_size
+    return distributed.agree_min(kv_budget_bytes(settings, loaded.device) // per_block)
 
 
 def _memory(loaded: LoadedModel) -> str:
     """Why the KV budget is empty, with the figures to fix it."""
-    limits = loaded.config.engine
-    if limits.kv_cache_memory is not None or loaded.device.type != "cuda":
-        return f"kv_cache_memory {limits.kv_cache_memory}: raise it"
+    settings = loaded.config.engine
+    if settings.kv_cache_memory is not None or loaded.device.type != "cuda":
+        return f"kv_cache_memory {settings.kv_cache_memory}: raise it"
     free, total = torch.cuda.mem_get_info(loaded.device)
-    used, allowed = total - free, total * limits.gpu_memory_utilization
+    used, allowed = total - free, total * settings.gpu_memory_utilization
     return (
         f"{used / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB are in use, "
-        f"gpu_memory_utilization {limits.gpu_memory_utilization} allows {allowed / 2**30:.1f} "
+        f"gpu_memory_utilization {settings.gpu_memory_utilization} allows {allowed / 2**30:.1f} "
         f"GiB for weights and KV: raise it to {min(1.0, (used + 2**30) / total + 0.01):.2f} "
         "or more, or set kv_cache_memory"
     )
@@ -307,7 +307,7 @@ def follow(loaded: LoadedModel) -> None:
 
 def build_engine(loaded: LoadedModel) -> AsyncEngine:
     """Size the KV cache, wrap the tokenizer, and start the engine thread."""
-    limits = loaded.config.engine
+    settings = loaded.config.engine
     num_blocks = kv_blocks(loaded)
     if num_blocks < 2:
         raise MemoryError(f"{loaded.config.id}: no memory for the KV cache ({_memory(loaded)})")
@@ -322,7 +322,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
             lambda: EngineCore(
                 loaded.model,
                 tokenizer,
-                limits,
+                settings,
                 loaded.max_model_len,
                 num_blocks,
                 loaded.dtype,

@@ -34,8 +34,8 @@ class SamplingDefaults(_Strict):
     repetition_penalty: float | None = Field(None, gt=0)
 
 
-class EngineLimits(_Strict):
-    """Scheduler and KV-cache limits of one model's engine."""
+class EngineSettings(_Strict):
+    """One model's engine settings: scheduler and KV-cache sizes, kernel choices, autotune."""
 
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together at most")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per step (prefill chunk)")
@@ -79,7 +79,7 @@ class EngineLimits(_Strict):
     )
 
     @model_validator(mode="after")
-    def _graphs_need_the_kernel(self) -> EngineLimits:
+    def _graphs_need_the_kernel(self) -> EngineSettings:
         if self.cuda_graphs and self.decode_kernel in ("sdpa", "cpu"):
             raise ValueError("cuda_graphs needs decode_kernel: triton (or auto)")
         return self
@@ -119,7 +119,7 @@ class ModelConfig(_Strict):
         1, ge=1, description="GPUs (processes, under torchrun) the weights are split over"
     )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
-    engine: EngineLimits = Field(default_factory=EngineLimits)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.closing import ClosingState
-from hearth.engine.config import EngineLimits
+from hearth.engine.config import EngineSettings
 from hearth.engine.detokenizer import IncrementalDetokenizer
 from hearth.engine.grammar import GrammarCompiler
 from hearth.engine.runner import ModelRunner
@@ -48,14 +48,14 @@ class _SeqState:
     closing: ClosingState | None = None  # how that grammar completes within the budget
 
 
-def kv_budget_bytes(limits: EngineLimits, device: torch.device) -> int:
+def kv_budget_bytes(settings: EngineSettings, device: torch.device) -> int:
     """CPU: the configured bytes (1 GiB default). CUDA: a fraction of memory, less what is used."""
-    if limits.kv_cache_memory is not None:
-        return int(limits.kv_cache_memory)
+    if settings.kv_cache_memory is not None:
+        return int(settings.kv_cache_memory)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        return max(0, int(total * limits.gpu_memory_utilization) - used)
+        return max(0, int(total * settings.gpu_memory_utilization) - used)
     return 1 << 30
 
 
@@ -66,18 +66,20 @@ class EngineCore:
         self,
         model: PreTrainedModel,
         tokenizer: ChatTokenizer,
-        limits: EngineLimits,
+        settings: EngineSettings,
         max_model_len: int,
         num_blocks: int,
         dtype: torch.dtype,
         tp_size: int = 1,
     ) -> None:
         self.tokenizer = tokenizer
-        self.limits = limits
+        self.settings = settings
         self.max_model_len = max_model_len
-        self.blocks = BlockManager(num_blocks, limits.block_size)
-        self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, dtype, limits, max_model_len, tp_size)
+        self.blocks = BlockManager(num_blocks, settings.block_size)
+        self.scheduler = Scheduler(
+            self.blocks, settings.max_num_seqs, settings.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(model, num_blocks, dtype, settings, max_model_len, tp_size)
         self.device = self.runner.device
         self.vocab_size = model.config.get_text_config().vocab_size
         self._stop_ids = tokenizer.eos_token_ids
@@ -201,7 +203,7 @@ class EngineCore:
         outputs = self.fail_requests(failed) if failed else []
         if failed:
             plan.scheduled = [i for i in plan.scheduled if i.seq.request_id not in failed]
-        sampling = [item.seq for item in plan.scheduled if item.samples]
+        sampling = [item.seq for item in plan.scheduled if item.reaches_end]
         for item in plan.scheduled:
             prompt_left = item.seq.num_prompt_tokens - item.seq.num_computed_tokens
             self.num_prefilled_tokens += max(0, min(item.num_tokens, prompt_left))

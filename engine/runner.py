@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from hearth.engine import distributed
-from hearth.engine.config import EngineLimits
+from hearth.engine.config import EngineSettings
 from hearth.engine.kernels import autotune
 from hearth.engine.kernels.attention import PagedBatch, Prefill, register
 from hearth.engine.kernels.cuda_graphs import DecodeGraphs, GraphCaptureError
@@ -90,7 +90,7 @@ class ModelRunner:
         model: PreTrainedModel,
         num_blocks: int,
         dtype: torch.dtype,
-        limits: EngineLimits,
+        settings: EngineSettings,
         max_model_len: int,
         tp_size: int = 1,
     ) -> None:
@@ -103,10 +103,10 @@ class ModelRunner:
             fuse_projections(model)  # one matmul for q/k/v and for gate/up: ~8% faster CPU decode
             if next(model.parameters()).is_cuda:  # the unfused weights' blocks, before the KV
                 torch.cuda.empty_cache()  # cache and graph pools (a 70B bf16 leaves little)
-        self.model, self.dtype, self.limits = model, dtype, limits
+        self.model, self.dtype, self.settings = model, dtype, settings
         self.tp_size = tp_size
         self.num_blocks = num_blocks
-        self.block_size = limits.block_size
+        self.block_size = settings.block_size
         self.max_model_len = max_model_len
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None
@@ -116,17 +116,19 @@ class ModelRunner:
         devices = _layer_devices(model, layers)
         cfg = model.config.get_text_config()
         shapes = Shapes(cfg.num_attention_heads // tp_size, kv_heads, head_dim, cfg.hidden_size)
-        kernels = choose_kernels(limits, set(devices), head_dim, tp_size)
-        kernels = probe(kernels, limits, self.device, dtype, shapes)
+        kernels = choose_kernels(settings, set(devices), head_dim, tp_size)
+        kernels = probe(kernels, settings, self.device, dtype, shapes)
         # A GGUF source's own blocks (quantization/gguf_weights.py) at small batches
         gguf = getattr(model, "hearth_quantization", None) == "gguf" and tp_size == 1
         kernels = kernels._replace(gguf=gguf)
         self.allocate_kv_cache(devices, kv_heads, head_dim)
-        if limits.autotune != "off" and tp_size == 1:
+        if settings.autotune != "off" and tp_size == 1:
             on_cpu = all(d.type == "cpu" for d in devices)
-            cands = candidates(limits, set(devices), head_dim, dtype, _cpu_variants(dtype, on_cpu))
+            cands = candidates(
+                settings, set(devices), head_dim, dtype, _cpu_variants(dtype, on_cpu)
+            )
             cands = [c._replace(gguf=gguf) for c in cands]
-            kernels = autotune.select(self, limits, cands, max_model_len)
+            kernels = autotune.select(self, settings, cands, max_model_len)
         self.kernels = self.apply(kernels, log_packing=True)
 
     def allocate_kv_cache(self, devices: list[torch.device], kv_heads: int, head_dim: int) -> None:
@@ -161,13 +163,13 @@ class ModelRunner:
                     self._run_model,
                     self.k_cache,
                     self.v_cache,
-                    self.limits.max_num_seqs,
+                    self.settings.max_num_seqs,
                     max_blocks,
                     scratch_block=self.num_blocks,
                     sizes=graph_sizes,
                 )
             except GraphCaptureError as exc:  # a model whose forward cannot be captured
-                if self.limits.cuda_graphs:  # asked for by name: say so at startup
+                if self.settings.cuda_graphs:  # asked for by name: say so at startup
                     raise
                 log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
                 kernels = kernels._replace(graphs=False)
@@ -287,7 +289,7 @@ class ModelRunner:
             else:
                 slots = None if start == 0 else self._slots(seq.block_table, 0, context)
                 step.prefills.append((row, num, context, slots))
-            if item.samples:
+            if item.reaches_end:
                 step.sample_rows.append(row + num - 1)
         return step
 

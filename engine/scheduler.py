@@ -14,11 +14,11 @@ class Scheduled:
     seq: Sequence
     num_tokens: int  # tokens to compute this step, from `start` on
     start: int = field(init=False)  # seq.num_computed_tokens when scheduled
-    samples: bool = field(init=False)  # the chunk reaches the sequence's end: sample a token
+    reaches_end: bool = field(init=False)  # the chunk reaches the sequence's end: sample a token
 
     def __post_init__(self) -> None:
         self.start = self.seq.num_computed_tokens
-        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+        self.reaches_end = self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass

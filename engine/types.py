@@ -12,6 +12,19 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
+class InvalidRequestError(ValueError):
+    """A request the client can fix (HTTP 400): the only engine error the server blames on them.
+
+    `param` names the request field at fault when the engine knows it (e.g. "messages",
+    "response_format"). Template and grammar errors derive from it. Any other exception raised
+    while serving a request is hearth's bug: a 500 with a logged traceback.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is full; the client should retry later (HTTP 429)."""
 

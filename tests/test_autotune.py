@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hearth.engine.config import EngineLimits
+from hearth.engine.config import EngineSettings
 from hearth.engine.kernels import autotune, autotune_cache
 from hearth.engine.kernels.autotune import Result, Workload, measure, pick, workloads
 from hearth.engine.kernels.selection import Kernels, candidates
@@ -114,7 +114,7 @@ def test_workloads_fit_the_cache(seqs, batched, max_len, blocks, block_size) -> 
 
 def test_the_cache_key_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_llama()
-    limits = EngineLimits()
+    limits = EngineSettings()
     key = autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
     assert key == autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
     hardware = autotune_cache._hardware(CPU)
@@ -124,35 +124,39 @@ def test_the_cache_key_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.undo()
     for changed in (
         autotune_cache.decision_key(model, CPU, torch.bfloat16, limits, LOADS),
-        autotune_cache.decision_key(model, CPU, torch.float32, EngineLimits(block_size=32), LOADS),
+        autotune_cache.decision_key(
+            model, CPU, torch.float32, EngineSettings(block_size=32), LOADS
+        ),
         autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS[:2]),
     ):
         assert autotune_cache._path(changed) != autotune_cache._path(key)
 
 
 def test_candidates_hold_explicit_settings() -> None:
-    every = candidates(EngineLimits(), {CPU}, 64, torch.float32, ["avx512", "avx2"])
+    every = candidates(EngineSettings(), {CPU}, 64, torch.float32, ["avx512", "avx2"])
     assert every[0] == SDPA and len(set(every)) == len(every) == 7
     assert all(not k.graphs and not k.fused for k in every)
-    fixed = candidates(EngineLimits(decode_kernel="cpu"), {CPU}, 64, torch.float32, ["avx2"])
+    fixed = candidates(EngineSettings(decode_kernel="cpu"), {CPU}, 64, torch.float32, ["avx2"])
     assert {k.decode for k in fixed} == {"cpu"} and {k.cpu_matmul for k in fixed} == {False, True}
-    assert candidates(EngineLimits(), {CPU}, 64, torch.bfloat16, ["avx2"]) == [SDPA]
+    assert candidates(EngineSettings(), {CPU}, 64, torch.bfloat16, ["avx2"]) == [SDPA]
 
 
 def test_candidates_on_one_gpu() -> None:
     """What the CUDA side times: SDPA and Triton decode, graphs (Triton only), fused or not."""
     pytest.importorskip("triton")
     gpu = {torch.device("cuda", 0)}
-    every = candidates(EngineLimits(), gpu, 128, torch.bfloat16, [])
+    every = candidates(EngineSettings(), gpu, 128, torch.bfloat16, [])
     assert every[0] == SDPA and len(set(every)) == len(every) == 6
     assert all(k.decode == "triton" for k in every if k.graphs)
     assert not any(k.cpu_matmul for k in every)
-    pinned = candidates(EngineLimits(cuda_graphs=True), gpu, 128, torch.bfloat16, [])
+    pinned = candidates(EngineSettings(cuda_graphs=True), gpu, 128, torch.bfloat16, [])
     assert {(k.decode, k.graphs) for k in pinned} == {("triton", True)}
-    assert candidates(EngineLimits(), gpu, 96, torch.bfloat16, [])[0] == SDPA  # untileable head
-    assert all(k.decode == "sdpa" for k in candidates(EngineLimits(), gpu, 96, torch.bfloat16, []))
+    assert candidates(EngineSettings(), gpu, 96, torch.bfloat16, [])[0] == SDPA  # untileable head
+    assert all(
+        k.decode == "sdpa" for k in candidates(EngineSettings(), gpu, 96, torch.bfloat16, [])
+    )
     two = {torch.device("cuda", 0), torch.device("cuda", 1)}  # device_map: SDPA only
-    assert candidates(EngineLimits(), two, 128, torch.bfloat16, []) == [SDPA]
+    assert candidates(EngineSettings(), two, 128, torch.bfloat16, []) == [SDPA]
 
 
 def test_a_real_measurement_is_cached_and_reused(
@@ -161,7 +165,7 @@ def test_a_real_measurement_is_cached_and_reused(
     """On this machine: every candidate timed on the tiny model, the winner is one of them, the
     decision lands in the cache, and a second start measures nothing."""
     monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
-    limits = EngineLimits(max_num_seqs=8, max_num_batched_tokens=64)
+    limits = EngineSettings(max_num_seqs=8, max_num_batched_tokens=64)
     with caplog.at_level(logging.INFO, logger="hearth.engine"):
         first = ModelRunner(tiny_llama(), 40, torch.float32, limits, 128).kernels
     [line] = [r.message for r in caplog.records if r.message.startswith("autotune:")]
@@ -194,10 +198,10 @@ def test_after_measuring_the_cache_is_zeroed_and_outputs_match_the_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
-    limits = EngineLimits(max_num_seqs=4, max_num_batched_tokens=32)
+    limits = EngineSettings(max_num_seqs=4, max_num_batched_tokens=32)
     runner = ModelRunner(tiny_llama(), 24, torch.float32, limits, 64)
     assert all(not k.any() for k in runner.k_cache) and all(not v.any() for v in runner.v_cache)
-    reference = ModelRunner(tiny_llama(), 24, torch.float32, EngineLimits(autotune="off"), 64)
+    reference = ModelRunner(tiny_llama(), 24, torch.float32, EngineSettings(autotune="off"), 64)
     load = Workload("decode x4", 4, 20)
     for r in (runner, reference):
         r.fill_kv(1, 8)

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from hearth.engine.config import EngineLimits
+from hearth.engine.config import EngineSettings
 from hearth.engine.kernels import cpu_kernels
 from hearth.engine.kernels.cpu_linear import pack_model
 from hearth.engine.kernels.fusion import fuse_projections, restore_forwards
@@ -198,7 +198,7 @@ def kernels_of(runner: ModelRunner) -> tuple[str, bool]:
 
 
 def runner(limits: dict) -> ModelRunner:
-    return ModelRunner(tiny_llama(), 16, torch.float32, EngineLimits(**limits), 64)
+    return ModelRunner(tiny_llama(), 16, torch.float32, EngineSettings(**limits), 64)
 
 
 def test_without_measuring_the_engine_keeps_pytorchs_paths_on_cpu() -> None:
@@ -227,5 +227,5 @@ def test_without_a_compiler_auto_falls_back_and_explicit_fails(
 
 def test_other_dtypes_keep_the_pytorch_path() -> None:
     model = tiny_llama().to(torch.bfloat16)
-    kernels = ModelRunner(model, 16, torch.bfloat16, EngineLimits(), 64).kernels
+    kernels = ModelRunner(model, 16, torch.bfloat16, EngineSettings(), 64).kernels
     assert (kernels.decode, kernels.cpu_matmul) == ("sdpa", False)

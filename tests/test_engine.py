@@ -416,7 +416,7 @@ def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog, asked
 ) -> None:
     import hearth.engine.runner as runner_module
-    from hearth.engine.config import EngineLimits
+    from hearth.engine.config import EngineSettings
     from hearth.engine.kernels.cuda_graphs import GraphCaptureError
 
     def no_capture(*_, **__):
@@ -429,7 +429,7 @@ def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    limits = EngineLimits(cuda_graphs=asked, autotune="off")
+    limits = EngineSettings(cuda_graphs=asked, autotune="off")
     if asked:
         with pytest.raises(GraphCaptureError, match="capturing"):
             runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
@@ -464,7 +464,7 @@ def test_auto_kernels_that_cannot_launch_give_way(
     memory, say): the runner starts on the PyTorch paths and says why."""
     pytest.importorskip("triton")
     import hearth.engine.runner as runner_module
-    from hearth.engine.config import EngineLimits
+    from hearth.engine.config import EngineSettings
     from transformers import AutoModelForCausalLM
 
     def out_of_resources(*_, **__):
@@ -476,7 +476,7 @@ def test_auto_kernels_that_cannot_launch_give_way(
         runner_module, "choose_kernels", lambda *_: runner_module.Kernels("triton", True, True)
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    limits = EngineLimits(autotune="off")
+    limits = EngineSettings(autotune="off")
     runner = runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
     assert runner.kernels == runner_module.Kernels("sdpa", False, False)
     assert runner.graphs is None and runner.decode_kernel == "sdpa"

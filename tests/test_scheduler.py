@@ -19,7 +19,7 @@ def make(prompt: list[int], max_tokens: int = 8, rid: str = "r") -> Sequence:
 def run_step(sched: Scheduler) -> list[Sequence]:
     """One step with a fake model: every sequence that reaches its end gets token 7."""
     plan = sched.schedule()
-    sampled = [item.seq for item in plan.scheduled if item.samples]
+    sampled = [item.seq for item in plan.scheduled if item.reaches_end]
     sched.after_step(plan)
     finished = []
     for seq in sampled:
@@ -58,7 +58,7 @@ def test_token_budget_chunks_long_prompts_and_decodes_keep_running() -> None:
         assert sum(sizes.values()) <= 10
         sched.after_step(plan)
         for item in plan.scheduled:
-            if item.samples:
+            if item.reaches_end:
                 item.seq.output_ids.append(7)
     assert long.num_computed_tokens == 30 and long.output_ids == [7]
 

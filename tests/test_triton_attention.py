@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hearth.engine.config import EngineLimits
+from hearth.engine.config import EngineSettings
 from hearth.engine.runner import Kernels, choose_kernels
 
 from tests.conftest import ROOT
@@ -171,7 +171,7 @@ CPU, GPU, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cud
     ],
 )
 def test_kernel_defaults(limits, devices, head_dim, tp, want) -> None:
-    assert choose_kernels(EngineLimits(**limits), devices, head_dim, tp) == Kernels(*want)
+    assert choose_kernels(EngineSettings(**limits), devices, head_dim, tp) == Kernels(*want)
 
 
 @pytest.mark.parametrize(
@@ -188,16 +188,16 @@ def test_kernel_defaults(limits, devices, head_dim, tp, want) -> None:
 )
 def test_kernel_choice_rejects_what_cannot_run(limits, devices, head_dim, tp, message) -> None:
     with pytest.raises(ValueError, match=message):
-        choose_kernels(EngineLimits(**limits), devices, head_dim, tp)
+        choose_kernels(EngineSettings(**limits), devices, head_dim, tp)
 
 
 def test_triton_interpreter_runs_explicit_kernels_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """How the interpreter tests above run the CUDA paths on CPU."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    limits = EngineLimits(decode_kernel="triton", cuda_graphs=True, fused_kernels=True)
+    limits = EngineSettings(decode_kernel="triton", cuda_graphs=True, fused_kernels=True)
     assert choose_kernels(limits, {CPU}, 64) == Kernels("triton", True, True)
 
 
 def test_graphs_with_sdpa_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="cuda_graphs needs decode_kernel"):
-        EngineLimits(decode_kernel="sdpa", cuda_graphs=True)
+        EngineSettings(decode_kernel="sdpa", cuda_graphs=True)

@@ -196,13 +196,13 @@ def cpu_threads() -> tuple[int, list[int]]:
     return cores, sorted({max(1, cores // 2)} - {cores})
 
 
-def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -> Kernels:
+def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int) -> Kernels:
     """The measured (or cached) choice among `cands` for the runner's model; see the module
     docstring. `runner` is engine.runner.ModelRunner (apply, timing_step, forward, sync,
     fill_kv). Raises ValueError when no candidate runs correctly."""
     loads = workloads(
-        limits.max_num_seqs,
-        limits.max_num_batched_tokens,
+        settings.max_num_seqs,
+        settings.max_num_batched_tokens,
         max_model_len,
         runner.num_blocks,
         runner.block_size,
@@ -211,10 +211,10 @@ def select(runner: Any, limits: Any, cands: list[Kernels], max_model_len: int) -
     threads, more_threads = cpu_threads() if on_cpu else (0, [])
     if len(cands) == 1 and not more_threads:  # nothing to choose (explicit settings, device_map)
         return cands[0]._replace(threads=threads)
-    key = decision_key(runner.model, runner.device, runner.dtype, limits, loads)
+    key = decision_key(runner.model, runner.device, runner.dtype, settings, loads)
     key["threads"], key["candidates"] = threads, [c.describe() for c in cands]
     rounds = 2 if on_cpu else 1  # CPUs are shared and noisy: a second pass, the best of both
-    cached = load_decision(key) if limits.autotune != "remeasure" else None
+    cached = load_decision(key) if settings.autotune != "remeasure" else None
     if cached is not None:
         kernels, times = cached
         ms = ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in times.items())

@@ -87,7 +87,7 @@ def decision_key(
     model: torch.nn.Module,
     device: torch.device,
     dtype: torch.dtype,
-    limits: Any,
+    settings: Any,
     loads: list[Workload],
 ) -> dict[str, Any]:
     """Everything a decision depends on: hardware (CPU model and ISA flags, or GPU name and
@@ -114,7 +114,7 @@ def decision_key(
         ),
         "triton": _triton_version() if device.type == "cuda" else None,
         "dtype": str(dtype),
-        "limits": {key: getattr(limits, key) for key in explicit},
+        "settings": {key: getattr(settings, key) for key in explicit},
         "workloads": [asdict(load) for load in loads],
     }
 

@@ -1,6 +1,6 @@
 """Which kernels a model runs with: the choices, what can run where, and a launch probe.
 
-Four knobs (EngineLimits): decode attention (`triton` and `cpu` read the paged cache in place,
+Four knobs (EngineSettings): decode attention (`triton` and `cpu` read the paged cache in place,
 `sdpa` gathers blocks), CUDA graphs, fused Triton norm/MLP kernels, and the C++ CPU matmul over
 packed weights, plus, on CPU, the torch thread count. `candidates` lists every combination
 `auto` may pick on the model's devices (explicit settings fixed); kernels/autotune.py times them
@@ -17,7 +17,7 @@ import os
 from typing import NamedTuple
 
 import torch
-from hearth.engine.config import EngineLimits
+from hearth.engine.config import EngineSettings
 
 log = logging.getLogger("hearth.engine")
 
@@ -63,38 +63,40 @@ def _has_triton() -> bool:
 
 
 def choose_kernels(
-    limits: EngineLimits, devices: set[torch.device], head_dim: int, tp_size: int = 1
+    settings: EngineSettings, devices: set[torch.device], head_dim: int, tp_size: int = 1
 ) -> Kernels:
-    """The choice without measuring: what limits ask for, with `auto`/unset choosing the Triton
+    """The choice without measuring: what settings ask for, with `auto`/unset choosing the Triton
     kernels and CUDA graphs on one CUDA device (per rank under tensor parallelism) and
     PyTorch's own paths elsewhere (SDPA, and MKL on CPU): device_map over several GPUs, no
     Triton, the CPU. Raises ValueError for an explicit choice that cannot run."""
     cuda, one_gpu, on_cpu = _placement(devices)
     runnable = _triton_runnable(cuda)
-    kernel = limits.decode_kernel
+    kernel = settings.decode_kernel
     if kernel == "auto":
         usable = one_gpu and _has_triton()
-        kernel = "triton" if usable and _triton_shape_problem(limits, head_dim) is None else "sdpa"
+        kernel = (
+            "triton" if usable and _triton_shape_problem(settings, head_dim) is None else "sdpa"
+        )
     elif kernel == "cpu" and not on_cpu:
         raise ValueError("decode_kernel cpu needs the model on the CPU")
     elif kernel == "triton":
         if not runnable:
             raise ValueError("decode_kernel triton needs CUDA")
-        if problem := _triton_shape_problem(limits, head_dim):
+        if problem := _triton_shape_problem(settings, head_dim):
             raise ValueError(problem)
-    graphs = limits.cuda_graphs
+    graphs = settings.cuda_graphs
     if graphs is None:  # not under tensor parallelism: captures there are unverified
         graphs = kernel == "triton" and one_gpu and tp_size == 1
     if graphs and kernel != "triton":
         raise ValueError(
             "cuda_graphs needs the triton decode kernel, which cannot run here (CUDA and Triton)"
         )
-    fused = limits.fused_kernels
+    fused = settings.fused_kernels
     if fused is None:  # the fused MLP needs gate and up fused, which TP leaves split
         fused = kernel == "triton" and one_gpu and tp_size == 1
     elif fused and (not runnable or tp_size > 1):
         raise ValueError("fused_kernels needs CUDA and tensor_parallel_size 1")
-    cpu_matmul = limits.cpu_matmul
+    cpu_matmul = settings.cpu_matmul
     if cpu_matmul is None:
         cpu_matmul = False
     elif cpu_matmul and (not on_cpu or tp_size > 1):
@@ -103,7 +105,7 @@ def choose_kernels(
 
 
 def candidates(
-    limits: EngineLimits,
+    settings: EngineSettings,
     devices: set[torch.device],
     head_dim: int,
     dtype: torch.dtype,
@@ -114,19 +116,19 @@ def candidates(
     `cpu_variants`: the C++ kernels' builds this CPU runs (kernels/cpu_kernels.py). Threads are
     left at 0 (autotune tries thread counts on the winner). Raises ValueError as
     choose_kernels does for explicit choices that cannot run."""
-    static = choose_kernels(limits, devices, head_dim)  # validates the explicit choices
+    static = choose_kernels(settings, devices, head_dim)  # validates the explicit choices
     _, one_gpu, on_cpu = _placement(devices)
-    triton_ok = one_gpu and _has_triton() and _triton_shape_problem(limits, head_dim) is None
+    triton_ok = one_gpu and _has_triton() and _triton_shape_problem(settings, head_dim) is None
     cpu_ok = on_cpu and dtype == torch.float32 and bool(cpu_variants)
-    if limits.decode_kernel != "auto":
-        decodes = [limits.decode_kernel]
+    if settings.decode_kernel != "auto":
+        decodes = [settings.decode_kernel]
     else:
         decodes = ["sdpa"] + (["triton"] if triton_ok else []) + (["cpu"] if cpu_ok else [])
-    fused_opts = _options(limits.fused_kernels, one_gpu and _has_triton())
-    matmul_opts = _options(limits.cpu_matmul, cpu_ok)
+    fused_opts = _options(settings.fused_kernels, one_gpu and _has_triton())
+    matmul_opts = _options(settings.cpu_matmul, cpu_ok)
     out: list[Kernels] = []
     for decode, fused, matmul in itertools.product(decodes, fused_opts, matmul_opts):
-        graph_opts = _options(limits.cuda_graphs, decode == "triton" and one_gpu)
+        graph_opts = _options(settings.cuda_graphs, decode == "triton" and one_gpu)
         uses_cpu = decode == "cpu" or matmul
         variants: list[str | None] = list(cpu_variants) if uses_cpu else [None]
         for graphs, variant in itertools.product(graph_opts, variants):
@@ -154,7 +156,11 @@ class Shapes:
 
 
 def probe(
-    kernels: Kernels, limits: EngineLimits, device: torch.device, dtype: torch.dtype, shape: Shapes
+    kernels: Kernels,
+    settings: EngineSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: Shapes,
 ) -> Kernels:
     """Launch each kernel that `auto` chose once, on tiny inputs of the model's shapes: one that
     cannot run here (too little shared memory, an old GPU, no C++ compiler, a dtype other than
@@ -167,27 +173,27 @@ def probe(
         problem = problem or cpu_kernels.problem()
         if problem is not None:
             for name, value in (("decode_kernel", "cpu"), ("cpu_matmul", True)):
-                if getattr(limits, name) == value:
+                if getattr(settings, name) == value:
                     raise ValueError(f"{name}: the CPU kernels cannot run: {problem}")
             level = logging.INFO if dtype != torch.float32 else logging.WARNING
             log.log(level, "the CPU kernels are not used: %s", problem)
             kernels = kernels._replace(decode="sdpa", cpu_matmul=False, cpu_variant=None)
-    if kernels.decode == "triton" and limits.decode_kernel == "auto":
+    if kernels.decode == "triton" and settings.decode_kernel == "auto":
         try:
             from hearth.engine.kernels.triton_attention import paged_decode
 
             q = torch.randn(1, shape.heads, shape.head_dim, device=device).to(dtype)  # [1, H, D]
-            kv = torch.randn(1, limits.block_size, shape.kv_heads, shape.head_dim, device=device)
+            kv = torch.randn(1, settings.block_size, shape.kv_heads, shape.head_dim, device=device)
             kv = kv.to(dtype)  # [1, bs, Hkv, D]
             ones = torch.ones(1, 1, dtype=torch.int32, device=device)
             paged_decode(q, kv, kv, ones - 1, ones[0], 1.0)
             _sync(device)
         except Exception as exc:
-            if limits.cuda_graphs:
+            if settings.cuda_graphs:
                 raise
             log.warning("the Triton decode kernel cannot run here, using SDPA: %s", exc)
             kernels = kernels._replace(decode="sdpa", graphs=False)
-    if kernels.fused and limits.fused_kernels is None:
+    if kernels.fused and settings.fused_kernels is None:
         try:
             from hearth.engine.kernels.fused_ops import rms_norm, silu_mul
 
@@ -206,7 +212,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # a failed launch surfaces here at the latest
 
 
-def _triton_shape_problem(limits: EngineLimits, head_dim: int) -> str | None:
+def _triton_shape_problem(settings: EngineSettings, head_dim: int) -> str | None:
     from hearth.engine.kernels.triton_attention import shape_problem
 
-    return shape_problem(limits.block_size, head_dim)
+    return shape_problem(settings.block_size, head_dim)
