@@ -101,6 +101,7 @@ class ModelRunner:
         return kernels
 
     def sync(self) -> None:
+        """Wait for the model's device (CUDA) to finish queued work; CPU: nothing to wait for."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -135,9 +136,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _run_model(self, kwargs: dict) -> torch.Tensor:
+        """The model's logits [n, V] of the rows in kwargs' logits_to_keep."""
         return self.model(**kwargs).logits[0]  # [n, V]
 
     def _slots(self, table: list[int], start: int, stop: int) -> list[int]:
+        """Cache slots (block id * block_size + offset) of positions [start, stop) of a block
+        table."""
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, stop)]
 
@@ -154,10 +158,14 @@ class ModelRunner:
             self.forward(inputs)
 
     def close(self) -> None:
+        """Rank 0 under tensor parallelism: stop the other ranks' `follow()`."""
         if self.tp_size > 1:
             distributed.broadcast(None)
 
     def prepare(self, scheduled: list[Scheduled]) -> StepInputs:
+        """Pack the scheduled chunks into one row of tokens: single-token chunks decode against
+        their block tables, longer ones are prefill chunks; each item that reaches the end of
+        what it has to compute samples from its last row."""
         step = StepInputs()
         for item in scheduled:
             seq, start, num = item.seq, item.start, item.num_tokens
@@ -179,6 +187,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
+        """Logits [len(step.sample_rows), V] of one packed step: a captured CUDA graph for pure
+        decode steps of a captured batch size, else one eager forward over the paged cache."""
         pure_decode = not step.prefills and len(step.sample_rows) == len(step.input_ids)
         if self.graphs is not None and pure_decode:
             logits = self.graphs.run(
