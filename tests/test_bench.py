@@ -71,7 +71,7 @@ def test_gpu_check_runs_every_section_and_prints_one_table(tmp_path) -> None:
     summary = (out / "summary.txt").read_text()
     order = ["setup", "correctness", "8B bf16", "8B fp8", "70B bf16", "70B fp8"]
     starts = [line.split("  ")[0] for line in summary.splitlines()[1:] if line[:1] != " "]
-    has_fp8 = (ROOT / "engine" / "fp8.py").exists()
+    has_fp8 = (ROOT / "engine" / "quantization" / "fp8.py").exists()
     assert starts == order, summary
     assert re.search(r"correctness +gpu_smoke .* FAILED rc=3", summary)
     assert re.search(r"70B bf16 +bench +ok", summary) and re.search(r"serve +ok", summary)
