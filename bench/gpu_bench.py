@@ -29,10 +29,10 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
 from hearth.engine.config import ModelConfig
+from hearth.engine.kv_cache import KVCacheSpec
 from hearth.engine.loading.dummy import build_dummy_model, fp8_quantizer, model_bytes
 from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads
 from hearth.engine.loading.sources import resolve_source
-from hearth.engine.runner import kv_bytes_per_token
 
 from bench.engine_bench import (
     SHAPES,
@@ -219,7 +219,8 @@ def main() -> None:
     )
     vocab = loaded.model.config.vocab_size
     # Bytes a batch-1 decode step reads: every weight, and the KV of the average context.
-    kv = kv_bytes_per_token(loaded.model, loaded.dtype) * int(args.batch1_tokens * 1.5)
+    per_token = KVCacheSpec.from_model(loaded.model, loaded.dtype).bytes_per_token
+    kv = per_token * int(args.batch1_tokens * 1.5)
     bound = bandwidth / (weights + kv)
     report.add("copy bandwidth GB/s (read + write)", bandwidth / 1e9)
     prompts = make_prompts(big, vocab)

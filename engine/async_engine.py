@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hearth.engine import distributed
-from hearth.engine.core import EngineCore, FatalStepError, kv_budget_bytes
+from hearth.engine.core import EngineCore, FatalStepError
+from hearth.engine.kv_cache import KVCacheSpec, budget_problem, num_kv_blocks
 from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count
-from hearth.engine.runner import ModelRunner, kv_bytes_per_token
+from hearth.engine.runner import ModelRunner
 from hearth.engine.tokenizer import ChatTokenizer
 from hearth.engine.types import (
     EngineDeadError,
@@ -269,26 +269,9 @@ def _failed(request_id: str, n: int, prompt_len: int, message: str) -> list[Gene
     ]
 
 
-def kv_blocks(loaded: LoadedModel) -> int:
-    """KV blocks for the model's budget; under tensor parallelism, what fits on every rank."""
-    settings, tp_size = loaded.config.engine, loaded.config.tensor_parallel_size
-    per_block = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size) * settings.block_size
-    return distributed.agree_min(kv_budget_bytes(settings, loaded.device) // per_block)
-
-
-def _memory(loaded: LoadedModel) -> str:
-    """Why the KV budget is empty, with the figures to fix it."""
-    settings = loaded.config.engine
-    if settings.kv_cache_memory is not None or loaded.device.type != "cuda":
-        return f"kv_cache_memory {settings.kv_cache_memory}: raise it"
-    free, total = torch.cuda.mem_get_info(loaded.device)
-    used, allowed = total - free, total * settings.gpu_memory_utilization
-    return (
-        f"{used / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB are in use, "
-        f"gpu_memory_utilization {settings.gpu_memory_utilization} allows {allowed / 2**30:.1f} "
-        f"GiB for weights and KV: raise it to {min(1.0, (used + 2**30) / total + 0.01):.2f} "
-        "or more, or set kv_cache_memory"
-    )
+def _kv_spec(loaded: LoadedModel) -> KVCacheSpec:
+    """The KV cache's shape on this rank (ValueError: KV heads that do not split over ranks)."""
+    return KVCacheSpec.from_model(loaded.model, loaded.dtype, loaded.config.tensor_parallel_size)
 
 
 def follow(loaded: LoadedModel) -> None:
@@ -296,7 +279,7 @@ def follow(loaded: LoadedModel) -> None:
     shuts down (every rank sizes the same cache, so block ids mean the same everywhere)."""
     runner = ModelRunner(
         loaded.model,
-        kv_blocks(loaded),
+        num_kv_blocks(_kv_spec(loaded), loaded.config.engine, loaded.device),
         loaded.dtype,
         loaded.config.engine,
         loaded.max_model_len,
@@ -308,9 +291,11 @@ def follow(loaded: LoadedModel) -> None:
 def build_engine(loaded: LoadedModel) -> AsyncEngine:
     """Size the KV cache, wrap the tokenizer, and start the engine thread."""
     settings = loaded.config.engine
-    num_blocks = kv_blocks(loaded)
+    spec = _kv_spec(loaded)
+    num_blocks = num_kv_blocks(spec, settings, loaded.device)
     if num_blocks < 2:
-        raise MemoryError(f"{loaded.config.id}: no memory for the KV cache ({_memory(loaded)})")
+        problem = budget_problem(settings, loaded.device)
+        raise MemoryError(f"{loaded.config.id}: no memory for the KV cache ({problem})")
     tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
     tp_size = loaded.config.tensor_parallel_size
     on_cpu = loaded.device.type == "cpu"
@@ -332,12 +317,11 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
     except ValueError as exc:  # an engine setting this model or machine cannot run: one line
         raise LoadError(f"{loaded.config.id}: {exc}") from None
     try:  # the engine thread runs already: it must not outlive a failed start
-        per_token = kv_bytes_per_token(loaded.model, loaded.dtype, tp_size)
         log.info(
             "%s: KV cache %d tokens (%.2f GiB), %s",
             loaded.config.id,
             core.kv_capacity_tokens,
-            core.kv_capacity_tokens * per_token / 2**30,
+            core.kv_capacity_tokens * spec.bytes_per_token / 2**30,
             core.runner.kernels.describe(),
         )
         defaults = loaded.config.defaults.model_dump(exclude_none=True)

@@ -48,17 +48,6 @@ class _SeqState:
     closing: ClosingState | None = None  # how that grammar completes within the budget
 
 
-def kv_budget_bytes(settings: EngineSettings, device: torch.device) -> int:
-    """CPU: the configured bytes (1 GiB default). CUDA: a fraction of memory, less what is used."""
-    if settings.kv_cache_memory is not None:
-        return int(settings.kv_cache_memory)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        return max(0, int(total * settings.gpu_memory_utilization) - used)
-    return 1 << 30
-
-
 class EngineCore:
     """Owns the scheduler, the KV blocks and the model runner; stepped by one thread."""
 

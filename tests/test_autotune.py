@@ -200,11 +200,12 @@ def test_after_measuring_the_cache_is_zeroed_and_outputs_match_the_reference(
     monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
     limits = EngineSettings(max_num_seqs=4, max_num_batched_tokens=32)
     runner = ModelRunner(tiny_llama(), 24, torch.float32, limits, 64)
-    assert all(not k.any() for k in runner.k_cache) and all(not v.any() for v in runner.v_cache)
+    kv = runner.kv_cache
+    assert all(not k.any() for k in kv.k_cache) and all(not v.any() for v in kv.v_cache)
     reference = ModelRunner(tiny_llama(), 24, torch.float32, EngineSettings(autotune="off"), 64)
     load = Workload("decode x4", 4, 20)
     for r in (runner, reference):
-        r.fill_kv(1, 8)
+        r.kv_cache.fill(1, 8)
     got = runner.forward(runner.timing_step(load))
     want = reference.forward(reference.timing_step(load))
     assert autotune.close_enough(got, want, torch.float32) is None

@@ -417,14 +417,15 @@ def test_failed_graph_capture_falls_back_to_eager_unless_asked_for(
 ) -> None:
     import hearth.engine.runner as runner_module
     from hearth.engine.config import EngineSettings
+    from hearth.engine.kernels import patching, selection
     from hearth.engine.kernels.cuda_graphs import GraphCaptureError
 
     def no_capture(*_, **__):
         raise GraphCaptureError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(runner_module, "DecodeGraphs", no_capture)
+    monkeypatch.setattr(patching, "DecodeGraphs", no_capture)
     monkeypatch.setattr(  # as on a GPU: graphs chosen (the probe of auto kernels: below)
-        runner_module, "choose_kernels", lambda *_: runner_module.Kernels("sdpa", True, False)
+        selection, "choose_kernels", lambda *_: selection.Kernels("sdpa", True, False)
     )
     from transformers import AutoModelForCausalLM
 
@@ -465,20 +466,21 @@ def test_auto_kernels_that_cannot_launch_give_way(
     pytest.importorskip("triton")
     import hearth.engine.runner as runner_module
     from hearth.engine.config import EngineSettings
+    from hearth.engine.kernels import fused_ops, selection, triton_attention
     from transformers import AutoModelForCausalLM
 
     def out_of_resources(*_, **__):
         raise RuntimeError("out of resource: shared memory, Required: 155648, limit: 101376")
 
-    monkeypatch.setattr(engine.triton_attention, "paged_decode", out_of_resources)
-    monkeypatch.setattr(engine.fused_ops, "rms_norm", out_of_resources)
+    monkeypatch.setattr(triton_attention, "paged_decode", out_of_resources)
+    monkeypatch.setattr(fused_ops, "rms_norm", out_of_resources)
     monkeypatch.setattr(
-        runner_module, "choose_kernels", lambda *_: runner_module.Kernels("triton", True, True)
+        selection, "choose_kernels", lambda *_: selection.Kernels("triton", True, True)
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     limits = EngineSettings(autotune="off")
     runner = runner_module.ModelRunner(model, 8, torch.float32, limits, 64)
-    assert runner.kernels == runner_module.Kernels("sdpa", False, False)
+    assert runner.kernels == selection.Kernels("sdpa", False, False)
     assert runner.graphs is None and runner.decode_kernel == "sdpa"
     assert "Triton decode kernel cannot run here" in caplog.text
     assert "fused Triton kernels cannot run here" in caplog.text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hearth.engine.config import EngineSettings
-from hearth.engine.runner import Kernels, choose_kernels
+from hearth.engine.kernels.selection import Kernels, choose_kernels
 
 from tests.conftest import ROOT
 

@@ -198,14 +198,14 @@ def cpu_threads() -> tuple[int, list[int]]:
 
 def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int) -> Kernels:
     """The measured (or cached) choice among `cands` for the runner's model; see the module
-    docstring. `runner` is engine.runner.ModelRunner (apply, timing_step, forward, sync,
-    fill_kv). Raises ValueError when no candidate runs correctly."""
+    docstring. `runner` is engine.runner.ModelRunner (apply, timing_step, forward, sync, and
+    kv_cache: engine.kv_cache.KVCache). Raises ValueError when no candidate runs correctly."""
     loads = workloads(
         settings.max_num_seqs,
         settings.max_num_batched_tokens,
         max_model_len,
-        runner.num_blocks,
-        runner.block_size,
+        runner.kv_cache.num_blocks,
+        runner.kv_cache.block_size,
     )
     on_cpu = runner.device.type == "cpu"
     threads, more_threads = cpu_threads() if on_cpu else (0, [])
@@ -222,7 +222,8 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
         return kernels
     started = time.perf_counter()
     steps = {load.name: runner.timing_step(load) for load in loads}
-    runner.fill_kv(0, max(load.batch * -(-load.context // runner.block_size) for load in loads))
+    bs = runner.kv_cache.block_size
+    runner.kv_cache.fill(0, max(load.batch * -(-load.context // bs) for load in loads))
     graph_sizes = sorted({load.batch for load in loads if not load.prefill})
 
     def run(load: Workload) -> torch.Tensor:
@@ -275,7 +276,7 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
     if more_threads:
         winner = against([winner.kernels._replace(threads=t) for t in more_threads])
         torch.set_num_threads(threads)  # measuring left another count; apply() sets the winner's
-    runner.fill_kv(seed=None)  # back to zeros
+    runner.kv_cache.fill(seed=None)  # back to zeros
     store_decision(key, winner, results)
     log.info(
         "autotune: %s (measured in %.1f s on %s: %s)",

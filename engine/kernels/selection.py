@@ -5,7 +5,9 @@ Four knobs (EngineSettings): decode attention (`triton` and `cpu` read the paged
 packed weights, plus, on CPU, the torch thread count. `candidates` lists every combination
 `auto` may pick on the model's devices (explicit settings fixed); kernels/autotune.py times them
 on the model's own shapes and picks the fastest correct one. `choose_kernels` is the choice
-made without measuring (autotune off, tensor parallelism).
+made without measuring (autotune off, tensor parallelism). The runner starts from
+`startup_kernels` (that choice, launch-probed) and, when autotune runs, times
+`tuning_candidates`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 from hearth.engine.config import EngineSettings
+from hearth.engine.kv_cache import KVCacheSpec
+from transformers import PreTrainedModel
 
 log = logging.getLogger("hearth.engine")
 
@@ -141,6 +145,32 @@ def candidates(
     return sorted(out, key=lambda k: (k.fused, k.cpu_matmul, k.cpu_variant or ""))
 
 
+def usable_cpu_variants(dtype: torch.dtype, on_cpu: bool) -> list[str | None]:
+    """The C++ kernels' builds this CPU can run (none for other dtypes or devices); logs a
+    warning when a float32 CPU model can run none of them."""
+    if not on_cpu or dtype != torch.float32:
+        return []
+    from hearth.engine.kernels import cpu_kernels
+
+    usable = [v for v in cpu_kernels.variants() if cpu_kernels.problem(v) is None]
+    if not usable:
+        log.warning("the CPU kernels are not used: %s", cpu_kernels.problem())
+    # generic (no AVX2) is the fallback for CPUs without AVX2: not worth timing beside them
+    return [v for v in usable if v != "generic"] or usable
+
+
+def tuning_candidates(
+    settings: EngineSettings, devices: list[torch.device], spec: KVCacheSpec, gguf: bool
+) -> list[Kernels]:
+    """`candidates` for a model whose attention layers sit on `devices` (one per layer), with
+    the C++ builds this CPU runs; `gguf`: each routes a GGUF source's layers to its blocks.
+    Raises ValueError as choose_kernels does."""
+    on_cpu = all(d.type == "cpu" for d in devices)
+    variants = usable_cpu_variants(spec.dtype, on_cpu)
+    cands = candidates(settings, set(devices), spec.head_dim, spec.dtype, variants)
+    return [c._replace(gguf=gguf) for c in cands]
+
+
 def _options(setting: bool | None, possible: bool) -> list[bool]:
     """The values an on/off knob may take: the explicit one, else off and (if possible) on."""
     if setting is not None:
@@ -153,6 +183,26 @@ class Shapes:
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, hidden: int) -> None:
         self.heads, self.kv_heads, self.head_dim, self.hidden = heads, kv_heads, head_dim, hidden
+
+
+def startup_kernels(
+    model: PreTrainedModel,
+    settings: EngineSettings,
+    devices: list[torch.device],
+    spec: KVCacheSpec,
+    tp_size: int = 1,
+) -> Kernels:
+    """The choice before any measuring: `choose_kernels` for the layers' `devices`, then
+    `probe` on the model's shapes on this rank, plus GGUF block routing at small batches for a
+    GGUF source (engine/quantization/gguf_weights.py; not under tensor parallelism). Raises
+    ValueError for explicit settings that cannot run here."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads // tp_size
+    shapes = Shapes(heads, spec.num_kv_heads, spec.head_dim, cfg.hidden_size)
+    kernels = choose_kernels(settings, set(devices), spec.head_dim, tp_size)
+    kernels = probe(kernels, settings, next(model.parameters()).device, spec.dtype, shapes)
+    gguf = getattr(model, "hearth_quantization", None) == "gguf" and tp_size == 1
+    return kernels._replace(gguf=gguf)
 
 
 def probe(
