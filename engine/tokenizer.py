@@ -6,10 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from hearth.engine.token_bytes import TokenBytes, TokenPiece
+from hearth.engine.types import InvalidRequestError
 
 
-class TemplateError(ValueError):
+class TemplateError(InvalidRequestError):
     """The chat template could not render these messages (a client error)."""
+
+    def __init__(self, message: str, param: str | None = "messages") -> None:
+        super().__init__(message, param)
 
 
 class ChatTokenizer:
