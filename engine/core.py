@@ -88,7 +88,6 @@ class EngineCore:
         self.grammars = GrammarCompiler(tokenizer.hf, self.vocab_size, self._stop_ids)
         self.sampler = Sampler(self._stop_ids, self.grammars)
         self.num_prefilled_tokens = 0
-        self.num_generated_tokens = 0
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -193,10 +192,8 @@ class EngineCore:
             num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_total=self.blocks.num_blocks,
-            kv_block_size=self.blocks.block_size,
             prefix_cache_hits=self.blocks.num_cache_hits,
             num_prefilled_tokens=self.num_prefilled_tokens,
-            num_generated_tokens=self.num_generated_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
 
@@ -315,7 +312,6 @@ class EngineCore:
                 self.scheduler.add(sibling, front=True)
             state.siblings = []
         seq.output_ids.append(token_id)
-        self.num_generated_tokens += 1
         reason: FinishReason | None = None
         is_eos = token_id in self._stop_ids and not params.ignore_eos
         if is_eos or token_id in params.stop_token_ids:

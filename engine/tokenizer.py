@@ -49,10 +49,6 @@ class ChatTokenizer:
             return "llama3_json"
         return "hermes"
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.hf)
-
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text, add_special_tokens=True)["input_ids"])
 
@@ -77,9 +73,6 @@ class ChatTokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-
-    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
-        return self.hf.convert_ids_to_tokens(list(token_ids))
 
     def token_pieces(self, token_ids: Sequence[int]) -> list[TokenPiece]:
         """Each token's raw bytes and whether it is special (see engine.token_bytes)."""

@@ -147,10 +147,8 @@ class EngineStats:
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    kv_block_size: int
     prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache
     num_prefilled_tokens: int = 0  # prompt tokens computed (cache hits excluded)
-    num_generated_tokens: int = 0
     num_preemptions: int = 0
 
 

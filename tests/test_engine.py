@@ -465,13 +465,14 @@ def test_auto_kernels_that_cannot_launch_give_way(
     pytest.importorskip("triton")
     import hearth.engine.runner as runner_module
     from hearth.engine.config import EngineSettings
+    from hearth.engine.kernels import fused_ops, triton_attention
     from transformers import AutoModelForCausalLM
 
     def out_of_resources(*_, **__):
         raise RuntimeError("out of resource: shared memory, Required: 155648, limit: 101376")
 
-    monkeypatch.setattr(engine.triton_attention, "paged_decode", out_of_resources)
-    monkeypatch.setattr(engine.fused_ops, "rms_norm", out_of_resources)
+    monkeypatch.setattr(triton_attention, "paged_decode", out_of_resources)
+    monkeypatch.setattr(fused_ops, "rms_norm", out_of_resources)
     monkeypatch.setattr(
         runner_module, "choose_kernels", lambda *_: runner_module.Kernels("triton", True, True)
     )
