@@ -102,6 +102,8 @@ class GrammarCompiler:
                 return self._cache[grammar]
         try:
             text = to_llguidance(grammar)
+        except GrammarError:
+            raise
         except ValueError as exc:  # malformed JSON and the like
             raise GrammarError(grammar.param, str(exc)) from None
         error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)

@@ -116,6 +116,9 @@ def test_client_errors_are_invalid_request_errors_naming_the_field(engine: Async
         engine.core.grammars.compile(bad)
     assert isinstance(grammar_error.value, InvalidRequestError)
     assert grammar_error.value.param == "response_format.json_schema"
+    with pytest.raises(GrammarError) as grammar_error:  # said once, not wrapped twice
+        engine.core.grammars.compile(Grammar("json_schema", "[1]"))
+    assert str(grammar_error.value) == "Invalid response_format: a JSON schema must be an object"
     template_error = TemplateError("chat template error: no")
     assert isinstance(template_error, InvalidRequestError) and template_error.param == "messages"
 
