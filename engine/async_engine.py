@@ -21,8 +21,10 @@ from hearth.engine.types import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    InvalidRequestError,
     ModelInfo,
     QueueFullError,
+    ended_output,
 )
 
 log = logging.getLogger("hearth.engine")
@@ -90,7 +92,7 @@ class AsyncEngine:
         """Stream the request's outputs; closing the iterator early aborts the request."""
         if self._dead:
             raise EngineDeadError(self._dead)
-        self.core.check_request(request)  # ValueError now, before anything is queued
+        self.core.check_request(request)  # InvalidRequestError now, before anything is queued
         if len(self._streams) >= self.core.settings.max_num_seqs + self.core.settings.max_waiting:
             raise QueueFullError(f"{len(self._streams)} requests are in flight; the queue is full")
         if request.sampling.grammar is not None:  # compile (cached) off the loop and the engine
@@ -221,7 +223,7 @@ class AsyncEngine:
                 try:
                     self.core.add_request(payload)
                 except Exception as exc:  # a bad request fails alone; the thread goes on
-                    if not isinstance(exc, ValueError):
+                    if not isinstance(exc, InvalidRequestError):
                         log.exception("adding request %s failed", payload.request_id)
                     n, prompt_len = payload.sampling.n, len(payload.prompt_token_ids)
                     outputs += _failed(payload.request_id, n, prompt_len, str(exc))
@@ -263,10 +265,7 @@ class AsyncEngine:
 
 def _failed(request_id: str, n: int, prompt_len: int, message: str) -> list[GenerationOutput]:
     """One final error output per sample, so that every stream of the request ends."""
-    return [
-        GenerationOutput(request_id, i, [], "", prompt_len, 0, "error", error=message)
-        for i in range(n)
-    ]
+    return [ended_output(request_id, i, "error", message, prompt_len) for i in range(n)]
 
 
 def _kv_spec(loaded: LoadedModel) -> KVCacheSpec:

@@ -14,7 +14,7 @@ from hearth.engine.config import EngineSettings
 from hearth.engine.detokenizer import IncrementalDetokenizer
 from hearth.engine.grammar import GrammarCompiler
 from hearth.engine.runner import ModelRunner
-from hearth.engine.sampler import apply_penalties, logprobs_of, sample
+from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from hearth.engine.scheduler import Scheduler, SchedulerOutput
 from hearth.engine.sequence import Sequence, Status
 from hearth.engine.tokenizer import ChatTokenizer
@@ -23,7 +23,9 @@ from hearth.engine.types import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
+    InvalidRequestError,
     TokenLogprob,
+    ended_output,
 )
 from transformers import PreTrainedModel
 
@@ -73,8 +75,8 @@ class EngineCore:
         self.vocab_size = model.config.get_text_config().vocab_size
         self._stop_ids = tokenizer.eos_token_ids
         self.grammars = GrammarCompiler(tokenizer.hf, self.vocab_size, self._stop_ids)
+        self.sampler = Sampler(self._stop_ids, self.grammars)
         self.num_prefilled_tokens = 0
-        self.num_generated_tokens = 0
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -82,27 +84,33 @@ class EngineCore:
 
     # -- requests -------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
-        """Raise ValueError for a request this engine can never serve."""
+        """Raise InvalidRequestError for a request this engine can never serve."""
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty")
         total = prompt_len + request.sampling.max_tokens
         if total > self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {prompt_len} tokens and max_tokens is "
                 f"{request.sampling.max_tokens} ({total} in all)"
             )
         if total > self.kv_capacity_tokens:
             capacity = self.kv_capacity_tokens
-            raise ValueError(f"request needs {total} KV slots; the cache holds {capacity}")
+            raise InvalidRequestError(f"request needs {total} KV slots; the cache holds {capacity}")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.vocab_size})", "prompt"
+            )
         if any(not 0 <= t < self.vocab_size for t in request.sampling.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+            raise InvalidRequestError(
+                f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids"
+            )
         seed = request.sampling.seed
         if seed is not None and not SEED_MIN <= seed <= SEED_MAX - request.sampling.n:
-            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX - request.sampling.n}]")
+            raise InvalidRequestError(
+                f"seed must be in [{SEED_MIN}, {SEED_MAX - request.sampling.n}]", "seed"
+            )
 
     def add_request(self, request: GenerationRequest) -> None:
         self.check_request(request)
@@ -157,9 +165,10 @@ class EngineCore:
             self.scheduler.finish(seq)
             for one in [seq, *seq.state.siblings]:  # siblings not yet admitted end with it
                 one.status, one.finish_reason = Status.FINISHED, reason
-                output = self._output(one, [], "", None, error)
-                output.retryable = retryable
-                outputs.append(output)
+                sizes = len(one.prompt_ids), len(one.output_ids)
+                outputs.append(
+                    ended_output(one.request_id, one.index, reason, error, *sizes, retryable)
+                )
             seq.state.siblings = []
         return outputs
 
@@ -172,39 +181,37 @@ class EngineCore:
             num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_total=self.blocks.num_blocks,
-            kv_block_size=self.blocks.block_size,
             prefix_cache_hits=self.blocks.num_cache_hits,
             num_prefilled_tokens=self.num_prefilled_tokens,
-            num_generated_tokens=self.num_generated_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
 
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
-        """Run one step. A failure fails only the requests it can be pinned on (see _execute)."""
+        """One step: schedule -> execute -> sample -> append. A failure fails only the requests
+        it can be pinned on: a forward's (see _execute), the batch's sampling, one append."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
-                head = self.scheduler.waiting[0].request_id  # can never fit: fail it, not all
-                return self.fail_requests({head: "no KV blocks for this request"})
-            return []
+            return self._unschedulable()
         logits, failed = self._execute(plan)
-        outputs = self.fail_requests(failed) if failed else []
-        if failed:
-            plan.scheduled = [i for i in plan.scheduled if i.seq.request_id not in failed]
-        sampling = [item.seq for item in plan.scheduled if item.reaches_end]
-        for item in plan.scheduled:
-            prompt_left = item.seq.num_prompt_tokens - item.seq.num_computed_tokens
-            self.num_prefilled_tokens += max(0, min(item.num_tokens, prompt_left))
-        self.scheduler.after_step(plan)
+        outputs = self.fail_requests(failed)
+        sampling = self._computed(plan, failed)
         if not sampling:
             return outputs
         try:
-            return outputs + self._sample_and_emit(sampling, logits)
+            sampled = self._sample(sampling, logits)
         except Exception as exc:  # sampling the batch failed: fail the requests that sampled
             log.exception("sampling failed")
             message = _describe(exc)
             return outputs + self.fail_requests({s.request_id: message for s in sampling})
+        return outputs + self._append_all(sampling, sampled)
+
+    def _unschedulable(self) -> list[GenerationOutput]:
+        """Nothing fits this step: a waiting head that can never fit fails (not everything)."""
+        if self.scheduler.waiting and not self.scheduler.running:
+            head = self.scheduler.waiting[0].request_id
+            return self.fail_requests({head: "no KV blocks for this request"})
+        return []
 
     def _execute(self, plan: SchedulerOutput) -> tuple[torch.Tensor, dict[str, str]]:
         """The step's logits, and {request id: error} for requests whose forward fails.
@@ -236,61 +243,43 @@ class EngineCore:
     def _no_logits(self) -> torch.Tensor:
         return torch.empty(0, self.vocab_size, device=self.device)
 
-    def _sample_and_emit(
-        self, seqs: list[Sequence], logits: torch.Tensor
-    ) -> list[GenerationOutput]:
-        params = [s.params for s in seqs]
-        logits = apply_penalties(
-            logits, params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs]
-        )
-        blocked = [
-            (row, list(self._stop_ids | set(s.params.stop_token_ids)))
-            for row, s in enumerate(seqs)
-            if len(s.output_ids) < s.params.min_tokens
-        ]
-        if blocked:
-            logits = logits.float().clone()
-            for row, ids in blocked:
-                logits[row, ids] = float("-inf")
-        constrained = [(row, s.state.matcher) for row, s in enumerate(seqs) if s.state.matcher]
-        generators = [s.state.generator for s in seqs]
-        if constrained:  # sampling is steered to close in time; logprobs stay the masked ones
-            logits = self.grammars.mask(logits.float(), constrained)
-            budgets = [
-                (row, seqs[row].state.closing, self._budget_left(seqs[row]))
-                for row, _ in constrained
-            ]
-            tokens = self.grammars.closer.sample(logits, budgets, params, generators)
-        else:
-            tokens = sample(logits, params, generators)  # [n]
-        want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
-        top = None
-        if want_logprobs:  # one device-to-host copy for the tokens and their logprobs
-            k = max(want_logprobs)
-            chosen, values, ids = logprobs_of(logits, tokens, k)
-            packed = torch.cat(
-                [tokens[:, None].double(), chosen[:, None].double(), values.double(), ids.double()],
-                dim=1,
-            ).tolist()  # [n, 2 + 2k]
-            token_ids = [int(row[0]) for row in packed]
-            top = (
-                [row[1] for row in packed],
-                [row[2 : 2 + k] for row in packed],
-                [[int(i) for i in row[2 + k :]] for row in packed],
+    def _computed(self, plan: SchedulerOutput, failed: dict[str, str]) -> list[Sequence]:
+        """Record the forward of the sequences that did not fail (prefill counts, the
+        scheduler's progress); returns those that reached their end: they sample a token."""
+        if failed:
+            plan.scheduled = [i for i in plan.scheduled if i.seq.request_id not in failed]
+        sampling = [item.seq for item in plan.scheduled if item.reaches_end]
+        for item in plan.scheduled:
+            prompt_left = item.seq.num_prompt_tokens - item.seq.num_computed_tokens
+            self.num_prefilled_tokens += max(0, min(item.num_tokens, prompt_left))
+        self.scheduler.after_step(plan)
+        return sampling
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
+        """The Sampler's tokens and logprobs for `seqs` (one row of `logits` each), on the host."""
+        rows = [
+            SamplingRow(
+                s.params,
+                s.prompt_ids,
+                s.output_ids,
+                s.state.generator,
+                s.state.matcher,
+                s.state.closing,
+                self._budget_left(s),
             )
-        else:
-            token_ids = tokens.tolist()  # the step's one device-to-host copy
+            for s in seqs
+        ]
+        return self.sampler(logits, rows)
+
+    def _append_all(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[GenerationOutput]:
+        """Append each sampled token to its sequence; a failure (e.g. detokenizing) fails that
+        request only."""
         outputs = []
         failed: dict[str, str] = {}
-        for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
-            logprobs = None
-            if top is not None and seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                alts = list(zip(top[2][row][:k], top[1][row][:k], strict=True))
-                logprobs = [TokenLogprob(token_id, top[0][row], alts)]
+        for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
             try:
                 outputs.append(self._append(seq, token_id, logprobs))
-            except Exception as exc:  # e.g. detokenizing: this request only
+            except Exception as exc:
                 log.exception("request %s failed after sampling", seq.request_id)
                 failed[seq.request_id] = _describe(exc)
         if failed:
@@ -312,7 +301,6 @@ class EngineCore:
                 self.scheduler.add(sibling, front=True)
             state.siblings = []
         seq.output_ids.append(token_id)
-        self.num_generated_tokens += 1
         reason: FinishReason | None = None
         is_eos = token_id in self._stop_ids and not params.ignore_eos
         if is_eos or token_id in params.stop_token_ids:
@@ -337,26 +325,15 @@ class EngineCore:
             text += state.detokenizer.finish()
             self.scheduler.finish(seq)
             seq.finish_reason = reason
-        return self._output(seq, [token_id], text, logprobs)
-
-    @staticmethod
-    def _output(
-        seq: Sequence,
-        token_ids: list[int],
-        text: str,
-        logprobs: list[TokenLogprob] | None,
-        error: str | None = None,
-    ) -> GenerationOutput:
         return GenerationOutput(
             request_id=seq.request_id,
             index=seq.index,
-            token_ids=token_ids,
+            token_ids=[token_id],
             text=text,
             num_prompt_tokens=len(seq.prompt_ids),
             num_completion_tokens=len(seq.output_ids),
             finish_reason=seq.finish_reason,
             logprobs=logprobs,
-            error=error,
         )
 
 

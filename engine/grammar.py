@@ -12,17 +12,16 @@ from typing import Any
 import llguidance
 import torch
 from hearth.engine.closing import Closer
-from hearth.engine.types import JSON_STYLE, Grammar
+from hearth.engine.types import JSON_STYLE, Grammar, InvalidRequestError
 
 _BITS = torch.arange(32, dtype=torch.int32)  # [32]
 
 
-class GrammarError(ValueError):
+class GrammarError(InvalidRequestError):
     """A grammar or schema llguidance cannot compile; names the request field it came from."""
 
     def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"Invalid {param}: {message}")
-        self.param = param
+        super().__init__(f"Invalid {param}: {message}", param)
 
 
 def to_llguidance(grammar: Grammar) -> str:
@@ -46,7 +45,7 @@ def token_view(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> llguidance
     (ByteFallback, Fuse, Replace) before ByteLevel, which make llguidance read 'Ġ' as two
     bytes instead of a space; exactly that sequence is reduced to its ByteLevel step."""
     if not hasattr(hf_tokenizer, "backend_tokenizer"):
-        raise ValueError("constrained decoding needs a fast (Rust) Hugging Face tokenizer")
+        raise InvalidRequestError("constrained decoding needs a fast (Rust) Hugging Face tokenizer")
     backend = copy.copy(hf_tokenizer.backend_tokenizer)
     backend.no_padding()
     backend.no_truncation()
@@ -103,6 +102,8 @@ class GrammarCompiler:
                 return self._cache[grammar]
         try:
             text = to_llguidance(grammar)
+        except GrammarError:
+            raise
         except ValueError as exc:  # malformed JSON and the like
             raise GrammarError(grammar.param, str(exc)) from None
         error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)

@@ -1,11 +1,134 @@
-"""Batched next-token sampling on the logits' device: temperature, top-k, top-p, min-p, seeds."""
+"""Logits processing, all of it: one Sampler call per step turns the model's logits into tokens.
+
+`Sampler.__call__` runs, in this order, on the logits' device (each step a no-op for a batch
+that does not use it):
+
+1. penalties: OpenAI presence/frequency (generated tokens), repetition (prompt and generated);
+2. min_tokens: end-of-sequence and the request's stop_token_ids get -inf until it is reached;
+3. grammar mask: -inf on every token a constrained row's grammar forbids next;
+   the logprobs reported are of these logits (the model's, penalised and masked);
+4. logit_bias: added to the token's logit;
+5. greedy rows (temperature 0, top_k 1, top_p 0) take the argmax here;
+6. temperature, then top-k, top-p and min-p masks;
+7. draws: one exponential race per row, seeded rows from their own generator, so a seeded
+   request gets the same tokens whatever else is in the batch; a constrained row is steered
+   to close its grammar within its budget (engine.closing), drawing again when it must;
+8. logprobs of the chosen token and the top alternatives (from the logits of step 3);
+9. one device-to-host copy of the tokens and their logprobs.
+
+Steps 4-7 are `sample()`, which the closing steer also calls on its restricted logits.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from hearth.engine.types import SamplingParams
+from hearth.engine.types import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from hearth.engine.closing import ClosingState
+    from hearth.engine.grammar import GrammarCompiler
+
+
+@dataclass
+class SamplingRow:
+    """What the Sampler needs of one sequence that samples this step."""
+
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    generator: torch.Generator | None = None  # seeded requests
+    matcher: Any = None  # llguidance matcher when the request has a grammar
+    closing: ClosingState | None = None  # that grammar's closing plan (with a matcher)
+    budget: int = 0  # tokens the sample may still generate (read with a matcher)
+
+
+@dataclass
+class SamplerOutput:
+    """The step's results on the host, one entry per row."""
+
+    token_ids: list[int]
+    logprobs: list[list[TokenLogprob] | None]  # None where the request asked for none
+
+
+class Sampler:
+    """Owns every logits-processing step, in the order the module docstring lists."""
+
+    def __init__(self, stop_token_ids: Iterable[int], grammars: GrammarCompiler | None) -> None:
+        self.stop_token_ids = frozenset(stop_token_ids)  # end-of-sequence, for min_tokens
+        self.grammars = grammars  # masks and closing steer; needed only for constrained rows
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """logits: [B, V] for B rows; returns each row's token and logprobs on the host."""
+        params = [r.params for r in rows]
+        logits = apply_penalties(
+            logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows]
+        )
+        logits = self._min_tokens(logits, rows)
+        logits = self._grammar_mask(logits, rows)
+        tokens = self._draw(logits, rows)
+        return self._to_host(logits, tokens, rows)
+
+    def _min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """-inf on the stop tokens of rows that have not generated min_tokens yet."""
+        blocked = [
+            (row, list(self.stop_token_ids | set(r.params.stop_token_ids)))
+            for row, r in enumerate(rows)
+            if len(r.output_ids) < r.params.min_tokens
+        ]
+        if blocked:
+            logits = logits.float().clone()
+            for row, ids in blocked:
+                logits[row, ids] = float("-inf")
+        return logits
+
+    def _grammar_mask(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        constrained = [(row, r.matcher) for row, r in enumerate(rows) if r.matcher is not None]
+        if not constrained:
+            return logits
+        assert self.grammars is not None, "a constrained row needs the grammar compiler"
+        return self.grammars.mask(logits.float(), constrained)
+
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """[B] token ids on the device; constrained rows are steered to close in time."""
+        params = [r.params for r in rows]
+        generators = [r.generator for r in rows]
+        budgets = [
+            (row, r.closing, r.budget) for row, r in enumerate(rows) if r.matcher is not None
+        ]
+        if not budgets:
+            return sample(logits, params, generators)
+        assert self.grammars is not None
+        return self.grammars.closer.sample(logits, budgets, params, generators)
+
+    @staticmethod
+    def _to_host(
+        logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> SamplerOutput:
+        """The tokens, and the logprobs asked for, in one device-to-host copy."""
+        asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+        if not asked:
+            token_ids = tokens.tolist()
+            return SamplerOutput(token_ids, [None] * len(token_ids))
+        k = max(asked)
+        chosen, values, ids = logprobs_of(logits, tokens, k)
+        packed = torch.cat(
+            [tokens[:, None].double(), chosen[:, None].double(), values.double(), ids.double()],
+            dim=1,
+        ).tolist()  # [B, 2 + 2k]
+        token_ids = [int(row[0]) for row in packed]
+        logprobs: list[list[TokenLogprob] | None] = []
+        for r, token_id, row in zip(rows, token_ids, packed, strict=True):
+            if r.params.logprobs is None:
+                logprobs.append(None)
+                continue
+            n = r.params.logprobs
+            alts = list(zip([int(i) for i in row[2 + k : 2 + k + n]], row[2 : 2 + n], strict=True))
+            logprobs.append([TokenLogprob(token_id, row[1], alts)])
+        return SamplerOutput(token_ids, logprobs)
 
 
 def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

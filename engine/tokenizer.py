@@ -6,10 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from hearth.engine.token_bytes import TokenBytes, TokenPiece
+from hearth.engine.types import InvalidRequestError
 
 
-class TemplateError(ValueError):
+class TemplateError(InvalidRequestError):
     """The chat template could not render these messages (a client error)."""
+
+    def __init__(self, message: str, param: str | None = "messages") -> None:
+        super().__init__(message, param)
 
 
 class ChatTokenizer:
@@ -45,10 +49,6 @@ class ChatTokenizer:
             return "llama3_json"
         return "hermes"
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.hf)
-
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text, add_special_tokens=True)["input_ids"])
 
@@ -73,9 +73,6 @@ class ChatTokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-
-    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
-        return self.hf.convert_ids_to_tokens(list(token_ids))
 
     def token_pieces(self, token_ids: Sequence[int]) -> list[TokenPiece]:
         """Each token's raw bytes and whether it is special (see engine.token_bytes)."""

@@ -66,15 +66,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise InvalidRequestError("max_tokens must be at least 1", "max_tokens")
         if self.n < 1:
-            raise ValueError("n must be at least 1")
+            raise InvalidRequestError("n must be at least 1", "n")
         if self.temperature < 0:
-            raise ValueError("temperature must be non-negative")
+            raise InvalidRequestError("temperature must be non-negative", "temperature")
         if not 0 <= self.top_p <= 1:  # 0 keeps only the most likely token, as OpenAI's does
-            raise ValueError("top_p must be in [0, 1]")
+            raise InvalidRequestError("top_p must be in [0, 1]", "top_p")
         if self.top_k < 0:
-            raise ValueError("top_k must be non-negative")
+            raise InvalidRequestError("top_k must be non-negative", "top_k")
 
     @property
     def greedy(self) -> bool:
@@ -117,16 +117,38 @@ class GenerationOutput:
         return self.finish_reason is not None
 
 
+def ended_output(
+    request_id: str,
+    index: int,
+    reason: FinishReason,
+    error: str | None = None,
+    num_prompt_tokens: int = 0,
+    num_completion_tokens: int = 0,
+    retryable: bool = False,
+) -> GenerationOutput:
+    """The last output of a sample ended from outside, with no new token: aborted, or failed
+    with `error` (retryable: the server going away). Every such output is built here."""
+    return GenerationOutput(
+        request_id=request_id,
+        index=index,
+        token_ids=[],
+        text="",
+        num_prompt_tokens=num_prompt_tokens,
+        num_completion_tokens=num_completion_tokens,
+        finish_reason=reason,
+        error=error,
+        retryable=retryable,
+    )
+
+
 @dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    kv_block_size: int
     prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache
     num_prefilled_tokens: int = 0  # prompt tokens computed (cache hits excluded)
-    num_generated_tokens: int = 0
     num_preemptions: int = 0
 
 

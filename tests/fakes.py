@@ -77,7 +77,7 @@ class FakeEngine:
         self.failed_all = message
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0, 256, 16)
+        return EngineStats(0, 0, 0, 256)
 
     @property
     def is_alive(self) -> bool:

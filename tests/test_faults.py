@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from hearth.engine.async_engine import AsyncEngine
-from hearth.engine.types import EngineDeadError, GenerationRequest, SamplingParams
+from hearth.engine.types import (
+    EngineDeadError,
+    GenerationRequest,
+    Grammar,
+    InvalidRequestError,
+    SamplingParams,
+)
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
 
@@ -81,6 +87,40 @@ def test_bad_requests_are_refused_and_never_reach_the_thread(engine: AsyncEngine
 
     asyncio.run(main())
     assert engine.is_alive
+
+
+def test_client_errors_are_invalid_request_errors_naming_the_field(engine: AsyncEngine) -> None:
+    """What the client can fix raises InvalidRequestError (the server's only 400), with the
+    request field at fault where the engine knows it; messages stay as they were."""
+    from hearth.engine.grammar import GrammarError
+    from hearth.engine.tokenizer import TemplateError
+
+    def check(prompt: list[int], **params) -> InvalidRequestError:
+        request = GenerationRequest("bad", prompt, SamplingParams(**params))
+        with pytest.raises(InvalidRequestError) as caught:
+            engine.core.check_request(request)
+        return caught.value
+
+    prompt = prompts(1)[0]
+    assert check(prompt, max_tokens=3, seed=2**70).param == "seed"
+    assert check(prompt, max_tokens=3, stop_token_ids=[10**9]).param == "stop_token_ids"
+    assert check([10**9], max_tokens=3).param == "prompt"
+    too_long = check([5] * 600, max_tokens=4)
+    assert "maximum context length is 512" in str(too_long) and too_long.param is None
+    assert str(check([], max_tokens=3)) == "the prompt is empty"
+    with pytest.raises(InvalidRequestError, match=r"^top_p must be in \[0, 1\]$") as caught:
+        SamplingParams(top_p=2)
+    assert caught.value.param == "top_p"
+    bad = Grammar("json_schema", '{"type": "nope"}', param="response_format.json_schema")
+    with pytest.raises(GrammarError) as grammar_error:
+        engine.core.grammars.compile(bad)
+    assert isinstance(grammar_error.value, InvalidRequestError)
+    assert grammar_error.value.param == "response_format.json_schema"
+    with pytest.raises(GrammarError) as grammar_error:  # said once, not wrapped twice
+        engine.core.grammars.compile(Grammar("json_schema", "[1]"))
+    assert str(grammar_error.value) == "Invalid response_format: a JSON schema must be an object"
+    template_error = TemplateError("chat template error: no")
+    assert isinstance(template_error, InvalidRequestError) and template_error.param == "messages"
 
 
 def test_an_unexpected_error_adding_a_request_fails_it_alone(
