@@ -5,11 +5,14 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from hearth.server.chat.route import router as chat_router
+from hearth.server.completions.route import router as completions_router
 from hearth.server.errors import install_error_handlers
 from hearth.server.limits import RequestGuard
 from hearth.server.metrics import Metrics, RequestCounter
+from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
-from hearth.server.routes import chat, completions, models, responses
+from hearth.server.responses.route import router as responses_router
 from hearth.server.settings import ServerSettings
 
 from hearth import __version__
@@ -38,10 +41,10 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         request_timeout_s=settings.request_timeout_s,
     )
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
-    app.include_router(models.router)
-    app.include_router(chat.router)
-    app.include_router(completions.router)
-    app.include_router(responses.router)
+    app.include_router(models_router)
+    app.include_router(chat_router)
+    app.include_router(completions_router)
+    app.include_router(responses_router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

@@ -1,4 +1,5 @@
-"""Shared request plumbing: tokenizing off the loop, length checks, streams, disconnects."""
+"""The engine-client glue features share: tokenizing off the loop, length checks, streams (with
+their limits, deadline and metrics), disconnects."""
 
 from __future__ import annotations
 
@@ -20,11 +21,33 @@ from hearth.engine.types import (
     SamplingParams,
     TokenLogprob,
 )
-from hearth.server import limits
 from hearth.server.errors import APIError
+from hearth.server.limits import Limits, check_request, timeout_error
 from hearth.server.metrics import Metrics
+from hearth.server.registry import ModelRegistry
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What serving one request needs besides its body; the route passes it to serving."""
+
+    http: Request  # its disconnect aborts a request that is not streamed
+    registry: ModelRegistry
+    metrics: Metrics | None = None
+    limits: Limits | None = None  # None: unlimited
+
+    @classmethod
+    def of(cls, http: Request) -> Context:
+        """The context of a request that went through the app (see limits.RequestGuard)."""
+        state = http.app.state
+        return cls(
+            http,
+            state.registry,
+            getattr(state, "metrics", None),
+            getattr(http.state, "limits", None),
+        )
 
 
 def new_id(prefix: str) -> str:
@@ -100,15 +123,20 @@ def engine_error(exc: Exception) -> APIError:
 
 
 async def open_stream(
-    engine: EngineClient, request: GenerationRequest, metrics: Metrics | None = None
+    engine: EngineClient,
+    request: GenerationRequest,
+    metrics: Metrics | None = None,
+    limits: Limits | None = None,
 ) -> AsyncIterator[GenerationOutput]:
     """Start generating; engine rejections surface here as APIErrors, before any byte is sent.
 
     The returned iterator yields every output; closing it (client gone) aborts the request. Past
     the request's deadline (see server.limits) the engine request is aborted and the iterator
-    raises a 504 APIError (an error event once streaming).
+    raises a 504 APIError (an error event once streaming). This is where a request's metrics are
+    recorded: prompt tokens and time to first token here, inter-token latency as outputs arrive,
+    generated tokens once the engine has sent its last output.
     """
-    deadline = limits.check_request(request)
+    deadline = check_request(request, limits)
     expiry = _Expiry(engine, request.request_id, deadline)
     stream = engine.generate(request)
     start = time.perf_counter()
@@ -131,16 +159,21 @@ async def open_stream(
 
     async def outputs() -> AsyncIterator[GenerationOutput]:
         last = time.perf_counter()
+        tokens = 0
         try:
             if first is not None:
+                tokens += len(first.token_ids)
                 yield first
             async for output in stream:
                 expiry.check(output)
+                tokens += len(output.token_ids)
                 if metrics is not None and output.token_ids:
                     now = time.perf_counter()
                     metrics.inter_token(model, now - last, len(output.token_ids))
                     last = now
                 yield output
+            if metrics is not None:
+                metrics.request_finished(model, tokens)
         finally:
             expiry.cancel()
             await stream.aclose()
@@ -165,7 +198,7 @@ class _Expiry:
 
     def check(self, output: GenerationOutput) -> None:
         if self.expired and output.finish_reason == "abort":
-            raise limits.timeout_error(self.seconds)
+            raise timeout_error(self.seconds)
 
     def cancel(self) -> None:
         if self.timer is not None:
@@ -238,13 +271,13 @@ async def until_disconnected(http: Request) -> None:
 
 
 async def open_streams(
-    engine: EngineClient, requests: list[GenerationRequest], metrics: Metrics | None
+    context: Context, engine: EngineClient, requests: list[GenerationRequest]
 ) -> list[AsyncIterator[GenerationOutput]]:
     """Open every request's stream, or none: a refusal closes the ones already open."""
     streams: list[AsyncIterator[GenerationOutput]] = []
     try:
         for request in requests:
-            streams.append(await open_stream(engine, request, metrics))
+            streams.append(await open_stream(engine, request, context.metrics, context.limits))
     except BaseException:
         for stream in streams:
             await stream.aclose()
@@ -253,11 +286,10 @@ async def open_streams(
 
 
 async def run_all(
-    http: Request, engine: EngineClient, requests: list[GenerationRequest]
+    context: Context, engine: EngineClient, requests: list[GenerationRequest]
 ) -> list[Completed]:
     """Run requests to the end; a client that disconnects first aborts them all at once."""
-    metrics = getattr(http.app.state, "metrics", None)
-    streams = await open_streams(engine, requests, metrics)
+    streams = await open_streams(context, engine, requests)
     work = asyncio.ensure_future(
         asyncio.gather(
             *(
@@ -266,7 +298,7 @@ async def run_all(
             )
         )
     )
-    watcher = asyncio.ensure_future(until_disconnected(http))
+    watcher = asyncio.ensure_future(until_disconnected(context.http))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -278,19 +310,16 @@ async def run_all(
                 await work
     if not work.done() or work.cancelled() or isinstance(work.exception(), asyncio.CancelledError):
         raise client_closed()
-    results = work.result()
-    if metrics is not None:
-        metrics.request_finished(engine.info.model_id, sum(r.completion_tokens for r in results))
-    return results
+    return work.result()
 
 
 async def run_to_completion(
-    http: Request,
+    context: Context,
     engine: EngineClient,
     request_id: str,
     prompt_ids: list[int],
     sampling: SamplingParams,
 ) -> Completed:
     """Run one request to the end (see run_all)."""
-    [result] = await run_all(http, engine, [GenerationRequest(request_id, prompt_ids, sampling)])
+    [result] = await run_all(context, engine, [GenerationRequest(request_id, prompt_ids, sampling)])
     return result

@@ -1,9 +1,12 @@
-"""Per-request guards: body size (413 before the body is read), a deadline, n and stop limits."""
+"""Per-request guards: body size (413 before the body is read), a deadline, n and stop limits.
+
+RequestGuard puts each request's Limits in its ASGI scope state; routes pass them to serving
+(generation.Context), which checks them with check_request before the engine sees the request.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +29,8 @@ class Limits:
     deadline: float | None = None
 
 
-_current: contextvars.ContextVar[Limits | None] = contextvars.ContextVar("limits", default=None)
-
-
-def check_request(request: GenerationRequest) -> float | None:
+def check_request(request: GenerationRequest, limits: Limits | None) -> float | None:
     """Raise a 400 for an n or a stop string over the limits; returns the request's deadline."""
-    limits = _current.get()
     if limits is None:
         return None
     sampling = request.sampling
@@ -59,7 +58,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 class RequestGuard:
     """ASGI middleware: refuses oversized bodies with 413 before parsing them, counts requests
-    in flight on the registry (for draining), and sets each request's limits and deadline.
+    in flight on the registry (for draining), and gives each request its limits and deadline
+    (scope["state"]["limits"]: request.state.limits to the route).
     """
 
     def __init__(
@@ -89,7 +89,7 @@ class RequestGuard:
             deadline = None
             if self.request_timeout_s is not None:
                 deadline = asyncio.get_running_loop().time() + self.request_timeout_s
-            _current.set(Limits(self.max_n, deadline))
+            scope.setdefault("state", {})["limits"] = Limits(self.max_n, deadline)
             await self.app(scope, _replay(body, receive), send)
         finally:
             self.registry.in_flight -= 1

@@ -1,25 +1,22 @@
-"""Tool calling: prompts for templates without tools, call grammars, and a streaming call parser."""
+"""Tool calling: tool definitions and calls, call grammars, prompts for templates without tools.
+
+The streaming parser that finds calls in model output is server.tool_parser.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import jsonschema
 from hearth.engine.types import JSON_STYLE, Grammar
 from hearth.server.errors import APIError
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-PYTHON_TAG = "<|python_tag|>"
-# The head of a call object once its name is known: {"name": "fn", "arguments": ...
-_CALL_HEAD = re.compile(
-    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*'
-)
 
 
 @dataclass(frozen=True)
@@ -51,6 +48,11 @@ class ToolCall:
     name: str
     arguments: str = ""  # JSON text as the model wrote it
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+
+def call_json(call_id: str | None, name: str, arguments: str) -> dict[str, Any]:
+    """A tool call as OpenAI's chat messages have it (responses, templates and history alike)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def check_schema(schema: dict[str, Any], param: str) -> None:
@@ -191,221 +193,3 @@ def prepare_messages(
         else:
             out.insert(0, {"role": "system", "content": tool_prompt(tools)})
     return out, None
-
-
-# -- parsing -----------------------------------------------------------------------------------
-
-Event = (
-    tuple[Literal["content"], str]
-    | tuple[Literal["call"], int, ToolCall]
-    | tuple[Literal["arguments"], int, str]
-)
-
-
-def _json_value_end(text: str, start: int, state: list[Any]) -> int | None:
-    """Scan a JSON value from `start`; the index just past its end, or None if it goes on.
-
-    `state` ([depth, in_string, escaped, begun]) carries the scan across calls.
-    """
-    depth, in_string, escaped, begun = state
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-                if depth == 0:
-                    state[:] = [depth, in_string, escaped, begun]
-                    return i + 1
-        elif ch == '"':
-            in_string, begun = True, True
-        elif ch in "{[":
-            depth, begun = depth + 1, True
-        elif ch in "}]":
-            if depth == 0:  # closes the enclosing call object: a bare value ended before it
-                state[:] = [0, False, False, begun]
-                return i
-            depth -= 1
-            if depth == 0:
-                state[:] = [0, False, False, begun]
-                return i + 1
-        elif not ch.isspace():
-            begun = True
-            if depth == 0 and ch == ",":  # a bare number or literal ended
-                state[:] = [depth, in_string, escaped, begun]
-                return i
-    state[:] = [depth, in_string, escaped, begun]
-    return None
-
-
-class ToolCallParser:
-    """Splits model output into content and tool calls, incrementally.
-
-    Hermes format: calls are `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks
-    anywhere in the text; a call's id and name are sent once its name is known, then its
-    arguments as they arrive. Llama 3 JSON format: the whole output is the call object(s), so it is
-    held until the end. Text is a call only in that format and naming a function offered;
-    anything else stays content.
-    """
-
-    def __init__(self, tools: Sequence[Tool], parser: str) -> None:
-        self.names = {tool.name for tool in tools}
-        self.parser = parser
-        self.calls: list[ToolCall] = []
-        self._buffer = ""
-        self._space = ""  # whitespace held back: dropped between and after calls
-        self._in_call = False
-        self._whole = parser == "llama3_json"  # undecided whether the output is a call
-        self._args_at: int | None = None  # where the current call's arguments start
-        self._scan: list[Any] = [0, False, False, False]
-        self._args_done = False
-
-    def feed(self, text: str) -> list[Event]:
-        self._buffer += text
-        events: list[Event] = []
-        if self._whole:
-            head = self._buffer.lstrip()
-            if not head or head.startswith(PYTHON_TAG) or head.startswith("{"):
-                return events  # hold: this may be a call
-            self._whole = False
-        while self._step(events):
-            pass
-        return events
-
-    def finish(self) -> list[Event]:
-        events: list[Event] = []
-        if self._whole:
-            calls = self._parse_whole(self._buffer)
-            if calls is None:
-                events += self._content(self._buffer)
-            for call in calls or []:
-                events += self._whole_call(call)
-        elif self._in_call and self._args_at is None:  # a block that never named a function
-            events += self._content(HERMES_OPEN + self._buffer)
-        elif not self._in_call:
-            events += self._content(self._buffer)
-        self._buffer = ""
-        if self._space and not self.calls:
-            events.append(("content", self._space))
-        self._space = ""
-        return events
-
-    # -- hermes, incrementally --------------------------------------------------------------
-    def _step(self, events: list[Event]) -> bool:
-        if not self._in_call:
-            at = self._buffer.find(HERMES_OPEN)
-            if at < 0:
-                keep = _partial_suffix(self._buffer, HERMES_OPEN)
-                events += self._content(self._buffer[: len(self._buffer) - keep])
-                self._buffer = self._buffer[len(self._buffer) - keep :]
-                return False
-            events += self._content(self._buffer[:at])
-            self._buffer = self._buffer[at + len(HERMES_OPEN) :]
-            self._in_call, self._args_at, self._args_done = True, None, False
-            self._scan = [0, False, False, False]
-            return True
-        if self._args_at is None:
-            head = _CALL_HEAD.match(self._buffer)
-            close = self._buffer.find(HERMES_CLOSE)
-            if head and _unescape(head.group(1)) in self.names:
-                events += self._open(_unescape(head.group(1)))
-                self._buffer = self._buffer[head.end() :]
-                self._args_at = 0
-                return True
-            if close >= 0:  # a whole block: a call in another key order, or plain text
-                calls = self._parse_whole(self._buffer[:close])
-                if calls is not None and len(calls) == 1:
-                    events += self._whole_call(calls[0])
-                else:
-                    events += self._content(HERMES_OPEN + self._buffer[: close + len(HERMES_CLOSE)])
-                self._buffer = self._buffer[close + len(HERMES_CLOSE) :]
-                self._in_call = False
-                return True
-            return False
-        if not self._args_done:
-            if not self._scan[3]:  # whitespace before the value is not part of it
-                rest = self._buffer[self._args_at :]
-                self._args_at += len(rest) - len(rest.lstrip())
-            end = _json_value_end(self._buffer, self._args_at, self._scan)
-            piece = self._buffer[self._args_at : end]
-            if piece:
-                events.append(("arguments", len(self.calls) - 1, piece))
-                self.calls[-1].arguments += piece
-            self._args_at = len(self._buffer) if end is None else end
-            if end is None:
-                return False
-            self._args_done = True
-        close = self._buffer.find(HERMES_CLOSE, self._args_at)
-        if close < 0:
-            return False
-        self._buffer = self._buffer[close + len(HERMES_CLOSE) :]
-        self._in_call = False
-        return True
-
-    def _open(self, name: str, call_id: str | None = None) -> list[Event]:
-        call = ToolCall(name) if call_id is None else ToolCall(name, id=call_id)
-        self.calls.append(call)
-        self._space = ""
-        return [("call", len(self.calls) - 1, call)]
-
-    def _whole_call(self, call: ToolCall) -> list[Event]:
-        events = self._open(call.name, call.id)
-        self.calls[-1].arguments = call.arguments
-        return [*events, ("arguments", len(self.calls) - 1, call.arguments)]
-
-    def _content(self, text: str) -> list[Event]:
-        """Content to send; trailing whitespace waits for more text (none is sent before a call)."""
-        body = text.rstrip()
-        if not body:
-            self._space += text
-            return []
-        sent, self._space = self._space + body, text[len(body) :]
-        return [("content", sent)]
-
-    def _parse_whole(self, text: str) -> list[ToolCall] | None:
-        """Llama 3 JSON: one or more call objects (`;`-separated) and nothing else."""
-        text = text.strip().removeprefix(PYTHON_TAG).strip()
-        decoder, calls, at = json.JSONDecoder(), [], 0
-        while at < len(text):
-            try:
-                value, end = decoder.raw_decode(text, at)
-            except ValueError:
-                return None
-            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-                return None
-            args = value.get("parameters", value.get("arguments"))
-            if value["name"] not in self.names or not isinstance(args, dict):
-                return None
-            calls.append(ToolCall(value["name"], json.dumps(args)))
-            at = end
-            while at < len(text) and text[at] in " \n\t;":
-                at += 1
-        return calls or None
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `marker`."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
-
-
-def _unescape(name: str) -> str:
-    try:
-        return json.loads(f'"{name}"')
-    except ValueError:
-        return name
-
-
-def parse_output(
-    text: str, tools: Sequence[Tool], parser: str
-) -> tuple[str | None, list[ToolCall]]:
-    """The whole output's content (None when only calls) and its tool calls."""
-    parsing = ToolCallParser(tools, parser)
-    events = parsing.feed(text) + parsing.finish()
-    content = "".join(e[1] for e in events if e[0] == "content")
-    return (content or None) if parsing.calls else content, parsing.calls

@@ -22,7 +22,8 @@ import pytest
 import torch
 from hearth.engine.async_engine import AsyncEngine
 from hearth.engine.types import GenerationRequest, Grammar, SamplingParams
-from hearth.server.tools import Tool, call_grammar, parse_output
+from hearth.server.tool_parser import parse_output
+from hearth.server.tools import Tool, call_grammar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -27,8 +27,8 @@ def imported_modules(statement: str) -> set[str]:
 
 def test_server_never_imports_torch() -> None:
     modules = imported_modules(
-        "import hearth.server.app, hearth.server.protocol, hearth.server.generation,"
-        " hearth.server.routes.chat"
+        "import hearth.server.app, hearth.server.chat.protocol, hearth.server.generation,"
+        " hearth.server.chat.serving, hearth.server.chat.route"
     )
     assert "torch" not in modules and "transformers" not in modules
     assert "fastapi" in modules

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from hearth.engine.types import GenerationOutput, GenerationRequest
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
-from hearth.server.response_store import ResponseStore
+from hearth.server.responses.store import ResponseStore
 from hearth.server.settings import ServerSettings
 from openai.types.responses import Response
 

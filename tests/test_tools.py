@@ -8,7 +8,8 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from hearth.server.tools import Tool, ToolCallParser, call_grammar, parse_output, prepare_messages
+from hearth.server.tool_parser import ToolCallParser, parse_output
+from hearth.server.tools import Tool, call_grammar, prepare_messages
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

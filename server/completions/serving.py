@@ -1,4 +1,4 @@
-"""POST /v1/completions: legacy text completions over one or several prompts."""
+"""Serving legacy text completions over one or several prompts: the response or its SSE chunks."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from hearth.engine.types import EngineClient, GenerationOutput, GenerationRequest
-from hearth.server.auth import require_api_key
+from hearth.server.completions.protocol import CompletionRequest
 from hearth.server.errors import APIError
 from hearth.server.generation import (
+    Context,
     check_text_length,
     new_id,
     open_streams,
@@ -23,10 +23,7 @@ from hearth.server.generation import (
     usage,
 )
 from hearth.server.logprobs import LogprobAligner, aligned, completion_logprobs
-from hearth.server.protocol import CompletionRequest
 from hearth.server.streaming import event_stream, sse
-
-router = APIRouter()
 
 
 async def _prompt_ids(engine: EngineClient, prompt: str | list[int]) -> list[int]:
@@ -36,13 +33,13 @@ async def _prompt_ids(engine: EngineClient, prompt: str | list[int]) -> list[int
     return prompt
 
 
-@router.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None)
-async def create_completion(
-    body: CompletionRequest, request: Request
+async def serve_completion(
+    body: CompletionRequest, context: Context
 ) -> dict[str, Any] | StreamingResponse:
+    """The text_completion object, or the stream of its chunks."""
     if body.suffix:
         raise APIError(400, "suffix is not supported by this server.", param="suffix")
-    engine = request.app.state.registry.get(body.model)
+    engine = context.registry.get(body.model)
     prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
     request_id = new_id("cmpl")
     requests = []
@@ -60,8 +57,7 @@ async def create_completion(
     echoes = [engine.decode(ids) if body.echo else "" for ids in prompts]
     prompt_tokens = sum(len(ids) for ids in prompts)
     if body.stream:
-        metrics = request.app.state.metrics
-        streams = await open_streams(engine, requests, metrics)
+        streams = await open_streams(context, engine, requests)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         with_logprobs = body.logprobs is not None
         return event_stream(
@@ -74,10 +70,9 @@ async def create_completion(
                 prompt_tokens,
                 include_usage,
                 with_logprobs,
-                metrics,
             )
         )
-    results = await run_all(request, engine, requests)
+    results = await run_all(context, engine, requests)
     choices = []
     for p, result in enumerate(results):
         for choice in result.choices:
@@ -143,7 +138,6 @@ async def _chunks(
     prompt_tokens: int,
     include_usage: bool,
     with_logprobs: bool,
-    metrics: Any,
 ) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
 
@@ -166,6 +160,5 @@ async def _chunks(
         logprobs = completion_logprobs(engine, placed) if with_logprobs and placed else None
         if output.text or logprobs or output.finish_reason:
             yield chunk(index, output.text, logprobs, output.finish_reason)
-    metrics.request_finished(engine.info.model_id, completion_tokens)
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})

@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from hearth.engine.types import SamplingParams
 from hearth.server.content import Part, parts_text
-from hearth.server.protocol import FunctionDef
-from hearth.server.wire import WireModel
+from hearth.server.tools import call_json
+from hearth.server.wire import FunctionDef, WireModel
 from pydantic import Discriminator, Field, Tag, field_validator
 
 # Per-model defaults (models.yaml) used where the request lacks the field or leaves it unset.
@@ -153,11 +153,7 @@ class ResponseRequest(_Model):
             elif isinstance(item, FunctionCallOutputItem):
                 turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
             else:
-                call = {
-                    "id": item.call_id,
-                    "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments},
-                }
+                call = call_json(item.call_id, item.name, item.arguments)
                 if not turns or turns[-1]["role"] != "assistant":
                     turns.append({"role": "assistant", "content": ""})
                 turns[-1].setdefault("tool_calls", []).append(call)

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions, streamed (SSE chunks) or not."""
+"""Serving a chat completion: a parsed request to an engine request, then the response or its
+SSE chunks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from hearth.engine.types import (
     EngineClient,
@@ -16,9 +16,10 @@ from hearth.engine.types import (
     Grammar,
     ModelInfo,
 )
-from hearth.server.auth import require_api_key
+from hearth.server.chat.protocol import ChatCompletionRequest
 from hearth.server.content import refuse_media
 from hearth.server.generation import (
+    Context,
     check_text_length,
     new_id,
     open_stream,
@@ -29,19 +30,9 @@ from hearth.server.generation import (
     usage,
 )
 from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs
-from hearth.server.protocol import ChatCompletionRequest
 from hearth.server.streaming import event_stream, sse
-from hearth.server.tools import (
-    Tool,
-    ToolCall,
-    ToolCallParser,
-    format_grammar,
-    parse_output,
-    plan,
-    prepare_messages,
-)
-
-router = APIRouter()
+from hearth.server.tool_parser import Event, ToolCallParser, parse_output
+from hearth.server.tools import Tool, call_json, format_grammar, plan, prepare_messages
 
 
 @dataclass
@@ -65,11 +56,11 @@ class _Reply:
         }
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request
+async def serve_chat(
+    body: ChatCompletionRequest, context: Context
 ) -> dict[str, Any] | StreamingResponse:
-    engine = request.app.state.registry.get(body.model)
+    """The chat.completion object, or the stream of its chunks."""
+    engine = context.registry.get(body.model)
     refuse_media([m.content for m in body.messages], body.model, "messages")
     tools, grammar = constraints(body, engine.info)
     messages, template_tools = prepare_messages(
@@ -84,13 +75,15 @@ async def create_chat_completion(
     sampling.grammar = grammar
     reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
     if body.stream:
-        metrics = request.app.state.metrics
         outputs = await open_stream(
-            engine, GenerationRequest(reply.id, prompt_ids, sampling), metrics
+            engine,
+            GenerationRequest(reply.id, prompt_ids, sampling),
+            context.metrics,
+            context.limits,
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(_chunks(reply, outputs, sampling.n, include_usage, metrics))
-    result = await run_to_completion(request, engine, reply.id, prompt_ids, sampling)
+        return event_stream(_chunks(reply, outputs, sampling.n, include_usage))
+    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling)
     return {
         **reply.base("chat.completion"),
         "choices": [
@@ -130,33 +123,24 @@ def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool
     )
 
 
-def call_json(call: ToolCall) -> dict[str, Any]:
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    }
-
-
 def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, Any]:
     """A choice's message and finish_reason; calls found in the text become tool_calls."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if reply.tools:
         message["content"], calls = parse_output(text, reply.tools, reply.engine.info.tool_parser)
         if calls:
-            message["tool_calls"] = [call_json(call) for call in calls]
+            message["tool_calls"] = [call_json(c.id, c.name, c.arguments) for c in calls]
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     return {"message": message, "finish_reason": finish_reason}
 
 
-def _delta(event: tuple) -> dict[str, Any]:
+def _delta(event: Event) -> dict[str, Any]:
     """A parser event as a chunk's delta: content, a call's id and name, or argument text."""
     if event[0] == "content":
         return {"content": event[1]}
     if event[0] == "call":
-        head = {**call_json(event[2]), "index": event[1]}
-        head["function"]["arguments"] = ""
-        return {"tool_calls": [head]}
+        call = event[2]
+        return {"tool_calls": [{**call_json(call.id, call.name, ""), "index": event[1]}]}
     return {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
 
 
@@ -165,7 +149,6 @@ async def _chunks(
     outputs: AsyncIterator[GenerationOutput],
     n: int,
     include_usage: bool,
-    metrics: Any,
 ) -> AsyncIterator[str]:
     """First a role delta per choice, then content deltas, a finish chunk, optional usage."""
     base = reply.base("chat.completion.chunk")
@@ -206,6 +189,5 @@ async def _chunks(
             entries = held[output.index]
             logprobs = chat_logprobs(reply.engine, entries) if entries else None
             yield chunk(output.index, {}, logprobs, finish=finish)
-    metrics.request_finished(reply.engine.info.model_id, completion_tokens)
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(reply.prompt_tokens, completion_tokens)})

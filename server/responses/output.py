@@ -10,8 +10,9 @@ from typing import Any
 
 from hearth.engine.types import SamplingParams
 from hearth.server.generation import new_id
-from hearth.server.response_protocol import ResponseRequest
-from hearth.server.tools import Event, Tool, ToolCallParser
+from hearth.server.responses.protocol import ResponseRequest
+from hearth.server.tool_parser import Event, ToolCallParser
+from hearth.server.tools import Tool, call_json
 
 StreamEvent = tuple[str, dict[str, Any]]  # (event type, its fields)
 
@@ -54,10 +55,6 @@ class OutputItems:
         self.events: list[StreamEvent] = []
         if self._parser is None:
             self._open_message()
-
-    @property
-    def calls(self) -> list[dict[str, Any]]:
-        return [item for item in self.items if item["type"] == "function_call"]
 
     def feed(self, text: str) -> list[StreamEvent]:
         if self._parser is None:
@@ -240,11 +237,7 @@ def assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
     )
     turn: dict[str, Any] = {"role": "assistant", "content": text}
     calls = [
-        {
-            "id": item["call_id"],
-            "type": "function",
-            "function": {"name": item["name"], "arguments": item["arguments"]},
-        }
+        call_json(item["call_id"], item["name"], item["arguments"])
         for item in output
         if item["type"] == "function_call"
     ]

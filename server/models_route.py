@@ -1,4 +1,4 @@
-"""GET /health, GET /v1/models, GET /v1/models/{id}."""
+"""GET /health, GET /v1/models, GET /v1/models/{id}: the routes that serve no generation."""
 
 from __future__ import annotations
 

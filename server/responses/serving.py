@@ -1,4 +1,5 @@
-"""POST /v1/responses, GET|DELETE /v1/responses/{id} (OpenAI's Responses API)."""
+"""Serving the Responses API: a parsed request to an engine request, then the response object or
+its event stream; stored responses retrieved and deleted."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from hearth.engine.types import (
     EngineClient,
@@ -16,25 +16,23 @@ from hearth.engine.types import (
     Grammar,
     ModelInfo,
 )
-from hearth.server.auth import require_api_key
 from hearth.server.content import refuse_media
 from hearth.server.errors import APIError
 from hearth.server.generation import (
+    Context,
     check_text_length,
     open_stream,
     resolve_max_tokens,
     run_to_completion,
     tokenize,
 )
-from hearth.server.response_output import OutputItems, Reply, assistant_turn
-from hearth.server.response_protocol import ResponseRequest
-from hearth.server.response_store import ResponseStore, get_store
+from hearth.server.responses.output import OutputItems, Reply, assistant_turn
+from hearth.server.responses.protocol import ResponseRequest
+from hearth.server.responses.store import ResponseStore
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tools import Tool, format_grammar, plan, prepare_messages
 
 log = logging.getLogger("hearth.server")
-router = APIRouter()
-AUTH = [Depends(require_api_key)]
 
 
 # -- conversation and storage ------------------------------------------------------------------
@@ -133,16 +131,15 @@ async def stream_events(
     yield event(f"response.{final['status']}", response=final)
 
 
-# -- routes ------------------------------------------------------------------------------------
+# -- serving -----------------------------------------------------------------------------------
 
 
-@router.post("/v1/responses", dependencies=AUTH, response_model=None)
-async def create_response(
-    body: ResponseRequest, request: Request
+async def serve_response(
+    body: ResponseRequest, context: Context, store: ResponseStore
 ) -> dict[str, Any] | StreamingResponse:
-    engine = request.app.state.registry.get(body.model)
+    """The response object, or its event stream; kept in `store` unless store=false."""
+    engine = context.registry.get(body.model)
     refuse_media(body.contents(), body.model, "input")
-    store = get_store(request.app)
     tools, grammar = constraints(body, engine.info)
     turns = conversation(body, store)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -155,17 +152,18 @@ async def create_response(
     reply = Reply(body, sampling, len(prompt_ids))
     items = OutputItems(tools, engine.info.tool_parser)
     if body.stream:
-        metrics = request.app.state.metrics
         outputs = await open_stream(
-            engine, GenerationRequest(reply.id, prompt_ids, sampling), metrics
+            engine,
+            GenerationRequest(reply.id, prompt_ids, sampling),
+            context.metrics,
+            context.limits,
         )
 
         def settle(response: dict[str, Any]) -> None:
-            metrics.request_finished(engine.info.model_id, response["usage"]["output_tokens"])
             keep(store, turns, response)
 
         return event_stream(stream_events(reply, items, outputs, settle), done=False)
-    result = await run_to_completion(request, engine, reply.id, prompt_ids, sampling)
+    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling)
     choice = result.choices[0]
     items.feed(choice.text)
     response, _ = reply.finish(items, choice.finish_reason, len(choice.token_ids))
@@ -175,16 +173,14 @@ async def create_response(
     return response
 
 
-@router.get("/v1/responses/{response_id}", dependencies=AUTH)
-async def retrieve_response(response_id: str, request: Request) -> dict[str, Any]:
-    stored = get_store(request.app).get(response_id)
+def retrieve(store: ResponseStore, response_id: str) -> dict[str, Any]:
+    stored = store.get(response_id)
     if stored is None:
         raise not_found(response_id)
     return stored.response
 
 
-@router.delete("/v1/responses/{response_id}", dependencies=AUTH)
-async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
-    if get_store(request.app).pop(response_id) is None:
+def delete(store: ResponseStore, response_id: str) -> dict[str, Any]:
+    if store.pop(response_id) is None:
         raise not_found(response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}

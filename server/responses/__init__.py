@@ -1,0 +1,1 @@
+"""OpenAI's Responses API: protocol, output items, the response store, serving, route."""

@@ -1,1 +1,0 @@
-"""Route groups of the OpenAI-compatible API, one module each."""
