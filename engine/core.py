@@ -23,6 +23,7 @@ from hearth.engine.types import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
+    InvalidRequestError,
     TokenLogprob,
 )
 from transformers import PreTrainedModel
@@ -93,27 +94,29 @@ class EngineCore:
 
     # -- requests -------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
-        """Raise ValueError for a request this engine can never serve."""
+        """Raise InvalidRequestError for a request this engine can never serve."""
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty")
         total = prompt_len + request.sampling.max_tokens
         if total > self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {prompt_len} tokens and max_tokens is "
                 f"{request.sampling.max_tokens} ({total} in all)"
             )
         if total > self.kv_capacity_tokens:
             capacity = self.kv_capacity_tokens
-            raise ValueError(f"request needs {total} KV slots; the cache holds {capacity}")
+            raise InvalidRequestError(f"request needs {total} KV slots; the cache holds {capacity}")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
         if any(not 0 <= t < self.vocab_size for t in request.sampling.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})")
         seed = request.sampling.seed
         if seed is not None and not SEED_MIN <= seed <= SEED_MAX - request.sampling.n:
-            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX - request.sampling.n}]")
+            raise InvalidRequestError(
+                f"seed must be in [{SEED_MIN}, {SEED_MAX - request.sampling.n}]"
+            )
 
     def add_request(self, request: GenerationRequest) -> None:
         self.check_request(request)

@@ -12,12 +12,12 @@ from typing import Any
 import llguidance
 import torch
 from hearth.engine.closing import Closer
-from hearth.engine.types import JSON_STYLE, Grammar
+from hearth.engine.types import JSON_STYLE, Grammar, InvalidRequestError
 
 _BITS = torch.arange(32, dtype=torch.int32)  # [32]
 
 
-class GrammarError(ValueError):
+class GrammarError(InvalidRequestError):
     """A grammar or schema llguidance cannot compile; names the request field it came from."""
 
     def __init__(self, param: str, message: str) -> None:

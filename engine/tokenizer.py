@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from hearth.engine.token_bytes import TokenBytes, TokenPiece
+from hearth.engine.types import InvalidRequestError
 
 
-class TemplateError(ValueError):
+class TemplateError(InvalidRequestError):
     """The chat template could not render these messages (a client error)."""
 
 
