@@ -17,6 +17,7 @@ from hearth.engine.types import (
     EngineDeadError,
     GenerationOutput,
     GenerationRequest,
+    InvalidRequestError,
     QueueFullError,
     SamplingParams,
     TokenLogprob,
@@ -86,11 +87,14 @@ def check_text_length(engine: EngineClient, text_chars: int, param: str) -> None
 
 
 async def tokenize(fn: Callable[..., T], *args: Any, param: str = "messages") -> T:
-    """Run tokenization / chat-template rendering in a worker thread, off the event loop."""
+    """Run tokenization / chat-template rendering in a worker thread, off the event loop.
+
+    An InvalidRequestError (a template error, ...) is a 400; anything else is hearth's bug: a 500.
+    """
     try:
         return await asyncio.to_thread(fn, *args)
-    except ValueError as exc:  # template errors and the like are the client's
-        raise APIError(400, str(exc), param=param) from None
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), param=exc.param or param) from None
 
 
 def resolve_max_tokens(
@@ -119,7 +123,7 @@ def engine_error(exc: Exception) -> APIError:
         )
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_dead")
-    return APIError(400, str(exc))
+    return APIError(400, str(exc), param=getattr(exc, "param", None))
 
 
 async def open_stream(
@@ -145,7 +149,7 @@ async def open_stream(
         expiry.check(first)
     except StopAsyncIteration:
         first = None
-    except (ValueError, QueueFullError, EngineDeadError) as exc:
+    except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
         expiry.cancel()
         raise engine_error(exc) from None
     except BaseException:

@@ -1,4 +1,7 @@
-"""Server-wide settings that are not per-model (auth, CORS, the Responses store, limits)."""
+"""Server-wide settings that are not per-model (auth, CORS, the Responses store, limits, drain).
+
+The one source of their defaults: `hearth serve`'s flags read them from here.
+"""
 
 from __future__ import annotations
 
@@ -14,3 +17,4 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
     max_n: int = 16  # samples per prompt
     request_timeout_s: float | None = 600.0  # then the request is aborted (504 / error event)
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may finish

@@ -147,3 +147,17 @@ def test_cli_help_explains_every_flag() -> None:
     ):
         assert flag in result.stdout
     assert run_cli("--help").returncode == 0
+
+
+def test_serve_flag_defaults_are_the_settings_defaults() -> None:
+    """One source of truth: `hearth serve` without flags runs ServerSettings' defaults."""
+    from hearth.server.settings import ServerSettings
+
+    from hearth.cli import build_parser, server_settings
+
+    args = build_parser().parse_args(["serve"])
+    assert server_settings(args, ()) == ServerSettings()
+    serve_help = run_cli("serve", "--help").stdout
+    assert "(default: 4MiB)" in serve_help and "(default: 600)" in serve_help
+    assert "(default 0.9;" in serve_help
+    assert "{auto,none,fp8,gguf}" in serve_help

@@ -289,6 +289,58 @@ def test_queue_full_is_429_with_retry_after() -> None:
     assert response.headers["retry-after"] == "1"
 
 
+def test_an_unexpected_engine_error_is_a_500_with_a_logged_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only an InvalidRequestError is the client's (400): a ValueError in the engine is a bug."""
+    import logging
+
+    client, engine = make_client()
+    client = TestClient(client.app, raise_server_exceptions=False)
+
+    def bug(*args, **kwargs):
+        raise ValueError("bug")
+
+    async def buggy_generate(request):
+        raise ValueError("bug")
+        yield  # pragma: no cover
+
+    for attribute, fault in (("generate", buggy_generate), ("encode_chat", bug)):
+        real = getattr(engine, attribute)
+        setattr(engine, attribute, fault)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="hearth.server"):
+            for stream in (False, True):
+                error = assert_envelope(chat(client, stream=stream), 500)
+                assert error["type"] == "server_error"
+        assert "Traceback" in caplog.text and "ValueError: bug" in caplog.text
+        setattr(engine, attribute, real)
+    assert chat(client).status_code == 200
+
+
+def test_an_invalid_request_error_is_a_400_naming_its_param() -> None:
+    from hearth.engine.types import InvalidRequestError
+
+    client, engine = make_client()
+
+    async def refuse(request):
+        raise InvalidRequestError("the messages cannot be served", param="messages")
+        yield  # pragma: no cover
+
+    engine.generate = refuse
+    error = assert_envelope(chat(client), 400, "messages")
+    assert error["message"] == "the messages cannot be served"
+    assert error["type"] == "invalid_request_error"
+
+    def bad_template(*args, **kwargs):
+        raise InvalidRequestError("no tools here", param="tools")
+
+    engine.encode_chat = bad_template
+    assert_envelope(chat(client, stream=True), 400, "tools")
+    engine.encode_chat = lambda *a, **k: (_ for _ in ()).throw(InvalidRequestError("bad"))
+    assert_envelope(chat(client), 400, "messages")  # no param of its own: the field tokenized
+
+
 def test_engine_error_mid_stream_is_an_error_event_then_done() -> None:
     import json
 
@@ -357,12 +409,11 @@ def test_a_stop_signal_turns_the_server_to_draining() -> None:
     import signal
 
     import uvicorn
-
-    from hearth.cli import Server
+    from hearth.server.lifecycle import DrainingServer
 
     client, _ = make_client()
     registry = client.app.state.registry
-    server = Server(uvicorn.Config(client.app), registry)
+    server = DrainingServer(uvicorn.Config(client.app), registry)
     server.handle_exit(signal.SIGTERM, None)
     assert registry.state == "draining" and not server.should_exit  # still answering: 503
     assert client.get("/health").status_code == 503

@@ -1,0 +1,268 @@
+"""What `hearth serve` runs once its flags are read: pick the models, then serve them.
+
+Under torchrun (tensor parallelism) every process joins the group first; rank 0 serves and the
+others follow its steps. Serving starts the HTTP server at once (503 while loading) and loads the
+models, building one engine each, in a background thread. torch is imported only to load.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from hearth.engine.config import (
+    ConfigError,
+    HearthConfig,
+    ModelConfig,
+    load_config,
+    resolve_sources,
+)
+from hearth.engine.loading.sources import Source, looks_like_hub_id
+from hearth.server.app import create_app
+from hearth.server.lifecycle import DrainingServer
+from hearth.server.registry import ModelRegistry
+from hearth.server.settings import ServerSettings
+
+log = logging.getLogger("hearth")
+
+STARTED = time.monotonic()  # for "ready N s after start"
+DEFAULT_CONFIG = "models.yaml"  # read when present; another path must exist
+
+
+@dataclass
+class Selection:
+    """The models to serve, where each one's weights come from, and the dir paths resolve in."""
+
+    models: list[ModelConfig]
+    sources: dict[str, Source]
+    base_dir: Path
+
+
+def select_models(
+    config: str = DEFAULT_CONFIG,
+    model: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    engine_overrides: dict[str, Any] | None = None,
+) -> Selection:
+    """The models of `config`, or the one `model` names (an id or alias there, else a source),
+    with `overrides` (ModelConfig fields) and `engine_overrides` (EngineSettings fields) applied
+    to every one; ConfigError if anything is invalid."""
+    config_path = Path(config)
+    explicit_config = config != DEFAULT_CONFIG
+    models: list[ModelConfig] = []
+    base_dir = Path.cwd()
+    name = str(config_path)
+    if config_path.exists() or explicit_config or model is None:
+        loaded = load_config(config_path)
+        models = list(loaded.models)
+        base_dir = config_path.resolve().parent
+    if model:
+        chosen = [m for m in models if model in m.names]
+        if chosen:
+            models = chosen
+        else:
+            models = [ModelConfig(id=_id_for_source(model), source=model)]
+            name = "--model"
+            base_dir = Path.cwd()
+    overrides, engine_overrides = overrides or {}, engine_overrides or {}
+    if overrides or engine_overrides:
+        try:
+            models = [_override(m, overrides, engine_overrides) for m in models]
+        except ValidationError as exc:
+            raise ConfigError(f"--device/--dtype/...: {exc.errors()[0]['msg']}") from None
+    return Selection(models, resolve_sources(HearthConfig(models=models), name, base_dir), base_dir)
+
+
+def _id_for_source(source: str) -> str:
+    if looks_like_hub_id(source) and not Path(source).exists():
+        return source
+    path = Path(source.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _override(model: ModelConfig, overrides: dict, engine_overrides: dict) -> ModelConfig:
+    data = {**model.model_dump(), **overrides}
+    data["engine"] = {**data["engine"], **engine_overrides}
+    return ModelConfig.model_validate(data)
+
+
+def read_api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
+    """The accepted keys: `keys`, then env HEARTH_API_KEY (comma-separated), then `key_file`'s
+    lines (blank lines and # comments skipped), without repeats; ConfigError if unreadable."""
+    keys = list(keys)
+    keys += [k.strip() for k in os.environ.get("HEARTH_API_KEY", "").split(",") if k.strip()]
+    if key_file:
+        try:
+            lines = Path(key_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file: {exc.strerror}: {key_file}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return tuple(dict.fromkeys(keys))
+
+
+def bind_warning(host: str, keys: tuple[str, ...]) -> str | None:
+    """The warning for serving a non-loopback address without an API key, else None."""
+    if keys or is_loopback(host):
+        return None
+    return (
+        f"SECURITY WARNING: binding {host} without an API key: anyone who can reach this port "
+        "can use the models. Set --api-key (or HEARTH_API_KEY), or bind 127.0.0.1."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    selection: Selection, settings: ServerSettings, host: str, port: int, log_level: str
+) -> int:
+    """Serve the selection until stopped; the exit code (2: torchrun misfit, 1: loading failed)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: tensor parallelism
+        rank = join_tensor_parallel(selection)
+        if rank < 0:
+            return 2
+        if rank > 0:
+            return follow_rank0(selection)
+
+    warning = bind_warning(host, settings.api_keys)
+    if warning:
+        log.warning("%s\n%s\n%s", "!" * 80, warning, "!" * 80)
+    registry = ModelRegistry()
+    server = DrainingServer(
+        uvicorn.Config(
+            create_app(registry, settings),
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=log_level == "debug",
+            log_config=None,
+            timeout_graceful_shutdown=5,  # after the drain, only closing is left
+        ),
+        registry,
+        drain_timeout=settings.drain_timeout_s,
+    )
+    base_url = f"http://{'localhost' if is_loopback(host) else host}:{port}/v1"
+    loader = ModelLoader(selection, registry, server, base_url)
+    loader.start()
+    server.serve_until_stopped()
+    return loader.exit_code
+
+
+def join_tensor_parallel(selection: Selection) -> int:
+    """Join torchrun's process group; this rank, or -1 when the config does not fit it."""
+    from hearth.engine import distributed
+
+    world = distributed.init_from_env()
+    sizes = [config.tensor_parallel_size for config in selection.models]
+    if sizes != [world]:
+        print(
+            f"hearth: error: under torchrun ({world} processes) serve exactly one model with "
+            f"tensor_parallel_size: {world} (got {sizes})",
+            file=sys.stderr,
+        )
+        return -1
+    return distributed.rank()
+
+
+def follow_rank0(selection: Selection) -> int:
+    """A tensor-parallel rank other than 0: load this rank's shard and run rank 0's steps."""
+    from hearth.engine.async_engine import follow
+    from hearth.engine.loading.loader import configure_cpu_threads, load_model
+
+    # torchrun passes SIGTERM/SIGINT to every rank: only rank 0 acts on them (it drains, then
+    # its close() ends this loop); a follower that left early would stall rank 0's collectives.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    [config] = selection.models
+    loaded = load_model(config, selection.sources[config.id], base_dir=selection.base_dir)
+    if loaded.device.type == "cpu":
+        configure_cpu_threads()
+    follow(loaded)
+    return 0
+
+
+class ModelLoader(threading.Thread):
+    """Loads every model (progress bar), registers its engine, then logs one ready line per
+    model; if loading fails, logs why, sets `exit_code` to 1 and stops the server."""
+
+    def __init__(
+        self, selection: Selection, registry: ModelRegistry, server: DrainingServer, base_url: str
+    ) -> None:
+        super().__init__(name="hearth-loader", daemon=True)
+        self.selection = selection
+        self.registry = registry
+        self.server = server
+        self.base_url = base_url
+        self.exit_code = 0
+
+    def run(self) -> None:
+        selection, registry = self.selection, self.registry
+        try:
+            from tqdm import tqdm
+
+            from hearth.engine.async_engine import build_engine
+            from hearth.engine.loading.loader import (
+                LoadError,
+                cpu_thread_count,
+                load_model,
+                single_threaded,
+            )
+
+            tqdm.monitor_interval = 0  # progress bars: no monitor thread left waking up
+            single_threaded()  # the engine threads alone run torch multi-threaded
+            for config in tqdm(
+                selection.models,
+                desc="Loading models",
+                unit="model",
+                disable=len(selection.models) < 2,
+            ):
+                source = selection.sources[config.id]
+                loaded = load_model(config, source, base_dir=selection.base_dir)
+                if loaded.device.type == "cpu":
+                    log.info("CPU: %d torch threads, %s", cpu_thread_count(), str(loaded.dtype)[6:])
+                registry.add(build_engine(loaded))
+            registry.mark_ready()
+            for engine in registry.engines:
+                info = engine.info
+                log.info(
+                    "ready: %s (source %s) on %s, %s, KV capacity %d tokens, max_model_len %d",
+                    info.model_id,
+                    info.source,
+                    info.device,
+                    info.dtype,
+                    info.kv_capacity_tokens,
+                    info.max_model_len,
+                )
+            log.info(
+                "serving %d model(s) at %s (ready %.1f s after start)",
+                len(registry.engines),
+                self.base_url,
+                time.monotonic() - STARTED,
+            )
+        except (LoadError, MemoryError) as exc:
+            log.error("%s", exc)
+            self._failed()
+        except Exception:
+            log.exception("loading failed")
+            self._failed()
+
+    def _failed(self) -> None:
+        self.exit_code = 1
+        self.server.stop()
