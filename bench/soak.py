@@ -30,9 +30,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # bench.*; hearth comes installed
 
-from hearth.server.metrics import LOAD_GAUGES, read_load_gauges  # noqa: E402
-
 from bench.machine import describe  # noqa: E402
+from hearth.server.metrics import LOAD_GAUGES, read_load_gauges  # noqa: E402
 
 KINDS = ("chat", "completions", "responses")
 
@@ -292,9 +291,9 @@ async def soak(
 def tiny_checkpoint(out: Path) -> Path:
     """A 2-layer random-weight Llama with SmolLM2's tokenizer (as the test suite builds it)."""
     sys.path.append(str(ROOT))  # bench.*; hearth comes installed
-    from hearth.engine.loading.sources import resolve_source
     from transformers import AutoTokenizer
 
+    from hearth.engine.loading.sources import resolve_source
     from tests.conftest import DEFAULT_GGUF, build_tiny_checkpoint
 
     source = resolve_source(DEFAULT_GGUF)

@@ -18,11 +18,10 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
-from hearth.engine.config import EngineSettings
-from hearth.engine.runner import ModelRunner, StepInputs
-
 from bench.engine_bench import load, sync
 from bench.machine import describe
+from hearth.engine.config import EngineSettings
+from hearth.engine.runner import ModelRunner, StepInputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run with --shape tiny
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from hearth.engine.core import EngineCore, FatalStepError
 from hearth.engine.kv_cache import KVCacheSpec, budget_problem, num_kv_blocks
 from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count

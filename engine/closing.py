@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import llguidance
 import torch
+
 from hearth.engine.sampler import sample
 from hearth.engine.types import SamplingParams
 

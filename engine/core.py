@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
+
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.closing import ClosingState
 from hearth.engine.config import EngineSettings
@@ -27,7 +29,6 @@ from hearth.engine.types import (
     TokenLogprob,
     ended_output,
 )
-from transformers import PreTrainedModel
 
 log = logging.getLogger("hearth.engine")
 

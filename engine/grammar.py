@@ -11,6 +11,7 @@ from typing import Any
 
 import llguidance
 import torch
+
 from hearth.engine.closing import Closer
 from hearth.engine.types import JSON_STYLE, Grammar, InvalidRequestError
 

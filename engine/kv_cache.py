@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
+
 from hearth.engine import distributed
 from hearth.engine.config import EngineSettings
-from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
+
 from hearth.engine import distributed
 from hearth.engine.config import EngineSettings
 from hearth.engine.kernels import autotune, selection
@@ -23,7 +25,6 @@ from hearth.engine.kernels.patching import (
 from hearth.engine.kernels.selection import Kernels
 from hearth.engine.kv_cache import KVCache, KVCacheSpec, layer_devices
 from hearth.engine.scheduler import Scheduled
-from transformers import PreTrainedModel
 
 __all__ = ["ModelRunner", "StepInputs"]
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from hearth.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+
+from hearth import __version__
 from hearth.server.chat.route import router as chat_router
 from hearth.server.completions.route import router as completions_router
 from hearth.server.errors import install_error_handlers
@@ -14,8 +16,6 @@ from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
 from hearth.server.responses.route import router as responses_router
 from hearth.server.settings import ServerSettings
-
-from hearth import __version__
 
 
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Request
+
 from hearth.server.errors import APIError
 
 

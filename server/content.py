@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from pydantic import Discriminator, Tag
+
 from hearth.server.errors import APIError
 from hearth.server.wire import WireModel
-from pydantic import Discriminator, Tag
 
 MEDIA_TYPES = ("image_url", "input_audio", "file", "input_image", "input_file")
 

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hearth.engine.types import InvalidRequestError
+
 log = logging.getLogger("hearth.server")
 
 _TYPES = {
@@ -129,6 +131,11 @@ async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+async def _on_invalid_request(_: Request, exc: InvalidRequestError) -> JSONResponse:
+    """The client's to fix, wherever it surfaced (the routes catch most of them closer)."""
+    return JSONResponse(error_body(str(exc), "invalid_request_error", exc.param), status_code=400)
+
+
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error")
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}"), status_code=500)
@@ -136,6 +143,7 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(InvalidRequestError, _on_invalid_request)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
+
 from hearth.engine.types import (
     EngineClient,
     EngineDeadError,

@@ -10,6 +10,7 @@ import logging
 import time
 
 import uvicorn
+
 from hearth.server.registry import ModelRegistry
 from hearth.server.settings import ServerSettings
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+
 from hearth.engine.types import EngineClient
 from hearth.server.auth import require_api_key
 

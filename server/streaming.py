@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+
 from hearth.server.errors import APIError, error_body
 
 log = logging.getLogger("hearth.server")

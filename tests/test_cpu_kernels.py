@@ -8,12 +8,13 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from hearth.engine.config import EngineSettings
 from hearth.engine.kernels import cpu_kernels
 from hearth.engine.kernels.cpu_linear import pack_model
 from hearth.engine.kernels.fusion import fuse_projections, restore_forwards
 from hearth.engine.runner import ModelRunner
-from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def runnable(name: str) -> str:

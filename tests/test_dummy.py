@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from bench.shapes import write_checkpoint
 from hearth.engine.async_engine import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import LoadError, load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.types import GenerationRequest, SamplingParams
-
-from bench.shapes import write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hearth.engine.async_engine import AsyncEngine, build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.types import GenerationRequest, SamplingParams
-
 from tests.conftest import build_tiny_checkpoint
 
 
@@ -398,9 +398,10 @@ def test_invalid_grammar_is_rejected_before_queueing(engine: AsyncEngine) -> Non
 def test_grammar_token_view_reads_byte_level_tokens(smollm_tokenizer_dir: Path) -> None:
     """transformers 5.17 converts SmolLM2's GGUF vocabulary with a sentencepiece-style decoder
     around ByteLevel; llguidance must still read 'Ġ' as a space, or JSON grammars stall."""
-    from hearth.engine.grammar import token_view
     from tokenizers import decoders
     from transformers import AutoTokenizer
+
+    from hearth.engine.grammar import token_view
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
     tokenizer.backend_tokenizer.decoder = decoders.Sequence(
@@ -464,10 +465,11 @@ def test_auto_kernels_that_cannot_launch_give_way(
     """auto chose the Triton kernels (as on a GPU), but they fail to launch (too little shared
     memory, say): the runner starts on the PyTorch paths and says why."""
     pytest.importorskip("triton")
+    from transformers import AutoModelForCausalLM
+
     import hearth.engine.runner as runner_module
     from hearth.engine.config import EngineSettings
     from hearth.engine.kernels import fused_ops, selection, triton_attention
-    from transformers import AutoModelForCausalLM
 
     def out_of_resources(*_, **__):
         raise RuntimeError("out of resource: shared memory, Required: 155648, limit: 101376")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+
 from hearth.engine.async_engine import AsyncEngine
 from hearth.engine.types import (
     EngineDeadError,
@@ -18,7 +19,6 @@ from hearth.engine.types import (
 )
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
-
 from tests.test_engine import prompts, start_engine
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import LoadError, load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.quantization import fp8
 from hearth.engine.quantization.fp8 import Fp8Linear, dequantize, quantize_model, quantize_weight
-from torch import nn
-
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from hearth.server.app import create_app
-from hearth.server.registry import ModelRegistry
 from hypothesis import HealthCheck, Phase, settings
 
+from hearth.server.app import create_app
+from hearth.server.registry import ModelRegistry
 from tests.fakes import FakeEngine
 
 STATUSES: collections.Counter[str] = collections.Counter()

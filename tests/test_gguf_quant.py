@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from hearth.engine.config import ModelConfig
 from hearth.engine.kernels import gguf_kernels
 from hearth.engine.kernels.gguf_kernels import BlockWeight
 from hearth.engine.loading.loader import LoadError, load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.quantization import gguf_weights
-
 from tests.gguf_fixture import write_tiny_gguf
 
 VARIANTS = gguf_kernels.variants()

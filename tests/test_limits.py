@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
 from hearth.server.settings import ServerSettings
-
 from tests.fakes import FakeEngine
 from tests.test_server import assert_envelope
 

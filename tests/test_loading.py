@@ -75,7 +75,6 @@ def test_sliding_window_models_are_capped_to_their_window(
     from hearth.engine.config import ModelConfig
     from hearth.engine.loading.loader import load_model
     from hearth.engine.loading.sources import resolve_source
-
     from tests.conftest import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path / "mistral", smollm_tokenizer_dir, "mistral")
@@ -86,10 +85,11 @@ def test_sliding_window_models_are_capped_to_their_window(
 
 
 def test_attention_softcapping_is_refused_with_one_line(tmp_path: Path) -> None:
+    from transformers import Gemma2Config
+
     from hearth.engine.config import ModelConfig
     from hearth.engine.loading.loader import LoadError, load_model
     from hearth.engine.loading.sources import resolve_source
-    from transformers import Gemma2Config
 
     Gemma2Config(vocab_size=128, hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path)
     config = ModelConfig(id="g", source=str(tmp_path), device="cpu")

@@ -10,7 +10,6 @@ from hearth.server.logprobs import (
     completion_logprobs,
     token_string,
 )
-
 from tests.fakes import FakeEngine
 
 EOS = 300  # FakeEngine: ids from 256 up are special tokens, shown as <|id|>
@@ -87,8 +86,9 @@ def test_special_tokens_mid_text_are_listed_with_their_text() -> None:
 
 
 def test_byte_level_bpe_tokens_map_back_to_their_raw_bytes(smollm_tokenizer_dir) -> None:
-    from hearth.engine.tokenizer import ChatTokenizer
     from transformers import AutoTokenizer
+
+    from hearth.engine.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(smollm_tokenizer_dir))
     text = "Hi 😀 there, it's é"

@@ -10,13 +10,13 @@ from typing import Any
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from openai.types.responses import Response
+
 from hearth.engine.types import GenerationOutput, GenerationRequest
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
 from hearth.server.responses.store import ResponseStore
 from hearth.server.settings import ServerSettings
-from openai.types.responses import Response
-
 from tests.conftest import running_server
 from tests.fakes import FakeEngine
 

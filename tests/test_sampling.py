@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from hearth.engine.sampler import logprobs_of, sample
 from hearth.engine.types import SamplingParams
 

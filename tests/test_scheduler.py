@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.scheduler import Scheduler
 from hearth.engine.sequence import Sequence, Status
 from hearth.engine.types import SamplingParams
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def make(prompt: list[int], max_tokens: int = 8, rid: str = "r") -> Sequence:

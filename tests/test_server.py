@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
 from hearth.server.settings import ServerSettings
-
 from tests.fakes import FakeEngine
 
 
@@ -409,6 +409,7 @@ def test_a_stop_signal_turns_the_server_to_draining() -> None:
     import signal
 
     import uvicorn
+
     from hearth.server.lifecycle import DrainingServer
 
     client, _ = make_client()

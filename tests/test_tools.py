@@ -8,11 +8,11 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from hearth.server.tool_parser import ToolCallParser, parse_output
-from hearth.server.tools import Tool, call_grammar, prepare_messages
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hearth.server.tool_parser import ToolCallParser, parse_output
+from hearth.server.tools import Tool, call_grammar, prepare_messages
 from tests.conftest import running_server
 from tests.fakes import FakeEngine
 from tests.test_responses import assert_envelope, events_of
@@ -427,8 +427,9 @@ def test_live_responses_tool_round_trip(sdk: Any) -> None:
 
 
 def test_tool_aware_templates_render_tools_and_pick_the_parser(smollm_tokenizer_dir) -> None:
-    from hearth.engine.tokenizer import ChatTokenizer
     from transformers import AutoTokenizer
+
+    from hearth.engine.tokenizer import ChatTokenizer
 
     hf = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
     plain = ChatTokenizer(hf)

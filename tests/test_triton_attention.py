@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hearth.engine.config import EngineSettings
 from hearth.engine.kernels.selection import Kernels, choose_kernels
-
 from tests.conftest import ROOT
 
 pytest.importorskip("triton")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from hearth.engine.kernels.autotune_cache import decision_key, load_decision, store_decision
 from hearth.engine.kernels.cpu_linear import MAX_ROWS as MATMUL_ROWS
 from hearth.engine.kernels.selection import Kernels

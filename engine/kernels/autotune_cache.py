@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from hearth.engine.kernels.selection import Kernels
 
+from hearth.engine.kernels.selection import Kernels
 from hearth.paths import cache_dir
 
 if TYPE_CHECKING:

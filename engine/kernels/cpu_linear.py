@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hearth.engine.kernels import cpu_kernels
 from hearth.engine.kernels.fusion import set_forward
-from torch import nn
 
 log = logging.getLogger("hearth.engine")
 

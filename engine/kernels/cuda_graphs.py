@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from hearth.engine.kernels.attention import PagedBatch
 from hearth.engine.kernels.devices import on_device
 

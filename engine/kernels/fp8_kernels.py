@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from hearth.engine.kernels.devices import on_device
 
 _DIV_RN = hasattr(tl.math, "div_rn")

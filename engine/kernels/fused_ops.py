@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import nn
+
 from hearth.engine.kernels.devices import on_device
 from hearth.engine.kernels.fusion import set_forward
-from torch import nn
 
 # Norms computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) (not Gemma's 1 + weight).
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}

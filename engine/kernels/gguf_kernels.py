@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from hearth.engine.kernels.cpu_kernels import _compiler, open_variant
 
 log = logging.getLogger("hearth.engine")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import PreTrainedModel
+
 from hearth.engine.config import EngineSettings
 from hearth.engine.kernels.attention import register
 from hearth.engine.kernels.cuda_graphs import DecodeGraphs, Forward, GraphCaptureError
 from hearth.engine.kernels.fusion import fuse_projections, reattach_groups, restore_forwards
 from hearth.engine.kernels.selection import Kernels
 from hearth.engine.kv_cache import KVCache
-from transformers import PreTrainedModel
 
 log = logging.getLogger("hearth.engine")
 

@@ -19,9 +19,10 @@ import os
 from typing import NamedTuple
 
 import torch
+from transformers import PreTrainedModel
+
 from hearth.engine.config import EngineSettings
 from hearth.engine.kv_cache import KVCacheSpec
-from transformers import PreTrainedModel
 
 log = logging.getLogger("hearth.engine")
 

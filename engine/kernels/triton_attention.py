@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from hearth.engine.kernels.devices import on_device
 
 TILE_TOKENS = 64  # context tokens each iteration reads: several blocks, more loads in flight

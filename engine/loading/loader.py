@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
 from hearth.engine import distributed
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading import dummy
@@ -16,7 +18,6 @@ from hearth.engine.loading.gguf_cache import converted_checkpoint
 from hearth.engine.loading.sources import Source
 from hearth.engine.quantization import gguf_weights
 from hearth.engine.quantization.fp8_checkpoint import load_fp8_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 log = logging.getLogger("hearth.loader")
 

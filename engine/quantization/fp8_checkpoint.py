@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from hearth.engine.quantization.fp8 import (
     FP8,
     Fp8Linear,
@@ -47,7 +49,6 @@ from hearth.engine.quantization.fp8 import (
     quantize_weight,
     skipped,
 )
-from torch import nn
 
 log = logging.getLogger("hearth.fp8")
 

@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from hearth.engine.kernels.fusion import GROUPS
 from hearth.engine.kernels.gguf_kernels import BlockWeight
 from hearth.engine.loading.gguf_cache import file_digest
-from torch import nn
-
 from hearth.paths import cache_dir
 
 log = logging.getLogger("hearth.loader")

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
 from hearth.engine.kernels import gguf_kernels
 from hearth.engine.kernels.fusion import GROUPS, set_forward
 from hearth.engine.kernels.gguf_kernels import BlockWeight
-from torch import nn
 
 # Up to this many rows the block kernel is the fastest: it streams ~5x fewer bytes than float32
 # but dequantizes each block once per register tile of rows (4 on avx512, 2 on avx2; a partial

@@ -16,11 +16,12 @@ import re
 
 import numpy as np
 import torch
+from torch import nn
+
 from hearth.engine.kernels import gguf_kernels
 from hearth.engine.kernels.gguf_kernels import BlockWeight
 from hearth.engine.loading.gguf_file import GGUFFile, TensorInfo, read_gguf
 from hearth.engine.quantization import gguf_block_cache
-from torch import nn
 
 log = logging.getLogger("hearth.loader")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
 from hearth.server.content import Part, parts_text
 from hearth.server.tools import call_json
 from hearth.server.wire import (
@@ -13,7 +15,6 @@ from hearth.server.wire import (
     WireModel,
     check_stream_options,
 )
-from pydantic import Field, model_validator
 
 
 class _Request(WireModel):

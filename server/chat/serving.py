@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+
 from hearth.engine.types import (
     EngineClient,
     GenerationOutput,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from hearth.server.wire import SamplingFields, check_stream_options
 from pydantic import Field, field_validator, model_validator
+
+from hearth.server.wire import SamplingFields, check_stream_options
 
 
 class CompletionRequest(SamplingFields):

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+
 from hearth.server.auth import require_api_key
 from hearth.server.completions.protocol import CompletionRequest
 from hearth.server.completions.serving import serve_completion

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+
 from hearth.engine.types import EngineClient, GenerationOutput, GenerationRequest
 from hearth.server.completions.protocol import CompletionRequest
 from hearth.server.errors import APIError

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from pydantic import Discriminator, Field, Tag, field_validator
+
 from hearth.engine.types import SamplingParams
 from hearth.server.content import Part, parts_text
 from hearth.server.tools import call_json
 from hearth.server.wire import FunctionDef, WireModel
-from pydantic import Discriminator, Field, Tag, field_validator
 
 # Per-model defaults (models.yaml) used where the request lacks the field or leaves it unset.
 DEFAULTED = (

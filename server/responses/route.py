@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+
 from hearth.server.auth import require_api_key
 from hearth.server.generation import Context
 from hearth.server.responses import serving

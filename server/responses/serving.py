@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+
 from hearth.engine.types import (
     EngineClient,
     GenerationOutput,
