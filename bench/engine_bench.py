@@ -30,7 +30,8 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth 
 import hearth.engine.closing
 import hearth.engine.core
 from bench.machine import describe
-from hearth.engine.async_engine import AsyncEngine, build_engine
+from hearth.engine.async_engine import AsyncEngine
+from hearth.engine.builder import build_engine
 from hearth.engine.config import EngineSettings, ModelConfig
 from hearth.engine.kernels.fusion import restore_forwards
 from hearth.engine.loading.loader import LoadedModel, configure_cpu_threads, load_model

@@ -22,7 +22,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
 from bench.machine import describe
-from hearth.engine.async_engine import build_engine
+from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import configure_cpu_threads, load_model
 from hearth.engine.loading.sources import resolve_source

@@ -19,7 +19,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
 from bench.machine import describe
-from hearth.engine.async_engine import build_engine
+from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.kernels.fusion import restore_forwards
 from hearth.engine.loading.loader import load_model

@@ -97,7 +97,7 @@ def hearth_runs(loaded, tokens: list[int], n: int, warm: int = 8) -> dict:
     """One engine, as `hearth serve` runs one model: built (its thread the only one running
     torch multi-threaded), warmed up, one request of n tokens, shut down (the thread and its
     OpenMP team end, so the next variant's engine is alone too)."""
-    from hearth.engine.async_engine import build_engine
+    from hearth.engine.builder import build_engine
 
     engine = build_engine(loaded)
     try:

@@ -18,6 +18,9 @@ complete ('stop'), for any sampled path, temperature or seed. When even the firs
 longer than the budget, the steer still shortens it every step and the sample ends cut off
 ('length'); a grammar the walk finds no plan for (within PLAN_CAP tokens) is not steered.
 Logprobs stay the model's (masked) ones: only which tokens may be sampled changes.
+
+Longer than ~300 lines on purpose: one algorithm (the walk, its cost and the steering that
+uses it) whose invariants only read together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Synchronous engine core: schedule a step, run it, sample, and emit per-sample outputs."""
+"""Synchronous engine core: schedule a step, run it, sample, and emit per-sample outputs.
+
+Longer than ~300 lines on purpose: one class, `EngineCore`, whose request lifecycle (admit,
+step, finish or fail) reads top to bottom; the work itself lives in the scheduler, the runner
+and the sampler.
+"""
 
 from __future__ import annotations
 

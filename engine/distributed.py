@@ -36,13 +36,6 @@ def init_from_env() -> int:
     return world_size()
 
 
-def local_device() -> str:
-    """This rank's device: cuda:LOCAL_RANK, or cpu."""
-    if torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return "cpu"
-
-
 def broadcast(value: Any = None) -> Any:
     """Rank 0 sends `value` (any picklable object); every rank returns it."""
     box = [value]

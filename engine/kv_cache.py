@@ -1,7 +1,7 @@
 """The paged KV cache: its shape (`KVCacheSpec`), the memory budget, budget → block count, and the
 per-layer tensors (`KVCache`).
 
-Sizing runs before the engine starts (async_engine.build_engine): `num_kv_blocks` divides the
+Sizing runs before the engine starts (builder.build_engine): `num_kv_blocks` divides the
 budget (`kv_budget_bytes`) by the bytes of one block on this rank. The runner then allocates
 `KVCache(spec, num_blocks, block_size, devices)`: per layer K and V of
 [num_blocks + 1, block_size, Hkv, D], the last block a scratch block no sequence owns.

@@ -183,7 +183,7 @@ def join_tensor_parallel(selection: Selection) -> int:
 
 def follow_rank0(selection: Selection) -> int:
     """A tensor-parallel rank other than 0: load this rank's shard and run rank 0's steps."""
-    from hearth.engine.async_engine import follow
+    from hearth.engine.builder import follow
     from hearth.engine.loading.loader import configure_cpu_threads, load_model
 
     # torchrun passes SIGTERM/SIGINT to every rank: only rank 0 acts on them (it drains, then
@@ -217,7 +217,7 @@ class ModelLoader(threading.Thread):
         try:
             from tqdm import tqdm
 
-            from hearth.engine.async_engine import build_engine
+            from hearth.engine.builder import build_engine
             from hearth.engine.loading.loader import (
                 LoadError,
                 cpu_thread_count,

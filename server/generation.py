@@ -1,5 +1,9 @@
 """The engine-client glue features share: tokenizing off the loop, length checks, streams (with
-their limits, deadline and metrics), disconnects."""
+their limits, deadline and metrics), disconnects.
+
+Longer than ~300 lines on purpose: it is one request's life between the route and the engine
+(open, expire, collect, close), which every feature shares; split, it would scatter that life.
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.shapes import write_checkpoint
-from hearth.engine.async_engine import build_engine
+from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import LoadError, load_model
 from hearth.engine.loading.sources import resolve_source

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hearth.engine.async_engine import AsyncEngine, build_engine
+from hearth.engine.async_engine import AsyncEngine
+from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import load_model
 from hearth.engine.loading.sources import resolve_source
@@ -511,17 +512,17 @@ def test_the_engine_thread_builds_its_core_and_alone_runs_torch_multithreaded(
     A build that fails ends the thread and raises in the caller."""
     import threading
 
-    import hearth.engine.async_engine as async_engine
+    import hearth.engine.builder as builder
     from hearth.engine.loading.loader import LoadError
 
     built_on: list[tuple[str, int]] = []
-    real = async_engine.EngineCore
+    real = builder.EngineCore
 
     def recording(*args, **kwargs):
         built_on.append((threading.current_thread().name, torch.get_num_threads()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(async_engine, "EngineCore", recording)
+    monkeypatch.setattr(builder, "EngineCore", recording)
     monkeypatch.setenv("HEARTH_NUM_THREADS", "2")
     engine = start_engine(tiny_llama_dir, autotune="off")
     try:
@@ -533,7 +534,7 @@ def test_the_engine_thread_builds_its_core_and_alone_runs_torch_multithreaded(
     def failing(*args, **kwargs):
         raise ValueError("decode_kernel triton needs CUDA")
 
-    monkeypatch.setattr(async_engine, "EngineCore", failing)
+    monkeypatch.setattr(builder, "EngineCore", failing)
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(LoadError, match=r"^tiny: decode_kernel triton needs CUDA$"):
         start_engine(tiny_llama_dir)

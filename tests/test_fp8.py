@@ -263,7 +263,7 @@ def test_prequantized_checkpoints_load_into_fp8_layers(
 def test_quantization_fp8_serves_a_plain_checkpoint_end_to_end(tiny_llama_dir: Path) -> None:
     """quantization: fp8 on CPU: weight-only fp8, the engine's greedy tokens equal generate()
     on the dequantized model (fusion and the engine's paged attention included)."""
-    from hearth.engine.async_engine import build_engine
+    from hearth.engine.builder import build_engine
     from hearth.engine.types import GenerationRequest, SamplingParams
 
     loaded = load(tiny_llama_dir, quantization="fp8", engine={"kv_cache_memory": "16MiB"})
@@ -327,7 +327,7 @@ def test_refusals_are_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
 FP8_ENGINE_CHECK = """
 import asyncio, sys, torch
 from hearth.engine.quantization import fp8
-from hearth.engine.async_engine import build_engine
+from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import load_model
 from hearth.engine.loading.sources import resolve_source

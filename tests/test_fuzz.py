@@ -69,7 +69,7 @@ TINY = schemathesis.openapi.from_asgi("/openapi.json", create_app(TINY_REGISTRY)
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_llama_dir: Path):
     """The real engine on the tiny model with a 32-token context, so any request is cheap."""
-    from hearth.engine.async_engine import build_engine
+    from hearth.engine.builder import build_engine
     from hearth.engine.config import ModelConfig
     from hearth.engine.loading.loader import load_model
     from hearth.engine.loading.sources import resolve_source

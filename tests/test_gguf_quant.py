@@ -129,7 +129,7 @@ def test_a_block_type_without_kernels(tiny_gguf: Path, monkeypatch: pytest.Monke
 def test_greedy_outputs_with_gguf_equal_those_with_none(
     tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hearth.engine.async_engine import build_engine
+    from hearth.engine.builder import build_engine
     from hearth.engine.quantization.gguf_linear import MAX_ROWS
     from hearth.engine.types import GenerationRequest, SamplingParams
 

@@ -76,7 +76,7 @@ print("fused ok")
 ENGINE_CHECK = """
 import asyncio, json, sys, torch
 from transformers import AutoModelForCausalLM
-from hearth.engine.async_engine import build_engine
+from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import load_model
 from hearth.engine.loading.sources import resolve_source

@@ -16,6 +16,9 @@ matmul results (the same FMA chain per output). Each variant is built on first u
 system C++ compiler (`$CXX`, else g++ or c++) and cached under hearth's cache dir, keyed by the
 source, the flags, the compiler and the CPU; no compiler means no variants (`problem()` says
 why) and the engine keeps the PyTorch path.
+
+Longer than ~300 lines on purpose: the bindings of one C++ source (build per ISA, load, check,
+and one typed wrapper per kernel) change together with it.
 """
 
 from __future__ import annotations

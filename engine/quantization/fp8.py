@@ -15,6 +15,9 @@ Matmuls, per device (probed once per device by `quantizer`):
   (see its docstring for the quality cost).
 - Elsewhere (CPU, older GPUs, shapes _scaled_mm refuses): weight-only, the weight is dequantized
   to the input's dtype on every call and F.linear runs; memory is fp8's, speed is not.
+
+Longer than ~300 lines on purpose: the two halves of one format (how weights are quantized and
+the layer that multiplies by them) share their conventions and are checked against each other.
 """
 
 from __future__ import annotations

@@ -1,0 +1,98 @@
+"""Building a model's engine: size the KV cache, wrap the tokenizer, start the engine thread.
+
+`build_engine` serves a loaded model (rank 0); `follow` runs the other tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from hearth.engine.async_engine import AsyncEngine
+from hearth.engine.core import EngineCore
+from hearth.engine.kv_cache import KVCacheSpec, budget_problem, num_kv_blocks
+from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count
+from hearth.engine.runner import ModelRunner
+from hearth.engine.tokenizer import ChatTokenizer
+from hearth.engine.types import ModelInfo
+
+log = logging.getLogger("hearth.engine")
+
+
+def _kv_spec(loaded: LoadedModel) -> KVCacheSpec:
+    """The KV cache's shape on this rank (ValueError: KV heads that do not split over ranks)."""
+    return KVCacheSpec.from_model(loaded.model, loaded.dtype, loaded.config.tensor_parallel_size)
+
+
+def follow(loaded: LoadedModel) -> None:
+    """A tensor-parallel rank other than 0: run rank 0's steps on this rank's shard until it
+    shuts down (every rank sizes the same cache, so block ids mean the same everywhere)."""
+    runner = ModelRunner(
+        loaded.model,
+        num_kv_blocks(_kv_spec(loaded), loaded.config.engine, loaded.device),
+        loaded.dtype,
+        loaded.config.engine,
+        loaded.max_model_len,
+        loaded.config.tensor_parallel_size,
+    )
+    runner.follow()
+
+
+def build_engine(loaded: LoadedModel) -> AsyncEngine:
+    """Size the KV cache, wrap the tokenizer, and start the engine thread."""
+    settings = loaded.config.engine
+    spec = _kv_spec(loaded)
+    num_blocks = num_kv_blocks(spec, settings, loaded.device)
+    if num_blocks < 2:
+        problem = budget_problem(settings, loaded.device)
+        raise MemoryError(f"{loaded.config.id}: no memory for the KV cache ({problem})")
+    tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
+    tp_size = loaded.config.tensor_parallel_size
+    on_cpu = loaded.device.type == "cpu"
+    engine = AsyncEngine(
+        tokenizer, loaded.config.id, pace=on_cpu, threads=cpu_thread_count() if on_cpu else 0
+    )
+    try:
+        core = engine.start(
+            lambda: EngineCore(
+                loaded.model,
+                tokenizer,
+                settings,
+                loaded.max_model_len,
+                num_blocks,
+                loaded.dtype,
+                tp_size,
+            )
+        )
+    except ValueError as exc:  # an engine setting this model or machine cannot run: one line
+        raise LoadError(f"{loaded.config.id}: {exc}") from None
+    try:  # the engine thread runs already: it must not outlive a failed start
+        log.info(
+            "%s: KV cache %d tokens (%.2f GiB), %s",
+            loaded.config.id,
+            core.kv_capacity_tokens,
+            core.kv_capacity_tokens * spec.bytes_per_token / 2**30,
+            core.runner.kernels.describe(),
+        )
+        defaults = loaded.config.defaults.model_dump(exclude_none=True)
+        vocab = getattr(loaded.tokenizer, "get_vocab", dict)()
+        longest = max((len(token) for token in vocab), default=64)
+        info = ModelInfo(
+            model_id=loaded.config.id,
+            source=loaded.config.source,
+            max_model_len=loaded.max_model_len,
+            device=loaded.devices,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            kv_capacity_tokens=core.kv_capacity_tokens,
+            created=int(time.time()),
+            aliases=list(loaded.config.aliases),
+            default_sampling=defaults,
+            max_token_chars=max(1, longest),
+            tool_parser=tokenizer.tool_parser(loaded.config.tool_parser),
+            template_tools=tokenizer.template_tools,
+        )
+        engine.info = info
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine
