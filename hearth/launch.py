@@ -38,6 +38,9 @@ log = logging.getLogger("hearth")
 
 STARTED = time.monotonic()  # for "ready N s after start"
 DEFAULT_CONFIG = "models.yaml"  # read when present; another path must exist
+# Without ./models.yaml (e.g. after `pip install`, in any folder): the repository's models.yaml,
+# shipped in the package (hearth/models.yaml links to it), so `hearth serve` serves its default.
+PACKAGED_CONFIG = Path(__file__).resolve().parent / "models.yaml"
 
 
 @dataclass
@@ -60,6 +63,9 @@ def select_models(
     to every one; ConfigError if anything is invalid."""
     config_path = Path(config)
     explicit_config = config != DEFAULT_CONFIG
+    if not explicit_config and model is None and not config_path.exists():
+        log.info("no %s here: serving hearth's default models (%s)", config, PACKAGED_CONFIG)
+        config_path = PACKAGED_CONFIG
     models: list[ModelConfig] = []
     base_dir = Path.cwd()
     name = str(config_path)

@@ -61,6 +61,8 @@ def test_wheel_installs_only_hearth(wheel: Path) -> None:
         "hearth/server/app.py",
     ):
         assert path in names
+    shipped = zipfile.ZipFile(wheel).read("hearth/models.yaml").decode()
+    assert shipped == (ROOT / "models.yaml").read_text()  # the link's target, not the link
 
 
 def test_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
@@ -78,15 +80,19 @@ def test_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
     code = (
         "import importlib.util, hearth.engine.core, hearth.server.app, hearth.cli;"
         "print(hearth.engine.core.__file__);"
-        "print(importlib.util.find_spec('hearth.engine.kernels.cpu_kernels').origin)"
+        "print(importlib.util.find_spec('hearth.engine.kernels.cpu_kernels').origin);"
+        "from hearth.launch import select_models;"
+        "print('models:' + ','.join(m.id for m in select_models().models))"
     )
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    for line in out.stdout.split():
+    *paths, models = out.stdout.split()
+    for line in paths:
         assert line.startswith(str(site / "hearth")), line
+    assert models == "models:SmolLM2-135M-Instruct"  # no ./models.yaml here: the packaged one
     help_out = subprocess.run(
         [sys.executable, "-m", "hearth", "--help"], cwd=work, env=env,
         capture_output=True, text=True, timeout=120,
