@@ -4,13 +4,13 @@
 
 Prints bench.machine.describe(), then two tables of median times over interleaved repeats (each
 repeat times every candidate once, in turn, so machine noise hits them alike):
-- linear: F.linear (MKL) vs engine.cpu_kernels.linear per variant over packed weights, for
+- linear: F.linear (MKL) vs engine.kernels.cpu_kernels.linear per variant over packed weights, for
   SmolLM2-135M's linear shapes at M = 1, 8, 32, 64, 256 rows. Each call reads a different copy
   of the weight (copies spanning more than the last-level cache), as a decode step reads each
   layer's weights from memory;
 - paged decode: the PyTorch path (engine/kernels/attention.py: gather the blocks, SDPA) vs
-  engine.cpu_kernels.paged_decode per variant, SmolLM2's attention (9 heads, 3 KV heads, head
-  dim 64, block size 16) at batch 1 and 32, contexts of ~100 tokens.
+  engine.kernels.cpu_kernels.paged_decode per variant, SmolLM2's attention (9 heads, 3 KV heads,
+  head dim 64, block size 16) at batch 1 and 32, contexts of ~100 tokens.
 Ratios are the PyTorch time over the kernel's: above 1, the kernel is faster. On a shared
 machine, `--threads 1 --clock cpu` times CPU time instead of wall time: other jobs then barely
 move the figures (with 2+ threads, a descheduled thread stalls the others at each barrier).

@@ -124,7 +124,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
             source=args.shape,
             device=args.device,
             max_model_len=args.prompt_len + args.output_len + 16,
-            engine=engine_limits(args),
+            engine=engine_settings(args),
         )
         return LoadedModel(
             config,
@@ -137,12 +137,12 @@ def load(args: argparse.Namespace) -> LoadedModel:
             args.prompt_len + args.output_len + 16,
         )
     config = ModelConfig(
-        id="bench", source=args.source, device=args.device, engine=engine_limits(args)
+        id="bench", source=args.source, device=args.device, engine=engine_settings(args)
     )
     return load_model(config, resolve_source(config.source))
 
 
-def engine_limits(args: argparse.Namespace) -> dict:
+def engine_settings(args: argparse.Namespace) -> dict:
     limits = {"max_num_seqs": max(args.concurrency, 1)}
     if args.kv_memory:
         limits["kv_cache_memory"] = args.kv_memory
@@ -200,17 +200,17 @@ async def _run_hearth(engine: AsyncEngine, prompts, args, grammar: Grammar | Non
     return Result(name, sum(counts), end - start, ttfts, decode)
 
 
-def with_limits(loaded: LoadedModel, args: argparse.Namespace) -> LoadedModel:
+def with_settings(loaded: LoadedModel, args: argparse.Namespace) -> LoadedModel:
     """The loaded model with the engine limits of these arguments (kernel, graphs, batch), its
     modules' own forwards back (an earlier variant's fused kernels must not carry over)."""
     restore_forwards(loaded.model)
-    config = loaded.config.model_copy(update={"engine": EngineSettings(**engine_limits(args))})
+    config = loaded.config.model_copy(update={"engine": EngineSettings(**engine_settings(args))})
     return dataclasses.replace(loaded, config=config)
 
 
 def bench_hearth(loaded: LoadedModel, prompts, args, grammar: Grammar | None = None) -> Result:
     built = time.perf_counter()
-    engine = build_engine(with_limits(loaded, args))
+    engine = build_engine(with_settings(loaded, args))
     built = time.perf_counter() - built
     try:
         warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

@@ -161,7 +161,7 @@ def parse_args() -> argparse.Namespace:
         "--autotune",
         default="auto",
         choices=["auto", "off", "remeasure"],
-        help="engine.autotune of every engine built (auto: measured once per shape and limits)",
+        help="engine.autotune of every engine built (auto: measured once per shape and settings)",
     )
     parser.add_argument(
         "--cb-requests",

@@ -86,17 +86,20 @@ export OUT RESULTS SHAPES
 export -f record bench serve
 
 # -- setup: the server's packages, the shapes' checkpoint dirs (config.json + tokenizer) --------
-if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+mkdir -p /tmp/site
+export PYTHONPATH=/tmp/site:$PWD  # /tmp/site first: its hearth has engine/ and server/ mapped in
+if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH=/tmp/site:$PWD
-else
     echo "wheels: install failed (every section needs pydantic)"
-    export PYTHONPATH=$PWD
 fi
-# hearth itself, built from this checkout (hearth.engine lives in engine/: an install maps it)
+# hearth itself, built from this checkout (hearth.engine lives in engine/: an install maps it).
+# Without setuptools>=68 there, the same layout by hand: hearth/ with engine/ and server/ linked.
 if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
     --no-cache-dir --upgrade --target /tmp/site .; then
-    echo "hearth: install from the checkout failed (needs setuptools>=68 in the device's python)"
+    echo "hearth: install from the checkout failed; linking the checkout into /tmp/site/hearth"
+    rm -rf /tmp/site/hearth && mkdir -p /tmp/site/hearth
+    cp hearth/*.py hearth/models.yaml /tmp/site/hearth/
+    ln -s "$PWD/engine" /tmp/site/hearth/engine && ln -s "$PWD/server" /tmp/site/hearth/server
 fi
 record setup commit "$HEARTH_COMMIT"
 section setup "checkpoint dirs" 60 5 python3 bench/shapes.py "$SHAPES" --tokenizer .gpu/tokenizer

@@ -76,7 +76,7 @@ def main() -> int:
     with args.log.open("a", encoding="utf-8") as log:
         log.write(f"==== {args.label}: hearth serve {' '.join(serve_args)}\n")
         log.flush()
-        command = [sys.executable, "-m", "hearth", "serve", "--port", str(port), *serve_args]
+        command = [sys.executable, "-P", "-m", "hearth", "serve", "--port", str(port), *serve_args]
         server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             if wait_ready(url, server, started + args.ready_timeout):

@@ -45,7 +45,7 @@ class AsyncEngine:
     thread's) makes libgomp count more threads than CPUs and stop spin-waiting between parallel
     regions: measured on a 2-vCPU EPYC, a batch-1 step took 33 ms on a second thread against
     16 ms when the only team was the stepping thread's. Threads that load models keep torch at
-    one thread (`engine.loader.single_threaded`).
+    one thread (`engine.loading.loader.single_threaded`).
     """
 
     pace_timeout = 0.05  # seconds the engine waits for the event loop at most

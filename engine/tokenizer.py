@@ -10,10 +10,8 @@ from hearth.engine.types import InvalidRequestError
 
 
 class TemplateError(InvalidRequestError):
-    """The chat template could not render these messages (a client error)."""
-
-    def __init__(self, message: str, param: str | None = "messages") -> None:
-        super().__init__(message, param)
+    """The chat template could not render these messages (a client error). No `param` of its
+    own: the route names the field it rendered (`messages` in chat, `input` in responses)."""
 
 
 class ChatTokenizer:

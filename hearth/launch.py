@@ -63,9 +63,10 @@ def select_models(
     to every one; ConfigError if anything is invalid."""
     config_path = Path(config)
     explicit_config = config != DEFAULT_CONFIG
-    if not explicit_config and model is None and not config_path.exists():
-        log.info("no %s here: serving hearth's default models (%s)", config, PACKAGED_CONFIG)
-        config_path = PACKAGED_CONFIG
+    if not explicit_config and not config_path.exists() and PACKAGED_CONFIG.exists():
+        if model is None:
+            log.info("no %s here: serving hearth's default models (%s)", config, PACKAGED_CONFIG)
+        config_path = PACKAGED_CONFIG  # `--model smollm2` still finds its id or alias there
     models: list[ModelConfig] = []
     base_dir = Path.cwd()
     name = str(config_path)

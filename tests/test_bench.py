@@ -137,7 +137,7 @@ def test_gpu_bench_engines_keep_the_memory_share_and_autotune() -> None:
     """Every engine the bench builds gets --gpu-memory-utilization (a 70B bf16 needs 0.97)."""
     import argparse
 
-    from bench.engine_bench import engine_limits
+    from bench.engine_bench import engine_settings
     from bench.gpu_bench import workload
     from hearth.engine.config import EngineSettings
 
@@ -150,6 +150,6 @@ def test_gpu_bench_engines_keep_the_memory_share_and_autotune() -> None:
         autotune="off",
     )
     many = workload(args, requests=64, prompt_len=1024, output_len=128, concurrency=64)
-    limits = EngineSettings(**engine_limits(many))
+    limits = EngineSettings(**engine_settings(many))
     assert limits.gpu_memory_utilization == 0.97 and limits.autotune == "off"
     assert limits.max_num_seqs == 64 and limits.max_num_batched_tokens == 4096

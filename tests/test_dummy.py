@@ -84,8 +84,8 @@ def test_greedy_decode_through_the_engine_matches_generate(tiny_dir: Path) -> No
 def test_fp8_quantizes_each_decoder_layer_as_it_is_built(
     tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """engine.fp8.quantize_model (a stand-in here) gets each decoder layer once, in order, once
-    it has its weights and while the layers after it have none yet; never lm_head."""
+    """engine.quantization.fp8.quantize_model (a stand-in here) gets each decoder layer once, in
+    order, once it has its weights and while the layers after it have none yet; never lm_head."""
     import hearth.engine.loading.dummy as dummy
 
     found: list[torch.nn.ModuleList] = []

@@ -18,12 +18,12 @@ from hearth.engine.types import GenerationRequest, SamplingParams
 from tests.conftest import build_tiny_checkpoint
 
 
-def start_engine(checkpoint: Path, **engine_limits) -> AsyncEngine:
+def start_engine(checkpoint: Path, **engine_settings) -> AsyncEngine:
     config = ModelConfig(
         id="tiny",
         source=str(checkpoint),
         device="cpu",
-        engine={"kv_cache_memory": "64MiB", **engine_limits},
+        engine={"kv_cache_memory": "64MiB", **engine_settings},
     )
     return build_engine(load_model(config, resolve_source(config.source)))
 

@@ -120,7 +120,7 @@ def test_client_errors_are_invalid_request_errors_naming_the_field(engine: Async
         engine.core.grammars.compile(Grammar("json_schema", "[1]"))
     assert str(grammar_error.value) == "Invalid response_format: a JSON schema must be an object"
     template_error = TemplateError("chat template error: no")
-    assert isinstance(template_error, InvalidRequestError) and template_error.param == "messages"
+    assert isinstance(template_error, InvalidRequestError) and template_error.param is None
 
 
 def test_an_unexpected_error_adding_a_request_fails_it_alone(

@@ -1,7 +1,7 @@
 """The autotune decision cache: one JSON file per key under $HEARTH_CACHE_DIR/autotune.
 
 The key holds everything a decision depends on (`decision_key`), so a changed CPU, GPU, library
-version, kernel source, model shape or engine limit measures again, and nothing else does.
+version, kernel source, model shape or engine setting measures again, and nothing else does.
 """
 
 from __future__ import annotations

@@ -124,9 +124,8 @@ def patch_model(model: nn.Module) -> int:
         elif kind in MLPS and _is_silu(getattr(module, "act_fn", None)):
             gate, up = module.gate_proj, module.up_proj
             group = getattr(gate, "_hearth_group", None)
-            if (
-                type(gate) is not nn.Linear
-            ):  # fp8 (engine/quantization/fp8.py): the fused group's matmul
+            # fp8 (engine/quantization/fp8.py): the fused group's matmul
+            if type(gate) is not nn.Linear:
                 if group is None or group.sizes != [gate.out_features, up.out_features]:
                     continue
                 set_forward(module, _mlp_forward(module, group.project))

@@ -34,9 +34,8 @@ class Kernels(NamedTuple):
     cpu_matmul: bool = False  # C++ matmul over packed weights (CPU, float32)
     cpu_variant: str | None = None  # the C++ kernels' ISA build (avx512, avx2); None: default
     threads: int = 0  # torch intra-op threads (CPU); 0: leave as configured
-    gguf: bool = (
-        False  # small batches on a GGUF source's own blocks (engine/quantization/gguf_linear.py)
-    )
+    # small batches on a GGUF source's own blocks (engine/quantization/gguf_linear.py)
+    gguf: bool = False
 
     def describe(self) -> str:
         """e.g. 'decode attention cpu (avx2), CUDA graphs off, fused kernels off, CPU matmul on

@@ -3,10 +3,10 @@ target device layer by layer (vLLM's --load-format dummy).
 
 The model is first built on the meta device (no memory), then each decoder layer gets real
 tensors on the device, filled in place (normal with std = config.initializer_range, norms 1,
-biases 0) and, under `quantization: fp8`, quantized at once by engine.fp8.quantize_model, so that
-the peak stays near the final size: one bf16 layer above it. The rest (embeddings, final norm,
-lm_head: never quantized) follows, then the rotary tables are computed again. No weight goes
-through the CPU on a GPU: a Llama-70B shape builds in seconds.
+biases 0) and, under `quantization: fp8`, quantized at once by quantization.fp8.quantize_model,
+so that the peak stays near the final size: one bf16 layer above it. The rest (embeddings, final
+norm, lm_head: never quantized) follows, then the rotary tables are computed again. No weight
+goes through the CPU on a GPU: a Llama-70B shape builds in seconds.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def fp8_quantizer() -> Quantize:
-    """engine.fp8.quantize_model, imported when first needed."""
+    """engine.quantization.fp8.quantize_model, imported when first needed."""
     try:
         from hearth.engine.quantization.fp8 import quantize_model
     except ImportError as exc:

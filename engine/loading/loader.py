@@ -191,7 +191,7 @@ def _load_dummy(
     try:
         quantize = dummy.fp8_quantizer() if config.quantization == "fp8" else None
         model = dummy.build_dummy_model(hf_config, device_name, torch_dtype, quantize, trust)
-    except (RuntimeError, ValueError) as exc:  # no engine.fp8, no decoder layers, out of memory
+    except (RuntimeError, ValueError) as exc:  # no fp8 module, no decoder layers, out of memory
         detail = " ".join(str(exc).split())[:300]
         raise LoadError(f"{config.id}: load_format dummy: {detail}") from None
     return _loaded(config, source, path, hf_config, model, tokenizer, torch_dtype, base_dir)

@@ -61,9 +61,8 @@ def route_model(model: nn.Module) -> int:
             group = getattr(layers[0], "_hearth_group", None)
             if group is None or any(not hasattr(m, "_hearth_blocks") for m in layers):
                 continue
-            blocks = getattr(
-                layers[0], "_hearth_group_blocks", None
-            )  # engine/quantization/gguf_block_cache.py
+            # cached with the fused group: engine/quantization/gguf_block_cache.py
+            blocks = getattr(layers[0], "_hearth_group_blocks", None)
             if blocks is None or blocks.n != sum(m._hearth_blocks.n for m in layers):
                 blocks = concat([m._hearth_blocks for m in layers])
             group.project = _project(blocks, group.bias, group.project)
