@@ -19,9 +19,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def live():
-    with running_server("--autotune", "off") as (base_url, _):
-        with httpx.Client(base_url=base_url.removesuffix("/v1"), timeout=60) as client:
-            yield client
+    with (
+        running_server("--autotune", "off") as (base_url, _),
+        httpx.Client(base_url=base_url.removesuffix("/v1"), timeout=60) as client,
+    ):
+        yield client
 
 
 def tokenize(client: httpx.Client, **body) -> dict:
