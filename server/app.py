@@ -16,6 +16,7 @@ from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
 from hearth.server.responses.route import router as responses_router
 from hearth.server.settings import ServerSettings
+from hearth.server.tokenize.route import router as tokenize_router
 
 
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:
@@ -45,6 +46,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(chat_router)
     app.include_router(completions_router)
     app.include_router(responses_router)
+    app.include_router(tokenize_router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

@@ -37,7 +37,13 @@ def check(case: schemathesis.Case, label: str) -> None:
 def test_the_schema_describes_every_v1_request_body() -> None:
     spec = app_over(FakeEngine()).openapi()
     posts = {path for path, ops in spec["paths"].items() if "post" in ops}
-    assert posts == {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
+    assert posts == {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/tokenize",
+        "/detokenize",
+    }
     for path in posts:
         assert spec["paths"][path]["post"]["requestBody"]["required"]
 
