@@ -94,6 +94,17 @@ def test_max_tokens_zero_scores_the_prompt_only(chunked: AsyncEngine) -> None:
     assert (stats.num_running, stats.num_waiting, stats.kv_blocks_used) == (0, 0, 0)
 
 
+def test_max_tokens_zero_ends_every_sample(engine: AsyncEngine) -> None:
+    prompt = prompts(6)[-1]
+    outputs = run(engine, "pl-n0", prompt, n=2, max_tokens=0, prompt_logprobs=0)
+    assert sorted(o.index for o in outputs) == [0, 1]
+    assert all(o.finish_reason == "length" and not o.token_ids for o in outputs)
+    for index in (0, 1):
+        check_against_transformers(engine, prompt, scores_of(outputs, index), 0)
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.kv_blocks_used) == (0, 0, 0)
+
+
 def test_a_cached_prefix_is_scored_again(engine: AsyncEngine) -> None:
     prompt = prompts(9)[-1] * 2  # 58 tokens: 3 full blocks of 16 the second request could reuse
     first = scores_of(run(engine, "pc1", prompt, temperature=0, max_tokens=1, prompt_logprobs=2))
