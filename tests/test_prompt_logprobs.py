@@ -125,6 +125,29 @@ def test_every_sample_gets_the_prompt_logprobs(engine: AsyncEngine) -> None:
         check_against_transformers(engine, prompt, scores_of(outputs, index), 1)
 
 
+def test_prompt_logprobs_survive_preemption(tiny_llama_dir: Path) -> None:
+    small = start_engine(tiny_llama_dir, kv_cache_memory="64KiB")  # 8 blocks of 16 tokens
+
+    async def main() -> list[list[GenerationOutput]]:
+        async def one(i: int, prompt: list[int]) -> list[GenerationOutput]:
+            params = SamplingParams(
+                temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1
+            )
+            request = GenerationRequest(f"pp{i}", prompt, params)
+            return [out async for out in small.generate(request)]
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(batch)))
+
+    try:
+        batch = prompts(6)
+        results = asyncio.run(main())
+        assert small.stats().num_preemptions > 0
+        for prompt, outputs in zip(batch, results, strict=True):
+            check_against_transformers(small, prompt, scores_of(outputs), 1)
+    finally:
+        small.shutdown()
+
+
 def test_requests_without_prompt_logprobs_get_none(engine: AsyncEngine) -> None:
     outputs = run(engine, "plnone", prompts(1)[0], temperature=0, max_tokens=2)
     assert all(o.prompt_logprobs is None for o in outputs)
