@@ -20,8 +20,8 @@ from hearth.engine.closing import ClosingState
 from hearth.engine.config import EngineSettings
 from hearth.engine.detokenizer import IncrementalDetokenizer
 from hearth.engine.grammar import GrammarCompiler
-from hearth.engine.runner import ModelRunner
-from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow
+from hearth.engine.runner import ModelRunner, PromptRows
+from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow, prompt_logprobs_of
 from hearth.engine.scheduler import Scheduler, SchedulerOutput
 from hearth.engine.sequence import Sequence, Status
 from hearth.engine.tokenizer import ChatTokenizer
@@ -54,6 +54,9 @@ class _SeqState:
     siblings: list[Sequence]  # samples 1..n-1, admitted once this one's prompt is computed
     matcher: Any = None  # llguidance matcher when the request has a grammar
     closing: ClosingState | None = None  # how that grammar completes within the budget
+    # prompt_logprobs requests: one entry per prompt position, filled as chunks are computed
+    # (a recompute after preemption overwrites them), sent once with the first output
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EngineCore:
@@ -135,6 +138,8 @@ class EngineCore:
                 matcher,
                 ClosingState(matcher) if matcher else None,
             )
+            if params.prompt_logprobs is not None:
+                seq.state.prompt_logprobs = [None] * len(seq.prompt_ids)
             seqs.append(seq)
         seqs[0].state.siblings = seqs[1:]  # they share the first sample's prefill
         self.scheduler.add(seqs[0])
@@ -199,9 +204,12 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return self._unschedulable()
-        logits, failed = self._execute(plan)
+        logits, parts, failed = self._execute(plan)
+        failed.update(self._score_prompts(parts, failed))
         outputs = self.fail_requests(failed)
         sampling = self._computed(plan, failed)
+        outputs += [o for s in sampling if s.params.max_tokens == 0 for o in self._scored(s)]
+        sampling = [s for s in sampling if s.params.max_tokens > 0]
         if not sampling:
             return outputs
         try:
@@ -219,32 +227,74 @@ class EngineCore:
             return self.fail_requests({head: "no KV blocks for this request"})
         return []
 
-    def _execute(self, plan: SchedulerOutput) -> tuple[torch.Tensor, dict[str, str]]:
-        """The step's logits, and {request id: error} for requests whose forward fails.
+    def _execute(
+        self, plan: SchedulerOutput
+    ) -> tuple[torch.Tensor, list[PromptRows], dict[str, str]]:
+        """The step's logits, the prompt-position logits of prompt_logprobs requests, and
+        {request id: error} for requests whose forward fails.
 
         A failed batch is retried one sequence at a time (the forward only reads the cache and
         writes each sequence's own slots, so a rerun is safe): the requests that still fail are
         the ones to blame, and the rest of the batch goes on as if nothing had happened.
         """
         try:
-            return self.runner.execute(plan.scheduled), {}
+            return *self.runner.execute(plan.scheduled), {}
         except Exception as exc:
             if self.runner.tp_size > 1:  # the other ranks are mid-collective: no safe retry
                 raise FatalStepError(f"tensor-parallel step failed: {_describe(exc)}") from exc
             if len(plan.scheduled) == 1:
                 log.exception("request %s failed in a step", plan.scheduled[0].seq.request_id)
-                return self._no_logits(), {plan.scheduled[0].seq.request_id: _describe(exc)}
+                return self._no_logits(), [], {plan.scheduled[0].seq.request_id: _describe(exc)}
             log.warning("a step of %d sequences failed; retrying each alone", len(plan.scheduled))
         rows: list[tuple[str, torch.Tensor]] = []
+        parts: list[PromptRows] = []
         failed: dict[str, str] = {}
         for item in plan.scheduled:
             try:
-                rows.append((item.seq.request_id, self.runner.execute([item])))
+                logits, item_parts = self.runner.execute([item])
+                rows.append((item.seq.request_id, logits))
+                parts += item_parts
             except Exception as exc:
                 log.exception("request %s failed in a step", item.seq.request_id)
                 failed[item.seq.request_id] = _describe(exc)
         kept = [r for rid, r in rows if rid not in failed]
-        return (torch.cat(kept) if kept else self._no_logits()), failed
+        return (torch.cat(kept) if kept else self._no_logits()), parts, failed
+
+    def _score_prompts(self, parts: list[PromptRows], failed: dict[str, str]) -> dict[str, str]:
+        """Store the prompt logprobs of this step's chunks; {request id: error} where that fails."""
+        errors: dict[str, str] = {}
+        for part in parts:
+            seq = part.seq
+            if seq.request_id in failed or seq.state.prompt_logprobs is None:  # sent already
+                continue
+            try:
+                targets = seq.prompt_ids[part.first : part.first + len(part.logits)]
+                k = seq.params.prompt_logprobs or 0
+                scores = prompt_logprobs_of(part.logits, targets, k)
+                seq.state.prompt_logprobs[part.first : part.first + len(scores)] = scores
+            except Exception as exc:
+                log.exception("request %s failed scoring its prompt", seq.request_id)
+                errors[seq.request_id] = _describe(exc)
+        return errors
+
+    def _take_prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None] | None:
+        """The sample's prompt logprobs, the first time they are asked for; then None."""
+        scores, seq.state.prompt_logprobs = seq.state.prompt_logprobs, None
+        return scores
+
+    def _scored(self, seq: Sequence) -> list[GenerationOutput]:
+        """Finish a max_tokens=0 request right after its prefill (scoring only): every sample
+        ends with "length", no token, and the prompt logprobs."""
+        self.scheduler.finish(seq)
+        scores = self._take_prompt_logprobs(seq)
+        outputs = []
+        for one in [seq, *seq.state.siblings]:
+            one.status, one.finish_reason = Status.FINISHED, "length"
+            out = ended_output(one.request_id, one.index, "length", None, len(one.prompt_ids))
+            out.prompt_logprobs = scores
+            outputs.append(out)
+        seq.state.siblings = []
+        return outputs
 
     def _no_logits(self) -> torch.Tensor:
         return torch.empty(0, self.vocab_size, device=self.device)
@@ -340,6 +390,7 @@ class EngineCore:
             num_completion_tokens=len(seq.output_ids),
             finish_reason=seq.finish_reason,
             logprobs=logprobs,
+            prompt_logprobs=self._take_prompt_logprobs(seq),
         )
 
 

@@ -25,8 +25,22 @@ from hearth.engine.kernels.patching import (
 from hearth.engine.kernels.selection import Kernels
 from hearth.engine.kv_cache import KVCache, KVCacheSpec, layer_devices
 from hearth.engine.scheduler import Scheduled
+from hearth.engine.sequence import Sequence
 
-__all__ = ["ModelRunner", "StepInputs"]
+__all__ = ["ModelRunner", "PromptRows", "StepInputs"]
+
+
+@dataclass
+class PromptRows:
+    """Logits of a prompt_logprobs sequence's prompt positions computed in one step.
+
+    `logits` [m, V]: row i is the model's prediction at position first - 1 + i, i.e. for the
+    prompt token at position `first + i` (first >= 1: the first prompt token has none).
+    """
+
+    seq: Sequence
+    first: int
+    logits: torch.Tensor
 
 
 @dataclass
@@ -41,6 +55,7 @@ class StepInputs:
     decode_lens: list[int] = field(default_factory=list)
     prefills: list[tuple[int, int, int, list[int] | None]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)  # also kept: prompt_logprobs positions
 
 
 class ModelRunner:
@@ -146,12 +161,28 @@ class ModelRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, stop)]
 
-    def execute(self, scheduled: list[Scheduled]) -> torch.Tensor:
-        """Run the step; returns logits [n, V] for the items that sample, in schedule order."""
+    def execute(self, scheduled: list[Scheduled]) -> tuple[torch.Tensor, list[PromptRows]]:
+        """Run the step; returns logits [n, V] for the items that sample, in schedule order,
+        and the prompt-position logits of the items that asked for prompt_logprobs."""
         inputs = self.prepare(scheduled)
         if self.tp_size > 1:
             distributed.broadcast(inputs)
-        return self.forward(inputs)
+        logits = self.forward(inputs)
+        n, parts, row = len(inputs.sample_rows), [], len(inputs.sample_rows)
+        for item in scheduled:
+            count = self._prompt_rows(item)
+            if count:
+                parts.append(PromptRows(item.seq, item.start + 1, logits[row : row + count]))
+                row += count
+        return logits[:n], parts
+
+    @staticmethod
+    def _prompt_rows(item: Scheduled) -> int:
+        """How many of the chunk's positions predict a prompt token the request scores."""
+        if item.seq.params.prompt_logprobs is None:
+            return 0
+        stop = min(item.start + item.num_tokens, item.seq.num_prompt_tokens - 1)
+        return max(0, stop - item.start)
 
     def follow(self) -> None:
         """Other ranks: run every step rank 0 sends, until it sends None (close())."""
@@ -184,13 +215,16 @@ class ModelRunner:
                 step.prefills.append((row, num, context, slots))
             if item.reaches_end:
                 step.sample_rows.append(row + num - 1)
+            step.prompt_rows += range(row, row + self._prompt_rows(item))
         return step
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
-        """Logits [len(step.sample_rows), V] of one packed step: a captured CUDA graph for pure
-        decode steps of a captured batch size, else one eager forward over the paged cache."""
-        pure_decode = not step.prefills and len(step.sample_rows) == len(step.input_ids)
+        """Logits [len(step.sample_rows) + len(step.prompt_rows), V] of one packed step (those
+        rows, in that order): a captured CUDA graph for pure decode steps of a captured batch
+        size, else one eager forward over the paged cache."""
+        pure_decode = not step.prefills and not step.prompt_rows
+        pure_decode = pure_decode and len(step.sample_rows) == len(step.input_ids)
         if self.graphs is not None and pure_decode:
             logits = self.graphs.run(
                 step.input_ids,
@@ -237,7 +271,7 @@ class ModelRunner:
                 "input_ids": longs([step.input_ids]),
                 "position_ids": longs([step.positions]),
                 "use_cache": False,
-                "logits_to_keep": longs(step.sample_rows),
+                "logits_to_keep": longs(step.sample_rows + step.prompt_rows),
                 "hearth_batch": batch,
             }
         )

@@ -239,3 +239,27 @@ def apply_penalties(
     logits -= frequency * counts + presence * (counts > 0)
     penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
     return torch.where(seen, penalised, logits)
+
+
+def prompt_logprobs_of(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """The raw model's log-probabilities of prompt tokens, each with its rank and top k.
+
+    logits: [P, V], row i the model's logits at a prompt position; targets: the P tokens that
+    follow those positions. log_softmax in float32, no penalties or bias (vLLM's prompt
+    logprobs). Returns one TokenLogprob per row, on the host (one device-to-host copy).
+    """
+    logp = logits.float().log_softmax(dim=-1)  # [P, V]
+    ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
+    chosen = logp.gather(-1, ids[:, None])  # [P, 1]
+    rank = (logp > chosen).sum(dim=-1, keepdim=True) + 1  # [P, 1]
+    values, top_ids = logp.topk(k, dim=-1)  # [P, k]
+    packed = torch.cat([chosen.double(), rank.double(), values.double(), top_ids.double()], dim=1)
+    return [
+        TokenLogprob(
+            token_id,
+            row[0],
+            list(zip([int(i) for i in row[2 + k :]], row[2 : 2 + k], strict=True)),
+            int(row[1]),
+        )
+        for token_id, row in zip(targets, packed.tolist(), strict=True)
+    ]

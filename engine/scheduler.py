@@ -93,7 +93,9 @@ class Scheduler:
                 break
             seq = self.waiting[0]
             keys = self.blocks.prefix_keys(seq)
-            hits = self.blocks.cached_prefix(seq, keys)
+            # Prompt logprobs need every prompt position's logits: no prefix from the cache.
+            scores = seq.params.prompt_logprobs is not None
+            hits = [] if scores else self.blocks.cached_prefix(seq, keys)
             if len(keys) > len(hits) and keys[len(hits)] in computing:
                 # A sequence admitted this step computes this prefix block (a shared system
                 # prompt in a burst of arrivals): start next step and reuse it from the cache;

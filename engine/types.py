@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol
 FinishReason = Literal["stop", "length", "abort", "error"]
 # JSON under a grammar is spaced as models write it (`{"a": 1, "b": 2}`): a fixed spacing also
 # keeps a small model from filling its budget with optional whitespace.
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (OpenAI's cap)
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
@@ -62,11 +63,17 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
+    # None: off; k >= 0: each prompt token's own logprob (and rank) plus the top k (vLLM's)
+    prompt_logprobs: int | None = None
     grammar: Grammar | None = None  # constrained decoding: every sample matches it
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1", "max_tokens")
+        if self.max_tokens < 0:  # 0: score the prompt only (finish after prefill, no token)
+            raise InvalidRequestError("max_tokens must be non-negative", "max_tokens")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]", "prompt_logprobs"
+            )
         if self.n < 1:
             raise InvalidRequestError("n must be at least 1", "n")
         if self.temperature < 0:
@@ -95,6 +102,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob) pairs
+    rank: int | None = None  # 1 + tokens strictly more likely (set for prompt logprobs)
 
 
 @dataclass
@@ -109,6 +117,9 @@ class GenerationOutput:
     num_completion_tokens: int  # total so far for this sample
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    # With SamplingParams.prompt_logprobs, on the sample's first output only: one entry per
+    # prompt token, None first (nothing precedes it); raw model logprobs (no penalties, bias).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None  # set with finish_reason "error"
     retryable: bool = False  # the error is the server going away, not the request (HTTP 503)
 

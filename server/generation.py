@@ -221,6 +221,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for: the first output's
 
 
 @dataclass
@@ -261,6 +262,8 @@ async def collect(outputs: AsyncIterator[GenerationOutput], n: int, prompt_len: 
         choice.token_ids += output.token_ids
         if output.logprobs:
             choice.logprobs += output.logprobs
+        if output.prompt_logprobs is not None:
+            choice.prompt_logprobs = output.prompt_logprobs
         if output.finish_reason is not None:
             choice.finish_reason = output.finish_reason
     return Completed(prompt_len, choices)

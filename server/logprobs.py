@@ -8,6 +8,10 @@ its text.
 
 Logprobs cover exactly the returned text (LogprobAligner): the tokens of a stop string, and the
 stop token that ended a sequence, are not listed (usage still counts every generated token).
+
+Prompt logprobs (the engine's GenerationOutput.prompt_logprobs, None for the first token) come in
+two shapes: prepended to a completions choice's logprobs when it echoes the prompt
+(`prompt_aligned`), and vLLM's `prompt_logprobs` list (`vllm_prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def token_string(raw: bytes, special: bool = False) -> str:
 class Aligned:
     """A sampled token's logprob entry, placed in the choice's text."""
 
-    entry: TokenLogprob
+    entry: TokenLogprob | None  # None: the prompt's first token (nothing precedes it)
     raw: bytes
     special: bool
     offset: int  # whole characters of the choice text before this token's first byte
@@ -75,7 +79,11 @@ class LogprobAligner:
         return released
 
     def _place(self, entry: TokenLogprob) -> Aligned:
-        [(raw, special)] = self.engine.token_pieces([entry.token_id])
+        return self.place(entry.token_id, entry)
+
+    def place(self, token_id: int, entry: TokenLogprob | None) -> Aligned:
+        """Release one token now, at the current offset (prompt tokens, which are all text)."""
+        [(raw, special)] = self.engine.token_pieces([token_id])
         aligned = Aligned(entry, raw, special, self.chars)
         if not special:
             self.token_bytes += len(raw)
@@ -102,7 +110,57 @@ def aligned(
     return LogprobAligner(engine, offset).feed(text, entries, finish)
 
 
-def _tops(engine: EngineClient, entry: TokenLogprob) -> list[tuple[str, bytes, float]]:
+def prompt_aligned(
+    engine: EngineClient,
+    prompt_ids: list[int],
+    scores: list[TokenLogprob | None] | None,
+    k: int,
+) -> list[Aligned]:
+    """The echoed prompt's tokens placed in its text from offset 0, with their logprob entries
+    (top alternatives cut to k; the first token's entry is None). scores None: the engine
+    computed none (a request that failed first); every entry is None then."""
+    aligner = LogprobAligner(engine)
+    placed = []
+    for pos, token_id in enumerate(prompt_ids):
+        entry = scores[pos] if scores else None
+        if entry is not None:
+            entry = TokenLogprob(entry.token_id, entry.logprob, entry.top[:k], entry.rank)
+        placed.append(aligner.place(token_id, entry))
+    return placed
+
+
+def vllm_prompt_logprobs(
+    engine: EngineClient, scores: list[TokenLogprob | None] | None, k: int
+) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: None first, then per prompt token {token id as a string:
+    {"logprob", "rank", "decoded_token"}} for the token itself and its top k alternatives."""
+    if scores is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for entry in scores:
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = [(entry.token_id, entry.logprob, entry.rank)]
+        ranked += [(t, lp, r) for r, (t, lp) in enumerate(entry.top[:k], start=1)]
+        pieces = engine.token_pieces([t for t, _, _ in ranked])
+        position: dict[str, dict[str, Any]] = {}
+        for (token_id, logprob, rank), (raw, special) in zip(ranked, pieces, strict=True):
+            position.setdefault(
+                str(token_id),
+                {
+                    "logprob": _value(logprob),
+                    "rank": rank,
+                    "decoded_token": token_string(raw, special),
+                },
+            )
+        out.append(position)
+    return out
+
+
+def _tops(engine: EngineClient, entry: TokenLogprob | None) -> list[tuple[str, bytes, float]]:
+    if entry is None:
+        return []
     pieces = engine.token_pieces([t for t, _ in entry.top])
     return [
         (token_string(raw, special), raw, _value(lp))
@@ -127,7 +185,10 @@ def chat_logprobs(engine: EngineClient, entries: list[Aligned]) -> dict[str, Any
 def completion_logprobs(engine: EngineClient, entries: list[Aligned]) -> dict[str, Any]:
     return {
         "tokens": [token_string(a.raw, a.special) for a in entries],
-        "token_logprobs": [_value(a.entry.logprob) for a in entries],
-        "top_logprobs": [{t: lp for t, _, lp in _tops(engine, a.entry)} for a in entries],
+        "token_logprobs": [None if a.entry is None else _value(a.entry.logprob) for a in entries],
+        "top_logprobs": [
+            None if a.entry is None else {t: lp for t, _, lp in _tops(engine, a.entry)}
+            for a in entries
+        ],
         "text_offset": [a.offset for a in entries],
     }

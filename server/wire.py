@@ -87,6 +87,7 @@ class SamplingFields(WireModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: score the prompt's tokens
 
     @field_validator("stop")
     @classmethod
@@ -131,6 +132,7 @@ class SamplingFields(WireModel):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

@@ -7,7 +7,22 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from hearth.engine.types import EngineStats, GenerationOutput, GenerationRequest, ModelInfo
+from hearth.engine.types import (
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    ModelInfo,
+    TokenLogprob,
+)
+
+
+def fake_prompt_logprobs(prompt: list[int], k: int) -> list[TokenLogprob | None]:
+    """Made-up scores: token at position i has logprob -i/10, rank i, and k alternatives
+    (token 0x21 + j at -j - 1)."""
+    return [None] + [
+        TokenLogprob(t, -i / 10, [(0x21 + j, -j - 1.0) for j in range(k)], i)
+        for i, t in enumerate(prompt[1:], start=1)
+    ]
 
 
 class FakeEngine:
@@ -49,9 +64,22 @@ class FakeEngine:
         self.requests.append(request)
         prompt = self.decode(request.prompt_token_ids).rstrip("\n").split("\n")[-1]
         answer = list(prompt.split(": ", 1)[-1].encode())
+        k = request.sampling.prompt_logprobs
+        scores = None if k is None else fake_prompt_logprobs(request.prompt_token_ids, k)
         for index in range(request.sampling.n):
             limit = request.sampling.max_tokens
             tokens = answer[:limit]
+            if limit == 0:  # scoring only: one last output with no token
+                yield GenerationOutput(
+                    request.request_id,
+                    index,
+                    [],
+                    "",
+                    len(request.prompt_token_ids),
+                    0,
+                    "length",
+                    prompt_logprobs=scores,
+                )
             try:
                 for i, token in enumerate(tokens):
                     await asyncio.sleep(self.delay)
@@ -65,6 +93,7 @@ class FakeEngine:
                         len(request.prompt_token_ids),
                         i + 1,
                         reason,
+                        prompt_logprobs=scores if i == 0 else None,
                     )
             except (GeneratorExit, asyncio.CancelledError):
                 self.aborted.append(request.request_id)

@@ -125,8 +125,12 @@ def test_completions(tiny) -> None:
     )
     choice = echoed.choices[0]
     assert choice.text == "Once upon a time" + one.choices[0].text
-    assert len(choice.logprobs.tokens) == 5 and len(choice.logprobs.top_logprobs[0]) <= 2
-    assert choice.logprobs.text_offset[0] == len("Once upon a time")
+    prompt_tokens = echoed.usage.prompt_tokens  # echo scores the prompt too (issue 16)
+    assert len(choice.logprobs.tokens) == prompt_tokens + 5
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    assert choice.logprobs.text_offset[0] == 0
+    assert choice.logprobs.text_offset[prompt_tokens] == len("Once upon a time")
     batch = client.completions.create(model=model, prompt=["a", "b"], max_tokens=3, n=2)
     assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
     streamed = "".join(

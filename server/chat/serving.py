@@ -1,5 +1,6 @@
 """Serving a chat completion: a parsed request to an engine request, then the response or its
-SSE chunks."""
+SSE chunks. vLLM's `prompt_logprobs` (the rendered prompt's tokens scored) is a top-level field of
+the response, as in vLLM; streamed responses do not carry it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hearth.engine.types import (
     GenerationRequest,
     Grammar,
     ModelInfo,
+    TokenLogprob,
 )
 from hearth.server.chat.protocol import ChatCompletionRequest
 from hearth.server.content import refuse_media
@@ -30,7 +32,7 @@ from hearth.server.generation import (
     tokenize,
     usage,
 )
-from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs
+from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs, vllm_prompt_logprobs
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import Event, ToolCallParser, parse_output
 from hearth.server.tools import Tool, call_json, format_grammar, plan, prepare_messages
@@ -100,7 +102,17 @@ async def serve_chat(
             for choice in result.choices
         ],
         "usage": result.usage(),
+        **_prompt_logprobs(engine, body, result.choices[0].prompt_logprobs),
     }
+
+
+def _prompt_logprobs(
+    engine: EngineClient, body: ChatCompletionRequest, scores: list[TokenLogprob | None] | None
+) -> dict[str, Any]:
+    """vLLM's top-level `prompt_logprobs`, when the request asked for it."""
+    if body.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": vllm_prompt_logprobs(engine, scores, body.prompt_logprobs)}
 
 
 def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool], Grammar | None]:

@@ -1,4 +1,10 @@
-"""Serving legacy text completions over one or several prompts: the response or its SSE chunks."""
+"""Serving legacy text completions over one or several prompts: the response or its SSE chunks.
+
+With `echo` and `logprobs`, a choice's logprobs cover the prompt's tokens (the first with `null`
+logprob and top_logprobs), then the generated ones; `text_offset` indexes the returned text, which
+starts with the prompt. `max_tokens: 0` with echo scores the prompt only. Streamed, the prompt's
+entries (and vLLM's `prompt_logprobs`) ride on the choice's first chunk after the echoed text.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from hearth.engine.types import EngineClient, GenerationOutput, GenerationRequest
+from hearth.engine.types import EngineClient, GenerationOutput, GenerationRequest, TokenLogprob
 from hearth.server.completions.protocol import CompletionRequest
 from hearth.server.errors import APIError
 from hearth.server.generation import (
@@ -23,7 +29,14 @@ from hearth.server.generation import (
     tokenize,
     usage,
 )
-from hearth.server.logprobs import LogprobAligner, aligned, completion_logprobs
+from hearth.server.logprobs import (
+    Aligned,
+    LogprobAligner,
+    aligned,
+    completion_logprobs,
+    prompt_aligned,
+    vllm_prompt_logprobs,
+)
 from hearth.server.streaming import event_stream, sse
 
 
@@ -47,6 +60,7 @@ async def serve_completion(
     for i, ids in enumerate(prompts):
         max_tokens = resolve_max_tokens(engine, len(ids), body.max_tokens)
         sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs)
+        sampling.prompt_logprobs = body.engine_prompt_logprobs
         requests.append(GenerationRequest(f"{request_id}-{i}", ids, sampling))
     base = {
         "id": request_id,
@@ -62,16 +76,7 @@ async def serve_completion(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         with_logprobs = body.logprobs is not None
         return event_stream(
-            _chunks(
-                base,
-                engine,
-                streams,
-                body.n,
-                echoes,
-                prompt_tokens,
-                include_usage,
-                with_logprobs,
-            )
+            _chunks(base, engine, streams, body, prompts, echoes, include_usage, with_logprobs)
         )
     results = await run_all(context, engine, requests)
     choices = []
@@ -82,6 +87,8 @@ async def serve_completion(
                 placed = aligned(
                     engine, choice.text, choice.logprobs, choice.finish_reason, len(echoes[p])
                 )
+                if body.echo:
+                    placed = _echoed(engine, body, prompts[p], choice.prompt_logprobs) + placed
                 logprobs = completion_logprobs(engine, placed)
             choices.append(
                 {
@@ -89,10 +96,30 @@ async def serve_completion(
                     "text": echoes[p] + choice.text,
                     "logprobs": logprobs,
                     "finish_reason": choice.finish_reason,
+                    **_vllm_extra(engine, body, choice.prompt_logprobs),
                 }
             )
     completion_tokens = sum(r.completion_tokens for r in results)
     return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _echoed(
+    engine: EngineClient,
+    body: CompletionRequest,
+    prompt_ids: list[int],
+    scores: list[TokenLogprob | None] | None,
+) -> list[Aligned]:
+    """The echoed prompt's logprob entries, placed in the choice's text."""
+    return prompt_aligned(engine, prompt_ids, scores, body.logprobs or 0)
+
+
+def _vllm_extra(
+    engine: EngineClient, body: CompletionRequest, scores: list[TokenLogprob | None] | None
+) -> dict[str, Any]:
+    """vLLM's `prompt_logprobs` choice field, when the request asked for it."""
+    if body.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": vllm_prompt_logprobs(engine, scores, body.prompt_logprobs)}
 
 
 async def _merge(
@@ -134,17 +161,24 @@ async def _chunks(
     base: dict[str, Any],
     engine: EngineClient,
     streams: list[AsyncIterator[GenerationOutput]],
-    n: int,
+    body: CompletionRequest,
+    prompts: list[list[int]],
     echoes: list[str],
-    prompt_tokens: int,
     include_usage: bool,
     with_logprobs: bool,
 ) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
+    n, prompt_tokens = body.n, sum(len(ids) for ids in prompts)
 
-    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
+    def chunk(
+        index: int,
+        text: str,
+        logprobs: Any = None,
+        finish: str | None = None,
+        more: dict[str, Any] | None = None,
+    ) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**base, "choices": [choice], **extra})
+        return sse({**base, "choices": [{**choice, **(more or {})}], **extra})
 
     aligners: dict[int, LogprobAligner] = {}  # logprobs follow the text, offsets count it
     for p, echo in enumerate(echoes):
@@ -158,8 +192,13 @@ async def _chunks(
         index = p * n + output.index
         completion_tokens += len(output.token_ids)
         placed = aligners[index].feed(output.text, output.logprobs, output.finish_reason)
+        more: dict[str, Any] = {}
+        if output.prompt_logprobs is not None:  # the sample's first output
+            more = _vllm_extra(engine, body, output.prompt_logprobs)
+            if body.echo and with_logprobs:
+                placed = _echoed(engine, body, prompts[p], output.prompt_logprobs) + placed
         logprobs = completion_logprobs(engine, placed) if with_logprobs and placed else None
-        if output.text or logprobs or output.finish_reason:
-            yield chunk(index, output.text, logprobs, output.finish_reason)
+        if output.text or logprobs or output.finish_reason or more:
+            yield chunk(index, output.text, logprobs, output.finish_reason, more)
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
