@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from hearth.engine import prompt_scoring
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.closing import ClosingState
 from hearth.engine.config import EngineSettings
 from hearth.engine.detokenizer import IncrementalDetokenizer
 from hearth.engine.grammar import GrammarCompiler
 from hearth.engine.runner import ModelRunner, PromptRows
-from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow, prompt_logprobs_of
+from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from hearth.engine.scheduler import Scheduler, SchedulerOutput
 from hearth.engine.sequence import Sequence, Status
 from hearth.engine.tokenizer import ChatTokenizer
@@ -205,10 +206,15 @@ class EngineCore:
         if not plan.scheduled:
             return self._unschedulable()
         logits, parts, failed = self._execute(plan)
-        failed.update(self._score_prompts(parts, failed))
+        failed.update(prompt_scoring.store(parts, failed))
         outputs = self.fail_requests(failed)
         sampling = self._computed(plan, failed)
-        outputs += [o for s in sampling if s.params.max_tokens == 0 for o in self._scored(s)]
+        outputs += [
+            o
+            for s in sampling
+            if s.params.max_tokens == 0
+            for o in prompt_scoring.finish_scored(self.scheduler, s)
+        ]
         sampling = [s for s in sampling if s.params.max_tokens > 0]
         if not sampling:
             return outputs
@@ -259,42 +265,6 @@ class EngineCore:
                 failed[item.seq.request_id] = _describe(exc)
         kept = [r for rid, r in rows if rid not in failed]
         return (torch.cat(kept) if kept else self._no_logits()), parts, failed
-
-    def _score_prompts(self, parts: list[PromptRows], failed: dict[str, str]) -> dict[str, str]:
-        """Store the prompt logprobs of this step's chunks; {request id: error} where that fails."""
-        errors: dict[str, str] = {}
-        for part in parts:
-            seq = part.seq
-            if seq.request_id in failed or seq.state.prompt_logprobs is None:  # sent already
-                continue
-            try:
-                targets = seq.prompt_ids[part.first : part.first + len(part.logits)]
-                k = seq.params.prompt_logprobs or 0
-                scores = prompt_logprobs_of(part.logits, targets, k)
-                seq.state.prompt_logprobs[part.first : part.first + len(scores)] = scores
-            except Exception as exc:
-                log.exception("request %s failed scoring its prompt", seq.request_id)
-                errors[seq.request_id] = _describe(exc)
-        return errors
-
-    def _take_prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None] | None:
-        """The sample's prompt logprobs, the first time they are asked for; then None."""
-        scores, seq.state.prompt_logprobs = seq.state.prompt_logprobs, None
-        return scores
-
-    def _scored(self, seq: Sequence) -> list[GenerationOutput]:
-        """Finish a max_tokens=0 request right after its prefill (scoring only): every sample
-        ends with "length", no token, and the prompt logprobs."""
-        self.scheduler.finish(seq)
-        scores = self._take_prompt_logprobs(seq)
-        outputs = []
-        for one in [seq, *seq.state.siblings]:
-            one.status, one.finish_reason = Status.FINISHED, "length"
-            out = ended_output(one.request_id, one.index, "length", None, len(one.prompt_ids))
-            out.prompt_logprobs = scores
-            outputs.append(out)
-        seq.state.siblings = []
-        return outputs
 
     def _no_logits(self) -> torch.Tensor:
         return torch.empty(0, self.vocab_size, device=self.device)
@@ -390,7 +360,7 @@ class EngineCore:
             num_completion_tokens=len(seq.output_ids),
             finish_reason=seq.finish_reason,
             logprobs=logprobs,
-            prompt_logprobs=self._take_prompt_logprobs(seq),
+            prompt_logprobs=prompt_scoring.take(seq),
         )
 
 
