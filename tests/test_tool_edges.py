@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hearth.server.tool_parser import ToolCallParser, parse_output
 from hearth.server.tools import NO_PARAMETERS, Tool, call_grammar
 from tests.test_responses import events_of
-from tests.test_tools import CALL, CHAT_TOOLS, TOOLS, WEATHER, chat, make_client
+from tests.test_tools import CALL, CHAT_TOOLS, SAMPLES, TOOLS, WEATHER, chat, make_client
 
 OTHER = CALL.replace("Paris", "Rome")
 TWO_CALLS = f"Checking. {CALL}\n{OTHER} and more text"
+CUT = ["<tool_", "Sure <tool_call>", CALL[:30], "text <"]  # markup cut by the budget
 FLAT_TOOLS = [{"type": "function", "name": "get_weather", "parameters": WEATHER}]
 FORCED = [
     "required",
@@ -152,3 +156,34 @@ def test_a_forced_call_cut_by_the_budget_leaks_no_markup() -> None:
         events = events_of(respond(client, max_output_tokens=6, stream=True, **body).text)
         texts = "".join(f["delta"] for k, f in events if k == "response.output_text.delta")
         assert texts == "" and events[-1][0] == "response.incomplete"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from([*SAMPLES, TWO_CALLS, *CUT]),
+    st.lists(st.integers(0, 200), max_size=10),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([None, "stop", "length"]),
+)
+def test_streamed_parse_equals_whole_parse_with_every_option(
+    text: str, cuts: list, parallel: bool, forced: bool, reason: str | None
+) -> None:
+    whole, whole_calls = parse_output(
+        text, TOOLS, "hermes", parallel=parallel, forced=forced, reason=reason
+    )
+    parser = ToolCallParser(TOOLS, "hermes", parallel=parallel, forced=forced)
+    events, start = [], 0
+    for cut in [*sorted(c % (len(text) + 1) for c in cuts), len(text)]:
+        events += parser.feed(text[start:cut])
+        start = max(start, cut)
+    events += parser.finish(reason)
+    content = "".join(e[1] for e in events if e[0] == "content")
+    assert content == (whole or "")
+    if reason == "length" and text in CUT:  # unfinished markup is never content
+        assert "<tool" not in content
+    assert [(c.name, c.arguments) for c in parser.calls] == [
+        (c.name, c.arguments) for c in whole_calls
+    ]
+    assert forced is False or content == ""
+    assert parallel or len(parser.calls) <= 1
