@@ -70,11 +70,25 @@ class ToolCallParser:
     arguments as they arrive. Llama 3 JSON format: the whole output is the call object(s), so it is
     held until the end. Text is a call only in that format and naming a function offered;
     anything else stays content.
+
+    Call markup never becomes content: a possible start of `<tool_call>` is held until it is
+    known not to be one, and an unfinished block that has named no function yet is dropped at
+    the end, as is a held start when the output was cut by length. A call whose name was
+    already sent keeps the arguments written so far (as OpenAI's length-cut calls do).
+    `parallel=False` keeps the first call only: once it is complete, `done` is true and later
+    text (calls and content alike) is dropped. `forced` (tool_choice required or a named one:
+    the grammar makes the output a call) sends no content at all. `dropped` says whether
+    anything was withheld.
     """
 
-    def __init__(self, tools: Sequence[Tool], parser: str) -> None:
+    def __init__(
+        self, tools: Sequence[Tool], parser: str, *, parallel: bool = True, forced: bool = False
+    ) -> None:
         self.names = {tool.name for tool in tools}
         self.parser = parser
+        self.parallel, self.forced = parallel, forced
+        self.done = False  # parallel=False and the first call is complete: the rest is dropped
+        self.dropped = False
         self.calls: list[ToolCall] = []
         self._buffer = ""
         self._space = ""  # whitespace held back: dropped between and after calls
@@ -85,6 +99,9 @@ class ToolCallParser:
         self._args_done = False
 
     def feed(self, text: str) -> list[Event]:
+        if self.done:
+            self.dropped = self.dropped or bool(text.strip())
+            return []
         self._buffer += text
         events: list[Event] = []
         if self._whole:
@@ -92,27 +109,43 @@ class ToolCallParser:
             if not head or head.startswith(PYTHON_TAG) or head.startswith("{"):
                 return events  # hold: this may be a call
             self._whole = False
-        while self._step(events):
+        while not self.done and self._step(events):
             pass
-        return events
+        return self._filter(events)
 
-    def finish(self) -> list[Event]:
+    def finish(self, reason: str | None = None) -> list[Event]:
+        """The events left at the end; `reason` is the finish reason (length: cut short)."""
         events: list[Event] = []
-        if self._whole:
+        cut = reason == "length"
+        if self.done:
+            pass
+        elif self._whole:
             calls = self._parse_whole(self._buffer)
-            if calls is None:
+            if calls is None and (self.forced or cut) and self._buffer.strip():
+                self.dropped = True  # an unfinished call object, not text
+            elif calls is None:
                 events += self._content(self._buffer)
-            for call in calls or []:
+            for call in (calls or [])[: None if self.parallel else 1]:
                 events += self._whole_call(call)
         elif self._in_call and self._args_at is None:  # a block that never named a function
-            events += self._content(HERMES_OPEN + self._buffer)
+            self.dropped = True
+        elif not self._in_call and self._buffer and (cut or self.forced):
+            self.dropped = True  # a held start of `<tool_call>`
         elif not self._in_call:
             events += self._content(self._buffer)
         self._buffer = ""
         if self._space and not self.calls:
             events.append(("content", self._space))
         self._space = ""
-        return events
+        return self._filter(events)
+
+    def _filter(self, events: list[Event]) -> list[Event]:
+        """No content where the output is a call by grammar."""
+        if not self.forced:
+            return events
+        kept = [e for e in events if e[0] != "content"]
+        self.dropped = self.dropped or any(e[1].strip() for e in events if e[0] == "content")
+        return kept
 
     # -- hermes, incrementally --------------------------------------------------------------
     def _step(self, events: list[Event]) -> bool:
@@ -140,6 +173,7 @@ class ToolCallParser:
                 calls = self._parse_whole(self._buffer[:close])
                 if calls is not None and len(calls) == 1:
                     events += self._whole_call(calls[0])
+                    self.done = not self.parallel
                 else:
                     events += self._content(HERMES_OPEN + self._buffer[: close + len(HERMES_CLOSE)])
                 self._buffer = self._buffer[close + len(HERMES_CLOSE) :]
@@ -164,6 +198,7 @@ class ToolCallParser:
             return False
         self._buffer = self._buffer[close + len(HERMES_CLOSE) :]
         self._in_call = False
+        self.done = not self.parallel
         return True
 
     def _open(self, name: str, call_id: str | None = None) -> list[Event]:
@@ -223,10 +258,19 @@ def _unescape(name: str) -> str:
 
 
 def parse_output(
-    text: str, tools: Sequence[Tool], parser: str
+    text: str,
+    tools: Sequence[Tool],
+    parser: str,
+    *,
+    parallel: bool = True,
+    forced: bool = False,
+    reason: str | None = None,
 ) -> tuple[str | None, list[ToolCall]]:
-    """The whole output's content (None when only calls) and its tool calls."""
-    parsing = ToolCallParser(tools, parser)
-    events = parsing.feed(text) + parsing.finish()
+    """The whole output's content and its tool calls (see ToolCallParser for the options).
+
+    Content is None when there is no text beside calls or withheld call markup.
+    """
+    parsing = ToolCallParser(tools, parser, parallel=parallel, forced=forced)
+    events = parsing.feed(text) + parsing.finish(reason)
     content = "".join(e[1] for e in events if e[0] == "content")
-    return (content or None) if parsing.calls else content, parsing.calls
+    return (content or None) if parsing.calls or parsing.dropped else content, parsing.calls

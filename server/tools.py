@@ -18,6 +18,8 @@ from hearth.engine.types import JSON_STYLE, Grammar
 from hearth.server.errors import APIError
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+# The parameters of a function that takes none (`parameters` omitted): arguments are `{}`
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,12 @@ class Tool:
     def checked(
         cls, name: str, description: str | None, parameters: dict[str, Any] | None, param: str
     ) -> Tool:
-        """A tool whose parameters schema is valid (400 naming `param` otherwise)."""
-        parameters = parameters or {"type": "object", "properties": {}}
+        """A tool whose parameters schema is valid (400 naming `param` otherwise).
+
+        Omitted (or empty) parameters mean, as in OpenAI's API, a function that takes none: its
+        arguments are the empty object `{}`, never any JSON.
+        """
+        parameters = parameters or dict(NO_PARAMETERS)
         check_schema(parameters, param)
         return cls(name, description, parameters)
 

@@ -130,3 +130,66 @@ def test_a_client_gone_before_the_answer_is_a_quiet_499(live) -> None:
         time.sleep(0.1)
     assert counted in page
     assert 'status="500"' not in page
+
+
+# -- issue 16, items 7 and 9: tool calls and JSON at small budgets ------------------------------
+
+GET_TIME = [{"type": "function", "function": {"name": "get_time"}}]  # no parameters: takes none
+TIME = [{"role": "user", "content": "What time is it? Answer in nested JSON."}]
+
+
+def test_a_function_without_parameters_is_called_with_the_empty_object(live) -> None:
+    _, client = live
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for seed in (1, 2):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=TIME,
+            tools=GET_TIME,
+            tool_choice=named,
+            max_tokens=30,
+            temperature=1.5,
+            seed=seed,
+        )
+        [call] = reply.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_time", "{}")
+        assert reply.choices[0].finish_reason == "tool_calls"
+        json_mode = client.chat.completions.create(
+            model=MODEL,
+            messages=TIME,
+            response_format={"type": "json_object"},
+            max_tokens=20,
+            temperature=1.5,
+            seed=seed,
+        )
+        assert isinstance(json.loads(json_mode.choices[0].message.content), dict)
+
+
+def test_a_forced_call_cut_by_the_budget_leaks_no_markup(live) -> None:
+    base_url, client = live
+    body = dict(model=MODEL, messages=TIME, tools=GET_TIME, max_tokens=3, temperature=0)
+    reply = client.chat.completions.create(tool_choice="required", **body)
+    choice = reply.choices[0]
+    assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == (
+        "length",
+        None,
+        None,
+    )
+    chunks = list(client.chat.completions.create(tool_choice="required", stream=True, **body))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ""
+    assert not any(d.tool_calls for d in deltas) and chunks[-1].choices[0].finish_reason == "length"
+    flat = [{"type": "function", "name": "get_time"}]
+    response = httpx.post(
+        f"{base_url}/responses",
+        json={
+            "model": MODEL,
+            "input": "What time is it?",
+            "tools": flat,
+            "tool_choice": "required",
+            "max_output_tokens": 3,
+            "temperature": 0,
+        },
+        timeout=60,
+    ).json()
+    assert response["status"] == "incomplete" and "tool_call" not in json.dumps(response["output"])

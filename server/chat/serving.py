@@ -48,6 +48,13 @@ class _Reply:
     engine: EngineClient
     prompt_tokens: int
     tools: list[Tool]  # offered to the model: its output is parsed for calls
+    parallel: bool = True  # parallel_tool_calls: false keeps the first call only
+    forced: bool = False  # tool_choice required or named: the output is a call, never content
+
+    def parser(self) -> ToolCallParser:
+        """A tool-call parser for one choice's output."""
+        parser = self.engine.info.tool_parser
+        return ToolCallParser(self.tools, parser, parallel=self.parallel, forced=self.forced)
 
     def base(self, kind: str) -> dict[str, Any]:
         return {
@@ -77,6 +84,8 @@ async def serve_chat(
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs_k)
     sampling.grammar = grammar
     reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
+    reply.parallel = body.parallel_tool_calls is not False
+    reply.forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
     if body.stream:
         outputs = await open_stream(
             engine,
@@ -140,7 +149,14 @@ def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, A
     """A choice's message and finish_reason; calls found in the text become tool_calls."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if reply.tools:
-        message["content"], calls = parse_output(text, reply.tools, reply.engine.info.tool_parser)
+        message["content"], calls = parse_output(
+            text,
+            reply.tools,
+            reply.engine.info.tool_parser,
+            parallel=reply.parallel,
+            forced=reply.forced,
+            reason=finish_reason,
+        )
         if calls:
             message["tool_calls"] = [call_json(c.id, c.name, c.arguments) for c in calls]
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
@@ -173,12 +189,15 @@ async def _chunks(
 
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
-    parsers = [ToolCallParser(reply.tools, reply.engine.info.tool_parser) for _ in range(n)]
+    parsers = [reply.parser() for _ in range(n)]
     held: list[list] = [[] for _ in range(n)]  # logprobs of text the tool parser holds back
     aligners = [LogprobAligner(reply.engine) for _ in range(n)]  # logprobs follow the text
     completion_tokens = 0
+    ended: set[int] = set()  # choices finished early: their one call is complete
     async for output in outputs:
         raise_for_output(output)
+        if output.index in ended:
+            continue
         completion_tokens += len(output.token_ids)
         placed = aligners[output.index].feed(output.text, output.logprobs, output.finish_reason)
         if not reply.tools:
@@ -190,17 +209,22 @@ async def _chunks(
             entries += placed
             events = parser.feed(output.text)
             if output.finish_reason is not None:
-                events += parser.finish()
+                events += parser.finish(output.finish_reason)
             for delta in map(_delta, events):
                 logprobs = chat_logprobs(reply.engine, entries) if entries else None
                 yield chunk(output.index, delta, logprobs)
                 entries.clear()
-        if output.finish_reason is not None:
-            finish = output.finish_reason
+        done = reply.tools and parsers[output.index].done
+        if output.finish_reason is not None or done:
+            finish = output.finish_reason or "stop"
             if parsers[output.index].calls and finish == "stop":
                 finish = "tool_calls"
             entries = held[output.index]
             logprobs = chat_logprobs(reply.engine, entries) if entries else None
             yield chunk(output.index, {}, logprobs, finish=finish)
+            ended.add(output.index)
+            if done and len(ended) == n:  # parallel_tool_calls false: stop generating
+                await outputs.aclose()
+                break
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(reply.prompt_tokens, completion_tokens)})

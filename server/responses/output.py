@@ -48,9 +48,13 @@ class OutputItems:
     in order. Without tools the text is one message, opened before any text arrives.
     """
 
-    def __init__(self, tools: list[Tool], parser: str) -> None:
+    def __init__(
+        self, tools: list[Tool], parser: str, *, parallel: bool = True, forced: bool = False
+    ) -> None:
         self.items: list[dict[str, Any]] = []
-        self._parser = ToolCallParser(tools, parser) if tools else None
+        self._parser = (
+            ToolCallParser(tools, parser, parallel=parallel, forced=forced) if tools else None
+        )
         self._open: dict[str, Any] | None = None
         self.events: list[StreamEvent] = []
         if self._parser is None:
@@ -64,10 +68,15 @@ class OutputItems:
                 self._apply(event)
         return self._take()
 
+    @property
+    def done(self) -> bool:
+        """parallel_tool_calls false and the one call is complete: the rest is not wanted."""
+        return self._parser is not None and self._parser.done
+
     def finish(self, status: str = "completed") -> list[StreamEvent]:
         """Close what is open; items get `status` (incomplete when cut short)."""
         if self._parser is not None:
-            for event in self._parser.finish():
+            for event in self._parser.finish("length" if status == "incomplete" else None):
                 self._apply(event)
         self._close(status)
         if not self.items:  # nothing at all was written: one empty message

@@ -120,6 +120,9 @@ async def stream_events(
                 break
             for kind, fields in items.feed(output.text):
                 yield event(kind, **fields)
+            if items.done:  # parallel_tool_calls false: the one call is complete
+                reason = output.finish_reason or "stop"
+                break
     except Exception as exc:  # the engine failed mid-stream; the status line is long gone
         log.exception("response stream failed")
         error = f"{type(exc).__name__}: {exc}"
@@ -151,7 +154,13 @@ async def serve_response(
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling)
     sampling.grammar = grammar
     reply = Reply(body, sampling, len(prompt_ids))
-    items = OutputItems(tools, engine.info.tool_parser)
+    forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
+    items = OutputItems(
+        tools,
+        engine.info.tool_parser,
+        parallel=body.parallel_tool_calls is not False,
+        forced=forced,
+    )
     if body.stream:
         outputs = await open_stream(
             engine,
