@@ -23,19 +23,18 @@ from hearth.server.chat.protocol import ChatCompletionRequest
 from hearth.server.content import refuse_media
 from hearth.server.generation import (
     Context,
-    check_text_length,
     new_id,
     open_stream,
     raise_for_output,
     resolve_max_tokens,
     run_to_completion,
-    tokenize,
     usage,
 )
 from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs, vllm_prompt_logprobs
+from hearth.server.prompts import encode_messages
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import Event, ToolCallParser, parse_output
-from hearth.server.tools import Tool, call_json, format_grammar, plan, prepare_messages
+from hearth.server.tools import Tool, call_json, format_grammar, plan
 
 
 @dataclass
@@ -71,13 +70,9 @@ async def serve_chat(
 ) -> dict[str, Any] | StreamingResponse:
     """The chat.completion object, or the stream of its chunks."""
     engine = context.registry.get(body.model)
-    refuse_media([m.content for m in body.messages], body.model, "messages")
+    refuse_media([m.content for m in body.messages], body.model, "messages")  # before tools
     tools, grammar = constraints(body, engine.info)
-    messages, template_tools = prepare_messages(
-        [m.to_template() for m in body.messages], tools, engine.info.template_tools
-    )
-    check_text_length(engine, sum(len(m["content"] or "") for m in messages), "messages")
-    prompt_ids = await tokenize(engine.encode_chat, messages, template_tools)
+    prompt_ids = await encode_messages(engine, body.model, body.messages, tools)
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param
     )

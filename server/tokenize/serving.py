@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from hearth.engine.types import EngineClient
-from hearth.server.content import refuse_media
 from hearth.server.errors import APIError
 from hearth.server.generation import Context, check_text_length, tokenize
+from hearth.server.prompts import encode_messages
 from hearth.server.tokenize.protocol import DetokenizeRequest, TokenizeRequest
-from hearth.server.tools import Tool, prepare_messages
+from hearth.server.tools import Tool
 
 _PROBE = "a"
 
@@ -70,20 +70,15 @@ def _bad_ids(where: str = "") -> APIError:
 
 
 async def _encode_messages(engine: EngineClient, body: TokenizeRequest) -> list[int]:
-    """The chat route's rendering (see chat.serving.serve_chat), then the special tokens."""
+    """The chat route's rendering (server/prompts.py), then the special tokens."""
     assert body.messages is not None
     _refuse_unsupported(body)
-    refuse_media([m.content for m in body.messages], body.model, "messages")
     tools = [
         Tool.checked(t.function.name, t.function.description, t.function.parameters, param)
         for i, t in enumerate(body.tools or [])
         for param in [f"tools[{i}].function.parameters"]
     ]
-    messages, template_tools = prepare_messages(
-        [m.to_template() for m in body.messages], tools, engine.info.template_tools
-    )
-    check_text_length(engine, sum(len(m["content"] or "") for m in messages), "messages")
-    ids = await tokenize(engine.encode_chat, messages, template_tools)
+    ids = await encode_messages(engine, body.model, body.messages, tools)
     if body.special_tokens:
         prefix, suffix = await tokenize(_special_ends, engine, param="add_special_tokens")
         ids = [*prefix, *ids, *suffix]
