@@ -80,7 +80,7 @@ def engine(tiny_llama_dir: Path) -> Iterator[AsyncEngine]:
     engine.shutdown()
 
 
-def adversary(engine: AsyncEngine, style: str, seed: int) -> Callable[[Any], torch.Tensor]:
+def adversary(engine: AsyncEngine, style: str, seed: int) -> Callable[[Any], tuple]:
     """A runner.execute that runs the step (the KV cache stays right) and returns the
     adversary's logits instead of the model's."""
     core = engine.core
@@ -98,10 +98,10 @@ def adversary(engine: AsyncEngine, style: str, seed: int) -> Callable[[Any], tor
         weight = torch.zeros(len(texts))
     generator = torch.Generator().manual_seed(seed)
 
-    def execute(scheduled: Any) -> torch.Tensor:
-        logits = real(scheduled)  # [n, V]
+    def execute(scheduled: Any) -> tuple[torch.Tensor, list]:
+        logits, prompt_rows = real(scheduled)  # [n, V], and prompt rows (none asked for here)
         noise = 3 * torch.randn(logits.shape, generator=generator)
-        return (weight[: logits.shape[-1]] + noise).to(logits.dtype)
+        return (weight[: logits.shape[-1]] + noise).to(logits.dtype), prompt_rows
 
     return execute
 
