@@ -55,6 +55,12 @@ class Context:
             getattr(http.state, "limits", None),
         )
 
+    async def open_stream(
+        self, engine: EngineClient, request: GenerationRequest
+    ) -> AsyncIterator[GenerationOutput]:
+        """`open_stream` under this request's metrics and limits."""
+        return await open_stream(engine, request, self.metrics, self.limits)
+
 
 def new_id(prefix: str) -> str:
     sep = "_" if prefix == "resp" else "-"
@@ -289,7 +295,7 @@ async def open_streams(
     streams: list[AsyncIterator[GenerationOutput]] = []
     try:
         for request in requests:
-            streams.append(await open_stream(engine, request, context.metrics, context.limits))
+            streams.append(await context.open_stream(engine, request))
     except BaseException:
         for stream in streams:
             await stream.aclose()

@@ -24,7 +24,6 @@ from hearth.server.content import refuse_media
 from hearth.server.generation import (
     Context,
     new_id,
-    open_stream,
     raise_for_output,
     resolve_max_tokens,
     run_to_completion,
@@ -82,11 +81,8 @@ async def serve_chat(
     reply.parallel = body.parallel_tool_calls is not False
     reply.forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
     if body.stream:
-        outputs = await open_stream(
-            engine,
-            GenerationRequest(reply.id, prompt_ids, sampling),
-            context.metrics,
-            context.limits,
+        outputs = await context.open_stream(
+            engine, GenerationRequest(reply.id, prompt_ids, sampling)
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return event_stream(_chunks(reply, outputs, sampling.n, include_usage))

@@ -22,7 +22,6 @@ from hearth.server.errors import APIError
 from hearth.server.generation import (
     Context,
     check_text_length,
-    open_stream,
     resolve_max_tokens,
     run_to_completion,
     tokenize,
@@ -162,11 +161,8 @@ async def serve_response(
         forced=forced,
     )
     if body.stream:
-        outputs = await open_stream(
-            engine,
-            GenerationRequest(reply.id, prompt_ids, sampling),
-            context.metrics,
-            context.limits,
+        outputs = await context.open_stream(
+            engine, GenerationRequest(reply.id, prompt_ids, sampling)
         )
 
         def settle(response: dict[str, Any]) -> None:
