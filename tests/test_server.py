@@ -341,6 +341,33 @@ def test_an_invalid_request_error_is_a_400_naming_its_param() -> None:
     assert_envelope(chat(client), 400, "messages")  # no param of its own: the field tokenized
 
 
+def test_an_invalid_request_error_anywhere_in_a_route_is_a_400() -> None:
+    """One app-wide handler: an InvalidRequestError no route caught (e.g. SamplingParams built
+    outside the engine calls) is still the client's 400 naming its param, never a 500."""
+    from fastapi import FastAPI
+
+    from hearth.engine.types import InvalidRequestError
+    from hearth.server.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/refuse")
+    async def refuse() -> None:
+        raise InvalidRequestError("temperature must be in [0, 2]", param="temperature")
+
+    response = TestClient(app).post("/refuse")
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {
+            "message": "temperature must be in [0, 2]",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        }
+    }
+
+
 def test_engine_error_mid_stream_is_an_error_event_then_done() -> None:
     import json
 
