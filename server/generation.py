@@ -259,11 +259,28 @@ def raise_for_output(output: GenerationOutput) -> None:
     raise APIError(500, output.error or "engine error", code="engine_error")
 
 
-async def collect(outputs: AsyncIterator[GenerationOutput], n: int, prompt_len: int) -> Completed:
+EndsEarly = Callable[[str], bool]
+"""Fed one choice's output text as it comes; true once the rest of that choice is not wanted
+(parallel_tool_calls false and its one call complete)."""
+
+
+async def collect(
+    outputs: AsyncIterator[GenerationOutput],
+    n: int,
+    prompt_len: int,
+    ends_early: Callable[[], EndsEarly] | None = None,
+) -> Completed:
+    """Gather a request's outputs into its `n` choices. `ends_early` makes one watcher per
+    choice: a choice it ends gets finish_reason "stop", and once every choice has ended the
+    stream is closed, which aborts the request (as the streamed routes do)."""
     choices = [Choice(i) for i in range(n)]
+    watchers = [ends_early() for _ in range(n)] if ends_early else []
+    ended = 0
     async for output in outputs:
         raise_for_output(output)
         choice = choices[output.index]
+        if choice.finish_reason is not None:
+            continue  # ended early: the rest is not wanted
         choice.text += output.text
         choice.token_ids += output.token_ids
         if output.logprobs:
@@ -272,6 +289,13 @@ async def collect(outputs: AsyncIterator[GenerationOutput], n: int, prompt_len: 
             choice.prompt_logprobs = output.prompt_logprobs
         if output.finish_reason is not None:
             choice.finish_reason = output.finish_reason
+        elif watchers and watchers[output.index](output.text):
+            choice.finish_reason = "stop"
+        if watchers and choice.finish_reason is not None:
+            ended += 1
+            if ended == n:
+                await outputs.aclose()  # a no-op when finished; aborts the request otherwise
+                break
     return Completed(prompt_len, choices)
 
 
@@ -304,14 +328,18 @@ async def open_streams(
 
 
 async def run_all(
-    context: Context, engine: EngineClient, requests: list[GenerationRequest]
+    context: Context,
+    engine: EngineClient,
+    requests: list[GenerationRequest],
+    ends_early: Callable[[], EndsEarly] | None = None,
 ) -> list[Completed]:
-    """Run requests to the end; a client that disconnects first aborts them all at once."""
+    """Run requests to the end (or until `ends_early`, see collect); a client that disconnects
+    first aborts them all at once."""
     streams = await open_streams(context, engine, requests)
     work = asyncio.ensure_future(
         asyncio.gather(
             *(
-                collect(stream, r.sampling.n, len(r.prompt_token_ids))
+                collect(stream, r.sampling.n, len(r.prompt_token_ids), ends_early)
                 for stream, r in zip(streams, requests, strict=True)
             )
         )
@@ -337,7 +365,9 @@ async def run_to_completion(
     request_id: str,
     prompt_ids: list[int],
     sampling: SamplingParams,
+    ends_early: Callable[[], EndsEarly] | None = None,
 ) -> Completed:
     """Run one request to the end (see run_all)."""
-    [result] = await run_all(context, engine, [GenerationRequest(request_id, prompt_ids, sampling)])
+    request = GenerationRequest(request_id, prompt_ids, sampling)
+    [result] = await run_all(context, engine, [request], ends_early)
     return result

@@ -6,8 +6,11 @@ shown as OpenAI shows it, `bytes:\\xe2\\x80`, with `bytes` its raw bytes; specia
 their text (`<|im_end|>`). So concatenating the `bytes` of a choice's tokens gives the UTF-8 of
 its text.
 
-Logprobs cover exactly the returned text (LogprobAligner): the tokens of a stop string, and the
-stop token that ended a sequence, are not listed (usage still counts every generated token).
+Logprobs cover exactly the returned text (LogprobAligner): the tokens of a stop string are not
+listed, and neither is the stop token that ended a sequence in chat (as OpenAI). Legacy
+completions list that stop token last, by its text (`<|im_end|>`), which `text` leaves out, as
+vLLM does: lm-evaluation-harness scores an echoed prompt by dropping the last entry as the one
+generated token, so an unlisted stop token would cost the prompt's last token its score.
 
 Prompt logprobs (the engine's GenerationOutput.prompt_logprobs, None for the first token) come in
 two shapes: prepended to a completions choice's logprobs when it echoes the prompt
@@ -55,11 +58,15 @@ class LogprobAligner:
     Feed each output's text delta, logprob entries and finish reason; get back the entries whose
     first byte lies within the text returned so far. When a sequence ends with "stop", the
     entries still held (a stop string's tokens, the stop token) are dropped; any other ending
-    releases them. Special tokens are zero-width in the text.
+    releases them. Special tokens are zero-width in the text. `keep_stop_token`: a special token
+    that ended the sequence is released last instead of dropped (legacy completions).
     """
 
-    def __init__(self, engine: EngineClient, offset: int = 0) -> None:
+    def __init__(
+        self, engine: EngineClient, offset: int = 0, keep_stop_token: bool = False
+    ) -> None:
         self.engine = engine
+        self.keep_stop_token = keep_stop_token
         self.text_bytes = 0  # bytes of text returned so far
         self.token_bytes = 0  # bytes of the released tokens
         self.chars = offset  # whole characters in the released tokens (plus the offset)
@@ -74,6 +81,10 @@ class LogprobAligner:
         released: list[Aligned] = []
         while self.held and (self.token_bytes < self.text_bytes or finish not in (None, "stop")):
             released.append(self._place(self.held.pop(0)))
+        if finish == "stop" and self.keep_stop_token and self.held:
+            [(_, special)] = self.engine.token_pieces([self.held[-1].token_id])
+            if special:  # the stop token, not the tail of a stop string
+                released.append(self._place(self.held[-1]))
         if finish is not None:
             self.held.clear()
         return released
@@ -105,9 +116,10 @@ def aligned(
     entries: list[TokenLogprob],
     finish: FinishReason | None,
     offset: int = 0,
+    keep_stop_token: bool = False,
 ) -> list[Aligned]:
     """A whole choice's entries, aligned with its text (see LogprobAligner)."""
-    return LogprobAligner(engine, offset).feed(text, entries, finish)
+    return LogprobAligner(engine, offset, keep_stop_token).feed(text, entries, finish)
 
 
 def prompt_aligned(

@@ -113,6 +113,12 @@ class ToolCallParser:
             pass
         return self._filter(events)
 
+    def ends_after(self, text: str) -> bool:
+        """Feeds `text`; true once the rest is not wanted (parallel=False, first call complete).
+        Non-streamed serving watches a choice with it (server/generation.py, collect)."""
+        self.feed(text)
+        return self.done
+
     def finish(self, reason: str | None = None) -> list[Event]:
         """The events left at the end; `reason` is the finish reason (length: cut short)."""
         events: list[Event] = []

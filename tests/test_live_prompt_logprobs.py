@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -72,3 +74,37 @@ def test_vllm_prompt_logprobs_agree_with_the_echo(live) -> None:
     chat = post(live, "/chat/completions", messages=messages, max_tokens=1, prompt_logprobs=1)
     assert chat["prompt_logprobs"][0] is None
     assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
+def test_every_generated_token_is_listed_after_the_echo(live) -> None:
+    """lm-evaluation-harness drops the last entry as the one generated token: a stop token that
+    ended the answer must be listed, or the prompt's last token loses its score."""
+    prompt = (
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\nThe capital of France is Paris."
+    )
+    for stream in (False, True):
+        body = dict(prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        if stream:
+            response = httpx.post(
+                f"{live}/completions",
+                json={"model": MODEL, "stream": True, **body},
+                timeout=120,
+            )
+            chunks = [
+                json.loads(line[6:])
+                for line in response.text.splitlines()
+                if line.startswith("data: {")
+            ]
+            tokens = [
+                t
+                for c in chunks
+                if c["choices"]
+                for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])
+            ]
+        else:
+            data = post(live, "/completions", **body)
+            tokens = data["choices"][0]["logprobs"]["tokens"]
+            n_prompt = data["usage"]["prompt_tokens"]
+        assert len(tokens) == n_prompt + 1
+        assert tokens[n_prompt - 1] == "."

@@ -68,6 +68,18 @@ def test_stop_string_tokens_and_the_stop_token_are_not_listed() -> None:
     assert [a.raw for a in placed] == [b"h", b"i"]
 
 
+def test_legacy_completions_list_the_stop_token_last_but_never_a_stop_string() -> None:
+    engine = FakeEngine()
+    placed = aligned(engine, "hi", entries([*b"hi", EOS]), "stop", offset=4, keep_stop_token=True)
+    shown = completion_logprobs(engine, placed)
+    assert shown["tokens"] == ["h", "i", f"<|{EOS}|>"] and shown["text_offset"] == [4, 5, 6]
+    placed = aligned(engine, "7,", entries([*b"7, 8"]), "stop", keep_stop_token=True)
+    assert [a.raw for a in placed] == [b"7", b","]
+    streamed = LogprobAligner(engine, keep_stop_token=True)
+    assert [a.raw for a in streamed.feed("hi", entries([*b"hi"]))] == [b"h", b"i"]
+    assert [a.raw for a in streamed.feed("", entries([EOS]), "stop")] == [f"<|{EOS}|>".encode()]
+
+
 def test_streamed_logprobs_wait_for_their_text_and_stop_drops_the_rest() -> None:
     engine, aligner = FakeEngine(), None
     aligner = LogprobAligner(engine)

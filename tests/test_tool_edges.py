@@ -87,7 +87,10 @@ def test_chat_with_parallel_tool_calls_false_returns_one_call_streamed_and_not()
     client, engine = make_client()
     messages = [{"role": "user", "content": TWO_CALLS.replace("\n", " ")}]
     body = {"tools": CHAT_TOOLS, "messages": messages, "parallel_tool_calls": False}
-    choice = chat(client, **body).json()["choices"][0]
+    data = chat(client, **body).json()
+    choice = data["choices"][0]
+    assert engine.aborted[-1] == engine.requests[-1].request_id  # it stopped after the call
+    assert data["usage"]["completion_tokens"] < len(TWO_CALLS.encode())
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking."
     [call] = choice["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"])["city"] == "Paris"
@@ -105,6 +108,7 @@ def test_responses_with_parallel_tool_calls_false_return_one_call_streamed_and_n
     client, engine = make_client()
     body = {"input": TWO_CALLS.replace("\n", " "), "tools": FLAT_TOOLS}
     response = respond(client, parallel_tool_calls=False, **body).json()
+    assert engine.aborted[-1] == engine.requests[-1].request_id  # it stopped after the call
     assert response["parallel_tool_calls"] is False and response["status"] == "completed"
     kinds = [item["type"] for item in response["output"]]
     assert kinds == ["message", "function_call"]

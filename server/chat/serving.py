@@ -86,7 +86,8 @@ async def serve_chat(
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return event_stream(_chunks(reply, outputs, sampling.n, include_usage))
-    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling)
+    watch = (lambda: reply.parser().ends_after) if tools and not reply.parallel else None
+    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch)
     return {
         **reply.base("chat.completion"),
         "choices": [

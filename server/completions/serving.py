@@ -2,8 +2,10 @@
 
 With `echo` and `logprobs`, a choice's logprobs cover the prompt's tokens (the first with `null`
 logprob and top_logprobs), then the generated ones; `text_offset` indexes the returned text, which
-starts with the prompt. `max_tokens: 0` with echo scores the prompt only. Streamed, the prompt's
-entries (and vLLM's `prompt_logprobs`) ride on the choice's first chunk after the echoed text.
+starts with the prompt. `max_tokens: 0` with echo scores the prompt only. A special stop token
+that ended a sequence is listed last (server/logprobs.py says why), though `text` leaves it out.
+Streamed, the prompt's entries (and vLLM's `prompt_logprobs`) ride on the choice's first chunk
+after the echoed text.
 """
 
 from __future__ import annotations
@@ -85,7 +87,12 @@ async def serve_completion(
             logprobs = None
             if body.logprobs is not None:
                 placed = aligned(
-                    engine, choice.text, choice.logprobs, choice.finish_reason, len(echoes[p])
+                    engine,
+                    choice.text,
+                    choice.logprobs,
+                    choice.finish_reason,
+                    len(echoes[p]),
+                    keep_stop_token=True,
                 )
                 if body.echo:
                     placed = _echoed(engine, body, prompts[p], choice.prompt_logprobs) + placed
@@ -183,7 +190,7 @@ async def _chunks(
     aligners: dict[int, LogprobAligner] = {}  # logprobs follow the text, offsets count it
     for p, echo in enumerate(echoes):
         for i in range(n):
-            aligners[p * n + i] = LogprobAligner(engine, len(echo))
+            aligners[p * n + i] = LogprobAligner(engine, len(echo), keep_stop_token=True)
             if echo:
                 yield chunk(p * n + i, echo)
     completion_tokens = 0

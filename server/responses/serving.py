@@ -30,6 +30,7 @@ from hearth.server.responses.output import OutputItems, Reply, assistant_turn
 from hearth.server.responses.protocol import ResponseRequest
 from hearth.server.responses.store import ResponseStore
 from hearth.server.streaming import event_stream, sse
+from hearth.server.tool_parser import ToolCallParser
 from hearth.server.tools import Tool, format_grammar, plan, prepare_messages
 
 log = logging.getLogger("hearth.server")
@@ -169,7 +170,13 @@ async def serve_response(
             keep(store, turns, response)
 
         return event_stream(stream_events(reply, items, outputs, settle), done=False)
-    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling)
+    parser = engine.info.tool_parser
+    watch = (
+        (lambda: ToolCallParser(tools, parser, parallel=False, forced=forced).ends_after)
+        if tools and body.parallel_tool_calls is False
+        else None
+    )
+    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch)
     choice = result.choices[0]
     items.feed(choice.text)
     response, _ = reply.finish(items, choice.finish_reason, len(choice.token_ids))
