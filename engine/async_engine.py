@@ -75,9 +75,12 @@ class AsyncEngine:
         return self.tokenizer.encode(text)
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        return self.tokenizer.encode_chat(messages, tools)
+        return self.tokenizer.encode_chat(messages, tools, template_kwargs)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids)

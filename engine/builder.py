@@ -90,6 +90,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
             max_token_chars=max(1, longest),
             tool_parser=tokenizer.tool_parser(loaded.config.tool_parser),
             template_tools=tokenizer.template_tools,
+            reasoning_parser=tokenizer.reasoning_parser(loaded.config.reasoning_parser),
         )
         engine.info = info
     except BaseException:

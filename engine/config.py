@@ -113,6 +113,12 @@ class ModelConfig(_Strict):
     tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         "auto", description="tool-call format; auto: from the chat template"
     )
+    reasoning_parser: Literal["auto", "none", "think_tags"] = Field(
+        "auto",
+        description="how the model's thinking is split from its answer (reasoning_content): "
+        "think_tags (<think>...</think>: DeepSeek-R1 distills, Qwen3, QwQ); auto: think_tags "
+        "when the chat template knows <think> blocks, else none",
+    )
     revision: str | None = None
     trust_remote_code: bool = False
     tensor_parallel_size: int = Field(

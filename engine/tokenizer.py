@@ -8,6 +8,15 @@ from typing import Any
 from hearth.engine.token_bytes import TokenBytes, TokenPiece
 from hearth.engine.types import InvalidRequestError
 
+# apply_chat_template's own arguments: a request's chat_template_kwargs never set these
+_RESERVED = frozenset(
+    {
+        "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+        "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    }
+)  # fmt: skip
+
 
 class TemplateError(InvalidRequestError):
     """The chat template could not render these messages (a client error). No `param` of its
@@ -47,6 +56,14 @@ class ChatTokenizer:
             return "llama3_json"
         return "hermes"
 
+    def reasoning_parser(self, configured: str = "auto") -> str:
+        """How the model's thinking is told apart: as configured, else `think_tags` when the
+        template knows `<think>` blocks (R1 distills, Qwen3, QwQ), else `none`."""
+        if configured != "auto":
+            return configured
+        template = getattr(self.hf, "chat_template", None) or ""
+        return "think_tags" if "<think>" in template or "reasoning_content" in template else "none"
+
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text, add_special_tokens=True)["input_ids"])
 
@@ -54,15 +71,21 @@ class ChatTokenizer:
         self,
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
+        """The rendered conversation's token ids. `template_kwargs` are more variables for the
+        template (a request's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`); they
+        cannot replace the arguments hearth sets (messages, tools, add_generation_prompt)."""
         if not getattr(self.hf, "chat_template", None):
             raise TemplateError("this model has no chat template; set chat_template in models.yaml")
+        extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED}
         try:
             rendered = self.hf.apply_chat_template(
                 list(messages),
                 tools=list(tools) if tools else None,
                 add_generation_prompt=True,
                 tokenize=False,
+                **extra,
             )
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise TemplateError(f"chat template error: {exc}") from None

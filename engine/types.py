@@ -35,12 +35,24 @@ class EngineDeadError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ThinkBlock:
+    """A reasoning block before the answer (thinking models): a Grammar with one applies only
+    after the block closes, and a budget closes it (engine/grammar.py composes the two)."""
+
+    opened: bool  # the prompt left the block open (the template); else the model may open it
+    max_tokens: int | None = None  # reasoning budget: once spent, the closing tag is forced
+    start: str = "<think>"
+    end: str = "</think>"
+
+
+@dataclass(frozen=True)
 class Grammar:
     """A decoding constraint the output must match (compiled by the engine with llguidance)."""
 
-    kind: Literal["json_schema", "lark", "regex"]
+    kind: Literal["json_schema", "lark", "regex", "text"]  # text: any text (a think block's)
     spec: str  # the schema as JSON text, or the grammar / regex source (llguidance's Lark)
     param: str = "response_format"  # the request field it came from, named in errors
+    think: ThinkBlock | None = None  # free reasoning first; the grammar applies to the answer
 
 
 @dataclass
@@ -179,6 +191,7 @@ class ModelInfo:
     max_token_chars: int = 64  # longest token's text: len(text) / this <= tokens, a cheap bound
     tool_parser: str = "hermes"  # how the model writes tool calls: hermes | llama3_json
     template_tools: bool = False  # the chat template renders `tools` itself
+    reasoning_parser: str = "none"  # how the model's thinking is told apart: none | think_tags
 
 
 class EngineClient(Protocol):
@@ -189,7 +202,10 @@ class EngineClient(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...

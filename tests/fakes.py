@@ -50,7 +50,9 @@ class FakeEngine:
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Any = None) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Any = None, template_kwargs: Any = None
+    ) -> list[int]:
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
 
     def decode(self, token_ids: Sequence[int]) -> str:
