@@ -133,8 +133,11 @@ def running_server(
             log_file.close()
 
 
-def tiny_config(path: Path, checkpoint: Path, **engine: object) -> Path:
-    """A models.yaml serving the tiny checkpoint as 'tiny' with these engine limits."""
+def tiny_config(
+    path: Path, checkpoint: Path, model_keys: dict | None = None, **engine: object
+) -> Path:
+    """A models.yaml serving the tiny checkpoint as 'tiny' with these engine limits (and these
+    more models.yaml keys for the model)."""
     import json
 
     model = {
@@ -142,6 +145,18 @@ def tiny_config(path: Path, checkpoint: Path, **engine: object) -> Path:
         "source": str(checkpoint),
         "device": "cpu",
         "engine": {"kv_cache_memory": "64MiB", **engine},
+        **(model_keys or {}),
     }
     path.write_text(json.dumps({"models": [model]}))
     return path
+
+
+TEMPLATES = ROOT / "tests" / "templates"  # chat templates of model families, for tiny models
+
+
+def thinking_config(path: Path, checkpoint: Path, template: str, **engine: object) -> Path:
+    """A models.yaml serving the tiny checkpoint as 'tiny' with a thinking model's chat
+    template: `qwen3_style` (the model opens <think>; enable_thinking) or `r1_distill_style`
+    (the generation prompt opens it)."""
+    keys = {"chat_template": str(TEMPLATES / f"{template}.jinja")}
+    return tiny_config(path, checkpoint, keys, **engine)
