@@ -16,13 +16,18 @@ from hearth.server.tools import Tool, prepare_messages
 
 
 async def encode_messages(
-    engine: EngineClient, model: str, messages: Sequence[Any], tools: Sequence[Tool]
+    engine: EngineClient,
+    model: str,
+    messages: Sequence[Any],
+    tools: Sequence[Tool],
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Prompt token ids of chat `messages` (protocol ChatMessage objects) and `tools`.
 
     Media parts are refused (400 naming the part type and `model`), tools go to a tool-aware
     template or into the system prompt, the text is checked against the context before it is
-    tokenized, and the template runs off the event loop. Errors: APIError 400 with param
+    tokenized, and the template runs off the event loop (with `template_kwargs`: the request's
+    chat_template_kwargs and reasoning effort, server/reasoning.py). Errors: APIError 400 with param
     "messages" (media, too long, a template error).
     """
     refuse_media([m.content for m in messages], model, "messages")
@@ -30,4 +35,4 @@ async def encode_messages(
         [m.to_template() for m in messages], tools, engine.info.template_tools
     )
     check_text_length(engine, sum(len(m["content"] or "") for m in rendered), "messages")
-    return await tokenize(engine.encode_chat, rendered, template_tools)
+    return await tokenize(engine.encode_chat, rendered, template_tools, template_kwargs)

@@ -67,6 +67,7 @@ class ReasoningParser:
         self._strip = False  # drop whitespace right after the closing tag
         self._fresh = self._state == _REASONING  # opened by the prompt, nothing seen yet
         self.reasoning_tokens = 0
+        self._undecided = 0  # tokens fed while it was unknown whether a block opens
 
     @property
     def done_reasoning(self) -> bool:
@@ -75,11 +76,16 @@ class ReasoningParser:
 
     def count(self, text: str, num_tokens: int) -> Split:
         """`feed`, counting `num_tokens` as reasoning tokens when `text` is part of the block
-        (the tokens of its tags included)."""
+        (the tokens of its tags included: tokens held before the block is known to open count
+        once it does)."""
         before = self._state
         split = self.feed(text)
+        if self._state == _PENDING:  # undecided yet
+            self._undecided += num_tokens
+            return split
         if _REASONING in (before, self._state) or split.reasoning:
-            self.reasoning_tokens += num_tokens
+            self.reasoning_tokens += num_tokens + (self._undecided if before == _PENDING else 0)
+        self._undecided = 0
         return split
 
     def feed(self, text: str) -> Split:
@@ -149,6 +155,18 @@ def split_text(text: str, parser: str, opened: bool) -> Split:
     """A whole output, split (the non-streamed routes)."""
     reasoning = ReasoningParser(parser, opened)
     return reasoning.feed(text) + reasoning.finish()
+
+
+def count_reasoning_tokens(
+    engine: EngineClient, token_ids: Sequence[int], parser: str, opened: bool
+) -> int:
+    """How many of a sample's tokens are thinking (tags included), from each token's text."""
+    if parser == "none":
+        return 0
+    reasoning = ReasoningParser(parser, opened)
+    for raw, _ in engine.token_pieces(list(token_ids)):
+        reasoning.count(raw.decode(errors="replace"), 1)
+    return reasoning.reasoning_tokens
 
 
 def prompt_opens_block(engine: EngineClient, prompt_ids: Sequence[int]) -> bool:

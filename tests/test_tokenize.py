@@ -27,7 +27,7 @@ class SpecialEngine(FakeEngine):
     def encode(self, text: str) -> list[int]:
         return [BOS, *text.encode(), *self.suffix]
 
-    def encode_chat(self, messages: Sequence[dict], tools=None) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], tools=None, template_kwargs=None) -> list[int]:
         return list("".join(f"{m['role']}: {m['content']}\n" for m in messages).encode())
 
 
@@ -129,7 +129,6 @@ def test_detokenize_an_id_the_tokenizer_lacks() -> None:
         ({"messages": HELLO, "add_generation_prompt": False}, "add_generation_prompt"),
         ({"messages": HELLO, "continue_final_message": True}, "continue_final_message"),
         ({"messages": HELLO, "chat_template": "{{ x }}"}, "chat_template"),
-        ({"messages": HELLO, "chat_template_kwargs": {"a": 1}}, "chat_template_kwargs"),
         ({"messages": HELLO, "mm_processor_kwargs": {"a": 1}}, "mm_processor_kwargs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -142,9 +141,16 @@ def test_tokenize_errors_name_the_field(body, param) -> None:
     assert_envelope(tokenize(make_client(), **body), 400, param)
 
 
-def test_chat_template_kwargs_empty_and_generation_prompt_true_are_fine() -> None:
+def test_chat_template_kwargs_reach_the_template_as_in_chat() -> None:
     body = {"add_generation_prompt": True, "chat_template_kwargs": {}, "messages": HELLO}
     assert tokenize(make_client(), **body).status_code == 200
+    engine = FakeEngine()
+    seen = []
+    engine.encode_chat = lambda m, t=None, k=None: seen.append(k) or [97]
+    client = make_client(engine)
+    kwargs = {"enable_thinking": False}
+    assert tokenize(client, messages=HELLO, chat_template_kwargs=kwargs).status_code == 200
+    assert seen == [kwargs]
 
 
 def test_unknown_model_is_a_404_on_both() -> None:

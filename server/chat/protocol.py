@@ -42,6 +42,10 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None  # deprecated: one call, before tool_calls
     tool_call_id: str | None = None
+    # an assistant turn's thinking, sent back (both peers' names): templates that render it
+    # (Qwen3's) get it as `reasoning_content`; the others ignore it
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     def text(self) -> str:
         text = parts_text(self.content) if isinstance(self.content, list) else self.content or ""
@@ -63,6 +67,9 @@ class ChatMessage(_Request):
             ]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        thinking = self.reasoning_content or self.reasoning
+        if thinking and role == "assistant":
+            message["reasoning_content"] = message["reasoning"] = thinking
         return message
 
 
@@ -112,6 +119,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # reasoning models (server/reasoning.py): OpenAI's effort; vLLM's template kwargs (e.g.
+    # {"enable_thinking": false}); hearth's reasoning budget in tokens (0: close at once)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    max_reasoning_tokens: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

@@ -1,11 +1,18 @@
 """Serving a chat completion: a parsed request to an engine request, then the response or its
 SSE chunks. vLLM's `prompt_logprobs` (the rendered prompt's tokens scored) is a top-level field of
-the response, as in vLLM; streamed responses do not carry it."""
+the response, as in vLLM; streamed responses do not carry it.
+
+Reasoning models (server/reasoning.py): the thinking is split from the answer into
+`message.reasoning_content` and `message.reasoning` (the same text under both peers' names;
+streamed as `delta.reasoning_content` / `delta.reasoning` before the content deltas), counted in
+`usage.completion_tokens_details.reasoning_tokens`; tool calls are parsed from the answer only,
+and a grammar (response_format, a forced tool) applies after the block closes. Logprobs cover
+every generated token, thinking included."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +38,14 @@ from hearth.server.generation import (
 )
 from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs, vllm_prompt_logprobs
 from hearth.server.prompts import encode_messages
+from hearth.server.reasoning import (
+    ReasoningParser,
+    count_reasoning_tokens,
+    prompt_opens_block,
+    reasoning_budget,
+    template_kwargs,
+    think_grammar,
+)
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import Event, ToolCallParser, parse_output
 from hearth.server.tools import Tool, call_json, format_grammar, plan
@@ -48,11 +63,26 @@ class _Reply:
     tools: list[Tool]  # offered to the model: its output is parsed for calls
     parallel: bool = True  # parallel_tool_calls: false keeps the first call only
     forced: bool = False  # tool_choice required or named: the output is a call, never content
+    opened: bool = False  # the prompt left a reasoning block open (the template opened it)
+
+    @property
+    def reasoning_parser(self) -> str:
+        return self.engine.info.reasoning_parser
 
     def parser(self) -> ToolCallParser:
         """A tool-call parser for one choice's output."""
         parser = self.engine.info.tool_parser
         return ToolCallParser(self.tools, parser, parallel=self.parallel, forced=self.forced)
+
+    def thinker(self) -> ReasoningParser:
+        """A reasoning parser for one choice's output."""
+        return ReasoningParser(self.reasoning_parser, self.opened)
+
+    def ends_after(self) -> Callable[[str], bool]:
+        """parallel_tool_calls false: a watcher that ends a choice once the answer's one call
+        is complete (a call written while thinking is not a call)."""
+        thinker, parser = self.thinker(), self.parser()
+        return lambda text: parser.ends_after(thinker.feed(text).content)
 
     def base(self, kind: str) -> dict[str, Any]:
         return {
@@ -71,23 +101,30 @@ async def serve_chat(
     engine = context.registry.get(body.model)
     refuse_media([m.content for m in body.messages], body.model, "messages")  # before tools
     tools, grammar = constraints(body, engine.info)
-    prompt_ids = await encode_messages(engine, body.model, body.messages, tools)
+    kwargs = template_kwargs(body.reasoning_effort, body.chat_template_kwargs)
+    prompt_ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs_k)
-    sampling.grammar = grammar
     reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
     reply.parallel = body.parallel_tool_calls is not False
     reply.forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
+    reply.opened = prompt_opens_block(engine, prompt_ids)
+    budget = reasoning_budget(body.reasoning_effort, body.max_reasoning_tokens)
+    sampling.grammar = think_grammar(grammar, reply.reasoning_parser, reply.opened, budget)
     if body.stream:
         outputs = await context.open_stream(
             engine, GenerationRequest(reply.id, prompt_ids, sampling)
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return event_stream(_chunks(reply, outputs, sampling.n, include_usage))
-    watch = (lambda: reply.parser().ends_after) if tools and not reply.parallel else None
+    watch = reply.ends_after if tools and not reply.parallel else None
     result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch)
+    reasoning_tokens = sum(
+        count_reasoning_tokens(engine, c.token_ids, reply.reasoning_parser, reply.opened)
+        for c in result.choices
+    )
     return {
         **reply.base("chat.completion"),
         "choices": [
@@ -102,9 +139,14 @@ async def serve_chat(
             }
             for choice in result.choices
         ],
-        "usage": result.usage(),
+        "usage": chat_usage(result.usage(), reasoning_tokens),
         **_prompt_logprobs(engine, body, result.choices[0].prompt_logprobs),
     }
+
+
+def chat_usage(counts: dict[str, int], reasoning_tokens: int) -> dict[str, Any]:
+    """Chat's usage: the counts, and how many completion tokens were thinking."""
+    return {**counts, "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
 
 def _prompt_logprobs(
@@ -138,8 +180,14 @@ def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool
 
 
 def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, Any]:
-    """A choice's message and finish_reason; calls found in the text become tool_calls."""
+    """A choice's message and finish_reason: the thinking split off (reasoning models), calls
+    found in the answer become tool_calls."""
+    thinker = reply.thinker()
+    split = thinker.feed(text) + thinker.finish()
+    text = split.content
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if reply.reasoning_parser != "none":
+        message.update(_reasoning(split.reasoning or None))
     if reply.tools:
         message["content"], calls = parse_output(
             text,
@@ -153,6 +201,11 @@ def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, A
             message["tool_calls"] = [call_json(c.id, c.name, c.arguments) for c in calls]
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     return {"message": message, "finish_reason": finish_reason}
+
+
+def _reasoning(text: str | None) -> dict[str, Any]:
+    """Thinking under both peers' names (SGLang/llama.cpp `reasoning_content`, vLLM `reasoning`)."""
+    return {"reasoning_content": text, "reasoning": text}
 
 
 def _delta(event: Event) -> dict[str, Any]:
@@ -182,6 +235,7 @@ async def _chunks(
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
     parsers = [reply.parser() for _ in range(n)]
+    thinkers = [reply.thinker() for _ in range(n)]
     held: list[list] = [[] for _ in range(n)]  # logprobs of text the tool parser holds back
     aligners = [LogprobAligner(reply.engine) for _ in range(n)]  # logprobs follow the text
     completion_tokens = 0
@@ -192,14 +246,22 @@ async def _chunks(
             continue
         completion_tokens += len(output.token_ids)
         placed = aligners[output.index].feed(output.text, output.logprobs, output.finish_reason)
+        thinker = thinkers[output.index]
+        split = thinker.count(output.text, len(output.token_ids))
+        if output.finish_reason is not None:
+            split += thinker.finish()
+        if split.reasoning:  # thinking comes first; its logprobs ride on its delta
+            logprobs = chat_logprobs(reply.engine, placed) if placed else None
+            yield chunk(output.index, _reasoning(split.reasoning), logprobs)
+            placed = []
         if not reply.tools:
-            if output.text or placed:
+            if split.content or placed:
                 logprobs = chat_logprobs(reply.engine, placed) if placed else None
-                yield chunk(output.index, {"content": output.text}, logprobs)
+                yield chunk(output.index, {"content": split.content}, logprobs)
         else:
             parser, entries = parsers[output.index], held[output.index]
             entries += placed
-            events = parser.feed(output.text)
+            events = parser.feed(split.content)
             if output.finish_reason is not None:
                 events += parser.finish(output.finish_reason)
             for delta in map(_delta, events):
@@ -219,4 +281,6 @@ async def _chunks(
                 await outputs.aclose()
                 break
     if include_usage:
-        yield sse({**base, "choices": [], "usage": usage(reply.prompt_tokens, completion_tokens)})
+        counts = usage(reply.prompt_tokens, completion_tokens)
+        reasoning_tokens = sum(t.reasoning_tokens for t in thinkers)
+        yield sse({**base, "choices": [], "usage": chat_usage(counts, reasoning_tokens)})

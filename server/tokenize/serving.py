@@ -78,7 +78,8 @@ async def _encode_messages(engine: EngineClient, body: TokenizeRequest) -> list[
         for i, t in enumerate(body.tools or [])
         for param in [f"tools[{i}].function.parameters"]
     ]
-    ids = await encode_messages(engine, body.model, body.messages, tools)
+    kwargs = body.chat_template_kwargs  # as the chat route renders them (e.g. enable_thinking)
+    ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
     if body.special_tokens:
         prefix, suffix = await tokenize(_special_ends, engine, param="add_special_tokens")
         ids = [*prefix, *ids, *suffix]
@@ -93,8 +94,6 @@ def _refuse_unsupported(body: TokenizeRequest) -> None:
         _unsupported("continue_final_message", "only false is")
     if body.chat_template is not None:
         _unsupported("chat_template", "the model's configured template is used; none other is")
-    if body.chat_template_kwargs:
-        _unsupported("chat_template_kwargs", "no template keyword arguments are")
     if body.mm_processor_kwargs:
         _unsupported("mm_processor_kwargs", "models read text only; no processor arguments are")
 
