@@ -169,14 +169,23 @@ def count_reasoning_tokens(
     return reasoning.reasoning_tokens
 
 
-def prompt_opens_block(engine: EngineClient, prompt_ids: Sequence[int]) -> bool:
-    """Whether the rendered prompt ends inside an open `<think>` block (R1-distill templates
-    open it in the generation prompt; Qwen3 with thinking off renders a closed one there)."""
+def prompt_block(engine: EngineClient, prompt_ids: Sequence[int]) -> str | None:
+    """Where the rendered prompt leaves the reasoning block: "open" when it ends inside one
+    (R1-distill templates open it in the generation prompt), "closed" when it ends right after
+    one (Qwen3 with `enable_thinking: false` renders an empty, closed block there: the model is
+    not to think), else None (the model may open one)."""
     if engine.info.reasoning_parser == "none":
-        return False
+        return None
     pieces = engine.token_pieces(list(prompt_ids[-16:]))
     tail = b"".join(raw for raw, _ in pieces).decode(errors="replace")
-    return tail.rfind(START) > tail.rfind(END)
+    if tail.rfind(START) > tail.rfind(END):
+        return "open"
+    return "closed" if tail.rstrip().endswith(END) else None
+
+
+def prompt_opens_block(engine: EngineClient, prompt_ids: Sequence[int]) -> bool:
+    """Whether the rendered prompt ends inside an open `<think>` block (see prompt_block)."""
+    return prompt_block(engine, prompt_ids) == "open"
 
 
 # -- request controls ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from hearth.engine.types import ThinkBlock
 from hearth.server.chat import serving
-from hearth.server.reasoning import prompt_opens_block
+from hearth.server.reasoning import prompt_block
 from tests.fakes import FakeEngine
 from tests.test_responses import make_client as make_small_client
 from tests.test_tool_edges import chunks_of
@@ -26,7 +26,7 @@ def thinking_client(opened: bool = False, monkeypatch: Any = None) -> tuple[Any,
     """A fake engine with the think_tags parser; `opened`: its template opens the block (the
     fake echoes the prompt's last line, so the opening is reported rather than rendered)."""
     if opened:
-        monkeypatch.setattr(serving, "prompt_opens_block", lambda engine, ids: True)
+        monkeypatch.setattr(serving, "prompt_block", lambda engine, ids: "open")
     engine = FakeEngine(max_model_len=4096)
     engine.info.reasoning_parser = "think_tags"
     engine.seen_kwargs = []
@@ -160,11 +160,21 @@ def test_bad_controls_are_400_naming_the_field() -> None:
         assert response.json()["error"]["param"] == param
 
 
-def test_the_prompt_opens_a_block_when_its_last_think_tag_is_unclosed() -> None:
+def test_where_the_prompt_leaves_the_block() -> None:
     engine = FakeEngine()
     engine.info.reasoning_parser = "think_tags"
-    assert prompt_opens_block(engine, list(b"<|im_start|>assistant\n<think>\n"))
-    assert not prompt_opens_block(engine, list(b"assistant\n<think>\n\n</think>\n\n"))
-    assert not prompt_opens_block(engine, list(b"<|im_start|>assistant\n"))
+    assert prompt_block(engine, list(b"<|im_start|>assistant\n<think>\n")) == "open"
+    assert prompt_block(engine, list(b"assistant\n<think>\n\n</think>\n\n")) == "closed"
+    assert prompt_block(engine, list(b"<|im_start|>assistant\n")) is None
     engine.info.reasoning_parser = "none"
-    assert not prompt_opens_block(engine, list(b"assistant\n<think>\n"))
+    assert prompt_block(engine, list(b"assistant\n<think>\n")) is None
+
+
+def test_a_block_the_prompt_closed_means_no_thinking(monkeypatch) -> None:
+    monkeypatch.setattr(serving, "prompt_block", lambda engine, ids: "closed")
+    client, engine = thinking_client()
+    data = chat(client, max_reasoning_tokens=5, response_format={"type": "json_object"}).json()
+    message = data["choices"][0]["message"]
+    assert message["content"] == THOUGHT and message["reasoning_content"] is None
+    assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    assert engine.requests[-1].sampling.grammar.think is None  # the answer's grammar at once

@@ -41,7 +41,7 @@ from hearth.server.prompts import encode_messages
 from hearth.server.reasoning import (
     ReasoningParser,
     count_reasoning_tokens,
-    prompt_opens_block,
+    prompt_block,
     reasoning_budget,
     template_kwargs,
     think_grammar,
@@ -64,10 +64,12 @@ class _Reply:
     parallel: bool = True  # parallel_tool_calls: false keeps the first call only
     forced: bool = False  # tool_choice required or named: the output is a call, never content
     opened: bool = False  # the prompt left a reasoning block open (the template opened it)
+    thinks: bool = True  # False: the prompt closed the block (thinking off): all is answer
 
     @property
     def reasoning_parser(self) -> str:
-        return self.engine.info.reasoning_parser
+        """How this reply's thinking is split off ("none": the model or prompt has none)."""
+        return self.engine.info.reasoning_parser if self.thinks else "none"
 
     def parser(self) -> ToolCallParser:
         """A tool-call parser for one choice's output."""
@@ -110,7 +112,8 @@ async def serve_chat(
     reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
     reply.parallel = body.parallel_tool_calls is not False
     reply.forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
-    reply.opened = prompt_opens_block(engine, prompt_ids)
+    block = prompt_block(engine, prompt_ids)
+    reply.opened, reply.thinks = block == "open", block != "closed"
     budget = reasoning_budget(body.reasoning_effort, body.max_reasoning_tokens)
     sampling.grammar = think_grammar(grammar, reply.reasoning_parser, reply.opened, budget)
     if body.stream:
@@ -186,7 +189,7 @@ def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, A
     split = thinker.feed(text) + thinker.finish()
     text = split.content
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-    if reply.reasoning_parser != "none":
+    if reply.engine.info.reasoning_parser != "none":  # a thinking model: the fields are there
         message.update(_reasoning(split.reasoning or None))
     if reply.tools:
         message["content"], calls = parse_output(
