@@ -104,14 +104,8 @@ def test_enable_thinking_false_yields_no_reasoning(client: openai.OpenAI) -> Non
             assert message.model_extra["reasoning_content"] is None
             assert reply.usage.completion_tokens_details.reasoning_tokens == 0
         assert message.content.lstrip().startswith("{")  # the answer's grammar from the start
-    prompt = client.post(
-        "/tokenize",
-        cast_to=object,
-        body={
-            "model": "qwen3",
-            "messages": ASK,
-            "chat_template_kwargs": {"enable_thinking": False},
-        },
-    )
-    text = client.post("/detokenize", cast_to=object, body={"model": "qwen3", **prompt})
-    assert text["prompt"].endswith("<think>\n\n</think>\n\n")
+    off = {"enable_thinking": False}
+    body = {"model": "qwen3", "messages": ASK, "chat_template_kwargs": off}
+    tokens = httpx.post(f"{client.root}/tokenize", json=body).json()["tokens"]
+    text = httpx.post(f"{client.root}/detokenize", json={"model": "qwen3", "tokens": tokens})
+    assert text.json()["prompt"].endswith("<think>\n\n</think>\n\n")
