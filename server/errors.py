@@ -118,7 +118,7 @@ async def _on_validation(_: Request, exc: RequestValidationError) -> JSONRespons
     param = None if first["type"] == "json_invalid" else _param(tuple(first.get("loc", ())))
     param = _cross_field_param(first, param)
     message = _validation_message(first, param)
-    if first["type"] == "model_attributes_type":  # no JSON body, or JSON that is not an object
+    if first["type"] == "model_attributes_type" and not param:  # no JSON body, or not an object
         param, message = None, "The request body must be a JSON object."
     return JSONResponse(
         error_body(message, "invalid_request_error", param),

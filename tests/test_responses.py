@@ -286,9 +286,9 @@ def test_validation_errors_are_400_with_param() -> None:
     assert_envelope(create(client, input=[]), 400, "input")
     missing = client.post("/v1/responses", json={"model": "fake-model"})
     assert_envelope(missing, 400, "input")
-    reasoning = [{"type": "reasoning", "summary": []}]
-    error = assert_envelope(create(client, input=reasoning), 400, "input[0]")
-    assert "function_call_output" in error["message"]
+    reference = [{"type": "item_reference", "id": "msg_1"}]  # not an item hearth takes
+    error = assert_envelope(create(client, input=reference), 400, "input[0]")
+    assert "reasoning" in error["message"] and "function_call_output" in error["message"]
     odd = [{"type": ["message"], "role": "user", "content": "x"}]
     assert_envelope(create(client, input=odd), 400, "input[0]")
     call = [{"type": "function_call", "call_id": "c1", "name": "f"}]  # no arguments

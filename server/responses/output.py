@@ -1,32 +1,37 @@
-"""Responses API output: the response object, and its items built from text and tool calls."""
+"""Responses API output items built from generated text: reasoning, messages and function calls
+(the response object around them is in reply.py)."""
 
 from __future__ import annotations
 
 import copy
-import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-from hearth.engine.types import SamplingParams
-from hearth.server.generation import new_id
-from hearth.server.responses.protocol import ResponseRequest
+from hearth.server.responses.reasoning_items import (
+    Reasoning,
+    StreamEvent,
+    close_events,
+    delta_event,
+    output_reasoning,
+    reasoning_item,
+    with_reasoning,
+)
 from hearth.server.tool_parser import Event, ToolCallParser
 from hearth.server.tools import Tool, call_json
-
-StreamEvent = tuple[str, dict[str, Any]]  # (event type, its fields)
 
 
 def output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def response_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def response_usage(
+    input_tokens: int, output_tokens: int, reasoning_tokens: int = 0
+) -> dict[str, Any]:
     return {
         "input_tokens": input_tokens,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,
     }
 
@@ -42,30 +47,46 @@ def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
 
 
 class OutputItems:
-    """Turns generated text into output items (messages and function calls), incrementally.
+    """Turns generated text into output items (reasoning, messages and function calls),
+    incrementally.
 
     feed() and finish() return the stream events for what was added; `items` holds the items
-    in order. Without tools the text is one message, opened before any text arrives.
+    in order. With `reasoning`, the thinking is split off first and becomes one `reasoning`
+    item ahead of the rest (none when there is no reasoning text); tool calls are parsed in
+    the answer only. Without tools the answer is one message, opened before any text arrives
+    (after the reasoning, when the model may think).
     """
 
     def __init__(
-        self, tools: list[Tool], parser: str, *, parallel: bool = True, forced: bool = False
+        self,
+        tools: list[Tool],
+        parser: str,
+        *,
+        parallel: bool = True,
+        forced: bool = False,
+        reasoning: Reasoning | None = None,
     ) -> None:
         self.items: list[dict[str, Any]] = []
         self._parser = (
             ToolCallParser(tools, parser, parallel=parallel, forced=forced) if tools else None
         )
+        self.reasoning = reasoning if reasoning and reasoning.parser.enabled else None
         self._open: dict[str, Any] | None = None
         self.events: list[StreamEvent] = []
-        if self._parser is None:
+        if self._parser is None and self.reasoning is None:
             self._open_message()
 
-    def feed(self, text: str) -> list[StreamEvent]:
-        if self._parser is None:
-            self._text(text)
-        else:
-            for event in self._parser.feed(text):
-                self._apply(event)
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.reasoning.tokens if self.reasoning else 0
+
+    def feed(self, text: str, num_tokens: int = 0) -> list[StreamEvent]:
+        """Add `text` (`num_tokens` tokens, counted as reasoning tokens when they are)."""
+        if self.reasoning is not None:
+            split = self.reasoning.split(text, num_tokens)
+            self._reason(split.reasoning)
+            text = split.content
+        self._answer(text)
         return self._take()
 
     @property
@@ -75,11 +96,15 @@ class OutputItems:
 
     def finish(self, status: str = "completed") -> list[StreamEvent]:
         """Close what is open; items get `status` (incomplete when cut short)."""
+        if self.reasoning is not None:
+            split = self.reasoning.finish()
+            self._reason(split.reasoning)
+            self._answer(split.content)
         if self._parser is not None:
             for event in self._parser.finish("length" if status == "incomplete" else None):
                 self._apply(event)
         self._close(status)
-        if not self.items:  # nothing at all was written: one empty message
+        if all(item["type"] == "reasoning" for item in self.items):  # no answer: an empty one
             self._open_message()
             self._close(status)
         for item in self.items:
@@ -90,6 +115,23 @@ class OutputItems:
     def _take(self) -> list[StreamEvent]:
         events, self.events = self.events, []
         return events
+
+    def _answer(self, text: str) -> None:
+        if self._parser is None:
+            self._text(text)
+        else:
+            for event in self._parser.feed(text):
+                self._apply(event)
+
+    def _reason(self, text: str) -> None:
+        """Reasoning text: the first item (it comes before any answer)."""
+        if not text:
+            return
+        if self._open is None or self._open["type"] != "reasoning":
+            self._close("completed")
+            self._add(reasoning_item())
+        self._open["content"][0]["text"] += text
+        self.events.append(delta_event(self._open, len(self.items) - 1, text))
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
@@ -148,6 +190,9 @@ class OutputItems:
                 ("response.output_text.done", {**where, "text": text, "logprobs": []})
             )
             self.events.append(("response.content_part.done", {**where, "part": output_text(text)}))
+        elif item["type"] == "reasoning":
+            summary = self.reasoning is not None and self.reasoning.summary
+            self.events += close_events(item, where["output_index"], summary)
         else:
             self.events.append(
                 (
@@ -159,84 +204,6 @@ class OutputItems:
         done = {"output_index": where["output_index"], "item": copy.deepcopy(item)}
         self.events.append(("response.output_item.done", done))
         self._open = None
-
-
-@dataclass
-class Reply:
-    """One response under construction: what its object echoes of the request, and ids."""
-
-    body: ResponseRequest
-    sampling: SamplingParams
-    prompt_tokens: int
-    id: str = field(default_factory=lambda: new_id("resp"))
-    created_at: int = field(default_factory=lambda: int(time.time()))
-
-    def snapshot(self, status: str, **outcome: Any) -> dict[str, Any]:
-        """The response object in `status`; `outcome` overrides output, usage, error, ..."""
-        body = self.body
-        text = body.text.model_dump(by_alias=True, exclude_none=True) if body.text else None
-        return {
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            "background": False,
-            "completed_at": None,
-            "error": None,
-            "incomplete_details": None,
-            "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "max_tool_calls": None,
-            "model": body.model,
-            "output": [],
-            "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": body.previous_response_id,
-            "reasoning": {"effort": None, "summary": None},
-            "service_tier": "default",
-            "store": body.store is not False,
-            "temperature": self.sampling.temperature,
-            "text": text or {"format": {"type": "text"}},
-            "tool_choice": _tool_choice(body),
-            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "top_p": self.sampling.top_p,
-            "truncation": "disabled",
-            "usage": None,
-            "user": body.user,
-            "metadata": body.metadata or {},
-            **outcome,
-        }
-
-    def finish(
-        self,
-        items: OutputItems,
-        finish_reason: str | None,
-        output_tokens: int,
-        error: str | None = None,
-    ) -> tuple[dict[str, Any], list[StreamEvent]]:
-        """The final object (completed, incomplete at max_output_tokens, or failed), and the
-        events that close its open items (none when it failed)."""
-        if error is not None or finish_reason in ("error", "abort"):
-            message = error or f"generation stopped: {finish_reason}"
-            status, outcome = "failed", {"error": {"code": "server_error", "message": message}}
-        elif finish_reason == "length":
-            status, outcome = "incomplete", {"incomplete_details": {"reason": "max_output_tokens"}}
-        else:
-            status, outcome = "completed", {"completed_at": int(time.time())}
-        closing = items.finish("completed" if status == "completed" else "incomplete")
-        response = self.snapshot(
-            status,
-            output=items.items,
-            usage=response_usage(self.prompt_tokens, output_tokens),
-            **outcome,
-        )
-        return response, [] if status == "failed" else closing
-
-
-def _tool_choice(body: ResponseRequest) -> Any:
-    choice = body.tool_choice
-    if choice is None:
-        return "auto"
-    return choice if isinstance(choice, str) else choice.model_dump()
 
 
 def assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
@@ -252,4 +219,5 @@ def assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     if calls:
         turn["tool_calls"] = calls
+    with_reasoning(turn, output_reasoning(output))
     return turn

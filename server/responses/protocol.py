@@ -1,4 +1,5 @@
-"""Responses API request models: input items, function tools, tool_choice and text.format."""
+"""Responses API request models: input items, function tools, tool_choice, text.format and
+reasoning."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pydantic import Discriminator, Field, Tag, field_validator
 
 from hearth.engine.types import SamplingParams
 from hearth.server.content import Part, parts_text
+from hearth.server.responses.reasoning_items import with_reasoning
 from hearth.server.tools import call_json
 from hearth.server.wire import FunctionDef, WireModel
 
@@ -63,11 +65,38 @@ class FunctionCallOutputItem(_Model):
     output: str
 
 
+class SummaryText(_Model):
+    type: Literal["summary_text"] = "summary_text"
+    text: str
+
+
+class ReasoningText(_Model):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(_Model):
+    """Reasoning from an earlier response (OpenAI's ResponseReasoningItem), sent back: its text
+    (`content`, else its summary) goes to the assistant turn that follows it.
+    `encrypted_content` is ignored (hearth never sends any)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+
+    def text(self) -> str:
+        parts = self.content or self.summary
+        return "\n\n".join(part.text for part in parts if part.text)
+
+
 # Capitalised tags: error locations leave them out (input[0].role, not input[0].message.role).
 _ITEM_TAGS = {
     "message": "Message",
     "function_call": "FunctionCall",
     "function_call_output": "FunctionCallOutput",
+    "reasoning": "Reasoning",
 }
 
 
@@ -81,12 +110,13 @@ def _item_tag(value: Any) -> str | None:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("Message")]
     | Annotated[FunctionCallItem, Tag("FunctionCall")]
-    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")],
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")]
+    | Annotated[ReasoningItem, Tag("Reasoning")],
     Discriminator(
         _item_tag,
         custom_error_type="invalid_item",
-        custom_error_message="input items must be of type message, function_call or "
-        "function_call_output",
+        custom_error_message="input items must be of type message, reasoning, function_call "
+        "or function_call_output",
     ),
 ]
 
@@ -114,6 +144,15 @@ class TextConfig(_Model):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
+class ReasoningConfig(_Model):
+    """OpenAI's `reasoning` object. `effort` sets the chat template's `reasoning_effort` (none
+    and minimal turn thinking off where the template can) and the reasoning budget;
+    `summary` asks for the reasoning as a summary part too (hearth gives it whole)."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponseRequest(_Model):
     model: str
     input: list[InputItem] = Field(min_length=1)
@@ -130,6 +169,10 @@ class ResponseRequest(_Model):
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    # hearth extensions (vLLM's names): a reasoning budget in tokens, more template variables
+    max_reasoning_tokens: int | None = Field(None, ge=0)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -146,9 +189,14 @@ class ResponseRequest(_Model):
         return [item.content if isinstance(item, InputMessage) else None for item in self.input]
 
     def turns(self) -> list[dict[str, Any]]:
-        """The input as chat-template messages; calls join the assistant turn they follow."""
+        """The input as chat-template messages; calls join the assistant turn they follow, and
+        reasoning items go to the assistant turn after them (dropped when none follows)."""
         turns: list[dict[str, Any]] = []
+        reasoning: list[str] = []
         for item in self.input:
+            if isinstance(item, ReasoningItem):
+                reasoning.append(item.text())
+                continue
             if isinstance(item, InputMessage):
                 turns.append(item.to_template())
             elif isinstance(item, FunctionCallOutputItem):
@@ -158,4 +206,7 @@ class ResponseRequest(_Model):
                 if not turns or turns[-1]["role"] != "assistant":
                     turns.append({"role": "assistant", "content": ""})
                 turns[-1].setdefault("tool_calls", []).append(call)
+            if turns[-1]["role"] == "assistant":
+                with_reasoning(turns[-1], "\n\n".join(filter(None, reasoning)))
+            reasoning = []
         return turns

@@ -26,8 +26,17 @@ from hearth.server.generation import (
     run_to_completion,
     tokenize,
 )
-from hearth.server.responses.output import OutputItems, Reply, assistant_turn
+from hearth.server.reasoning import (
+    ReasoningParser,
+    prompt_opens_block,
+    reasoning_budget,
+    template_kwargs,
+    think_grammar,
+)
+from hearth.server.responses.output import OutputItems, assistant_turn
 from hearth.server.responses.protocol import ResponseRequest
+from hearth.server.responses.reasoning_items import Reasoning, count_tokens
+from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import ToolCallParser
@@ -84,11 +93,25 @@ def constraints(body: ResponseRequest, info: ModelInfo) -> tuple[list[Tool], Gra
 
 
 async def encode(
-    engine: EngineClient, messages: list[dict[str, Any]], tools: list[Tool]
+    engine: EngineClient,
+    messages: list[dict[str, Any]],
+    tools: list[Tool],
+    kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
+    """The prompt's token ids; `kwargs` are more chat template variables (template_kwargs)."""
     messages, template_tools = prepare_messages(messages, tools, engine.info.template_tools)
     check_text_length(engine, sum(len(m["content"] or "") for m in messages), "input")
-    return await tokenize(engine.encode_chat, messages, template_tools, param="input")
+    return await tokenize(engine.encode_chat, messages, template_tools, kwargs, param="input")
+
+
+def answer_watch(
+    tools: list[Tool], tool_parser: str, forced: bool, reasoning: str, opened: bool
+) -> Callable[[str], bool]:
+    """parallel_tool_calls false, not streamed: true once the answer's one call is complete
+    (a call written while thinking is not one)."""
+    calls = ToolCallParser(tools, tool_parser, parallel=False, forced=forced)
+    thinking = ReasoningParser(reasoning, opened)
+    return lambda text: calls.ends_after(thinking.feed(text).content)
 
 
 # -- streaming ---------------------------------------------------------------------------------
@@ -118,7 +141,7 @@ async def stream_events(
             if output.finish_reason == "error":
                 error = output.error or "engine error"
                 break
-            for kind, fields in items.feed(output.text):
+            for kind, fields in items.feed(output.text, len(output.token_ids)):
                 yield event(kind, **fields)
             if items.done:  # parallel_tool_calls false: the one call is complete
                 reason = output.finish_reason or "stop"
@@ -147,19 +170,26 @@ async def serve_response(
     tools, grammar = constraints(body, engine.info)
     turns = conversation(body, store)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    prompt_ids = await encode(engine, [*system, *turns], tools)
+    effort = body.reasoning.effort if body.reasoning else None
+    kwargs = template_kwargs(effort, body.chat_template_kwargs)
+    prompt_ids = await encode(engine, [*system, *turns], tools, kwargs)
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens"
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling)
-    sampling.grammar = grammar
+    thinks = engine.info.reasoning_parser
+    opened = prompt_opens_block(engine, prompt_ids)
+    budget = reasoning_budget(effort, body.max_reasoning_tokens)
+    sampling.grammar = think_grammar(grammar, thinks, opened, budget)
     reply = Reply(body, sampling, len(prompt_ids))
     forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
+    summary = body.reasoning is not None and body.reasoning.summary is not None
     items = OutputItems(
         tools,
         engine.info.tool_parser,
         parallel=body.parallel_tool_calls is not False,
         forced=forced,
+        reasoning=Reasoning(thinks, opened, summary),
     )
     if body.stream:
         outputs = await context.open_stream(
@@ -172,14 +202,17 @@ async def serve_response(
         return event_stream(stream_events(reply, items, outputs, settle), done=False)
     parser = engine.info.tool_parser
     watch = (
-        (lambda: ToolCallParser(tools, parser, parallel=False, forced=forced).ends_after)
+        (lambda: answer_watch(tools, parser, forced, thinks, opened))
         if tools and body.parallel_tool_calls is False
         else None
     )
     result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch)
     choice = result.choices[0]
     items.feed(choice.text)
-    response, _ = reply.finish(items, choice.finish_reason, len(choice.token_ids))
+    thought = count_tokens(engine, choice.token_ids, thinks, opened)
+    response, _ = reply.finish(
+        items, choice.finish_reason, len(choice.token_ids), reasoning_tokens=thought
+    )
     if response["status"] == "failed":
         raise APIError(500, response["error"]["message"], code="engine_error")
     keep(store, turns, response)
