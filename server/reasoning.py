@@ -22,6 +22,7 @@ may be the start of a tag is held until the next chunk decides it.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,11 +162,12 @@ def count_reasoning_tokens(
     engine: EngineClient, token_ids: Sequence[int], parser: str, opened: bool
 ) -> int:
     """How many of a sample's tokens are thinking (tags included), from each token's text."""
-    if parser == "none":
+    if parser == "none" or not token_ids:
         return 0
     reasoning = ReasoningParser(parser, opened)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for raw, _ in engine.token_pieces(list(token_ids)):
-        reasoning.count(raw.decode(errors="replace"), 1)
+        reasoning.count(decoder.decode(raw), 1)
     return reasoning.reasoning_tokens
 
 

@@ -343,3 +343,15 @@ def test_live_budget_then_json_answer(thinking_server: openai.OpenAI) -> None:
     assert response.output[0].type == "reasoning" and response.output[0].content[0].text
     assert 0 < response.usage.output_tokens_details.reasoning_tokens <= 8 + 4  # + the close
     assert isinstance(json.loads(response.output_text)["ok"], bool)
+
+
+def test_a_block_the_prompt_closed_means_no_reasoning_item(monkeypatch) -> None:
+    from hearth.server.responses import serving
+
+    monkeypatch.setattr(serving, "prompt_block", lambda engine, ids: "closed")
+    client, engine = thinking_client()
+    data = create(client, max_reasoning_tokens=4).json()
+    assert [item["type"] for item in data["output"]] == ["message"]
+    assert data["output"][0]["content"][0]["text"] == THOUGHT
+    assert data["usage"]["output_tokens_details"]["reasoning_tokens"] == 0
+    assert engine.requests[-1].sampling.grammar is None  # no think block: nothing to force

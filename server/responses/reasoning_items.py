@@ -19,12 +19,9 @@ a summary `response.reasoning_summary_part.added`, `response.reasoning_summary_t
 
 from __future__ import annotations
 
-import codecs
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
-from hearth.engine.types import EngineClient
 from hearth.server.reasoning import ReasoningParser, Split
 
 StreamEvent = tuple[str, dict[str, Any]]  # (event type, its fields)
@@ -91,18 +88,6 @@ def close_events(item: dict[str, Any], output_index: int, summary: bool) -> list
         ("response.reasoning_summary_part.done", {**at, "part": dict(part)}),
     ]
     return events
-
-
-def count_tokens(engine: EngineClient, token_ids: Sequence[int], parser: str, opened: bool) -> int:
-    """Reasoning tokens among a whole output's `token_ids`, fed token by token (the non-streamed
-    route has the text only as one piece)."""
-    if parser == "none" or not token_ids:
-        return 0
-    counter = ReasoningParser(parser, opened)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for raw, _special in engine.token_pieces(list(token_ids)):
-        counter.count(decoder.decode(raw), 1)
-    return counter.reasoning_tokens
 
 
 # -- conversation state ---------------------------------------------------------------------------

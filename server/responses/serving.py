@@ -28,14 +28,15 @@ from hearth.server.generation import (
 )
 from hearth.server.reasoning import (
     ReasoningParser,
-    prompt_opens_block,
+    count_reasoning_tokens,
+    prompt_block,
     reasoning_budget,
     template_kwargs,
     think_grammar,
 )
 from hearth.server.responses.output import OutputItems, assistant_turn
 from hearth.server.responses.protocol import ResponseRequest
-from hearth.server.responses.reasoning_items import Reasoning, count_tokens
+from hearth.server.responses.reasoning_items import Reasoning
 from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
 from hearth.server.streaming import event_stream, sse
@@ -177,8 +178,9 @@ async def serve_response(
         engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens"
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling)
-    thinks = engine.info.reasoning_parser
-    opened = prompt_opens_block(engine, prompt_ids)
+    block = prompt_block(engine, prompt_ids)  # "closed": thinking is off (enable_thinking)
+    thinks = engine.info.reasoning_parser if block != "closed" else "none"
+    opened = block == "open"
     budget = reasoning_budget(effort, body.max_reasoning_tokens)
     sampling.grammar = think_grammar(grammar, thinks, opened, budget)
     reply = Reply(body, sampling, len(prompt_ids))
@@ -209,7 +211,7 @@ async def serve_response(
     result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch)
     choice = result.choices[0]
     items.feed(choice.text)
-    thought = count_tokens(engine, choice.token_ids, thinks, opened)
+    thought = count_reasoning_tokens(engine, choice.token_ids, thinks, opened)
     response, _ = reply.finish(
         items, choice.finish_reason, len(choice.token_ids), reasoning_tokens=thought
     )
