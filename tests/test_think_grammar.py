@@ -24,6 +24,7 @@ from hearth.engine.closing import ClosingState
 from hearth.engine.grammar import GrammarCompiler, GrammarError
 from hearth.engine.think import AFTER, BEFORE, INSIDE, BlockScan
 from hearth.engine.types import GenerationRequest, Grammar, SamplingParams, ThinkBlock
+from tests.test_closing import STYLES, generate
 from tests.test_engine import start_engine
 
 SCHEMA = {
@@ -281,3 +282,18 @@ def test_engine_closes_the_block_within_max_tokens(engine: AsyncEngine, budget: 
         reasoning, answer = split(engine, tokens)
         check_json(answer)
         assert finish == "stop" and reasoning > 10
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("budget", [None, 0, 3, 30])
+def test_adversaries_close_block_and_answer(
+    engine: AsyncEngine, style: str, budget: int | None
+) -> None:
+    """Under test_closing's adversaries (logits that open strings, escapes, long tokens,
+    noise), every sample closes its block within the budget and then completes its JSON."""
+    grammar = json_grammar(budget=budget)
+    for text, finish in generate(engine, style, 11, grammar, max_tokens=48, n=3, seed=5):
+        assert finish == "stop", text
+        thought, answer = text.split("</think>", 1)
+        check_json(answer)
+        assert budget != 0 or thought == ""  # (token counts: the other engine tests)
