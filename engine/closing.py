@@ -19,6 +19,17 @@ longer than the budget, the steer still shortens it every step and the sample en
 ('length'); a grammar the walk finds no plan for (within PLAN_CAP tokens) is not steered.
 Logprobs stay the model's (masked) ones: only which tokens may be sampled changes.
 
+Reasoning blocks (Grammar.think; engine/think.py): the grammar lets the block run free until
+the model writes its end tag, so the steer tracks each sample's block with a BlockScan. Inside
+the block a plan starts with the end tag (then the answer's plan), so the model thinks freely
+while the budget allows and the block is closed in time for the answer; with no reasoning
+budget, or one larger than max_tokens, a sample still ends 'stop' with its answer complete
+whenever its first plan fit (the block is simply cut shorter). Once a reasoning budget is
+spent, the steer forces the end tag token by token (the grammar cannot: engine/think.py says
+why). A text answer (budget only, no response format) is steered only inside the block: the
+answer itself runs free to max_tokens or end-of-sequence. The walk's JSON `where` counts only
+answer text.
+
 Longer than ~300 lines on purpose: one algorithm (the walk, its cost and the steering that
 uses it) whose invariants only read together.
 """
@@ -33,6 +44,7 @@ import llguidance
 import torch
 
 from hearth.engine.sampler import sample
+from hearth.engine.think import INSIDE, BlockScan
 from hearth.engine.types import SamplingParams
 
 CLOSE_MARGIN = 8  # tokens: closing starts this many tokens before the budget forces it
@@ -99,10 +111,12 @@ class ClosingState:
     plan: list[int] | None = None  # tokens to an accepting state; None: none found
     planned: bool = False  # whether `plan` is for the current state
     steered: bool = True  # False once no plan was found at the start: sampled freely
-    where: int = OUTSIDE  # scan() of the text so far
+    where: int = OUTSIDE  # scan() of the answer text so far
     style: int = 0  # the byte order that found the last plan, tried first next time
-    # Plans of the tokens weighed this step, for the one sampled: token -> (plan, where).
-    weighed: dict[int, tuple[list[int] | None, int]] = field(default_factory=dict)
+    block: BlockScan | None = None  # where the text is relative to its reasoning block, if any
+    free_answer: bool = False  # a text answer (no grammar): steered only inside the block
+    # Plans of the tokens weighed this step, for the one sampled: token -> (plan, where, block).
+    weighed: dict[int, tuple[list[int] | None, int, BlockScan | None]] = field(default_factory=dict)
 
 
 class Closer:
@@ -137,26 +151,54 @@ class Closer:
             for orders in _ORDERS
         ]
         self._bytes: dict[int, bytes] = {}
+        self._tags: dict[bytes, list[int]] = {}  # a reasoning block's end tag -> its tokens
 
     def token_bytes(self, token: int) -> bytes:
         if token not in self._bytes:
             self._bytes[token] = self._tokenizer.decode_bytes([token])
         return self._bytes[token]
 
+    def step(self, where: int, block: BlockScan | None, token: int) -> tuple[int, BlockScan | None]:
+        """`where` and `block` after `token`: only answer text moves `where`."""
+        data = self.token_bytes(token)
+        if block is not None:
+            block, data = block.after(data)
+        return scan(where, data), block
+
+    def _close(self, block: BlockScan | None) -> list[int]:
+        """The tokens that close the sample's reasoning block if it is in one, else []."""
+        if block is None or block.phase != INSIDE:
+            return []
+        if block.end not in self._tags:
+            self._tags[block.end] = self._tokenizer.tokenize_bytes(block.end)
+        return self._tags[block.end]
+
     # -- plans ------------------------------------------------------------------------------
     def walk(
-        self, state: ClosingState, matcher: llguidance.LLMatcher, where: int, cap: int
+        self,
+        state: ClosingState,
+        matcher: llguidance.LLMatcher,
+        where: int,
+        cap: int,
+        block: BlockScan | None = None,
     ) -> list[int] | None:
-        """A path of at most `cap` tokens from `matcher`, whose text so far is `where`, to an
-        accepting state, in the sample's last working style first; None if none is found.
-        Advances `matcher`: pass a copy."""
+        """A path of at most `cap` tokens from `matcher`, whose text so far is `where` (and
+        `block`), to an accepting state, in the sample's last working style first; None if none
+        is found. Inside a reasoning block the path closes it first. Advances `matcher`: pass a
+        copy."""
         styles = (state.style, 1 - state.style)
+        close = self._close(block)
         for style in styles:
             trial = matcher.deep_copy() if style == styles[0] else matcher
-            path = self._walk(trial, where, cap, self._orders[style])
-            if path is not None:
+            path: list[int] = []
+            if close:  # free text until the tag: close the block, then walk the answer
+                closed = trial.deep_copy()
+                if closed.try_consume_tokens(close) == len(close):
+                    trial, path, where = closed, list(close), OUTSIDE
+            rest = self._walk(trial, where, cap - len(path), self._orders[style])
+            if rest is not None:
                 state.style = style
-                return path
+                return path + rest
         return None
 
     def _walk(
@@ -197,8 +239,11 @@ class Closer:
         """Tokens the sample needs, at most, to complete its grammar and end (inf: no plan)."""
         if not state.steered:
             return float("inf")
+        if state.free_answer and (state.block is None or state.block.phase != INSIDE):
+            return float("inf")  # free text, not cut short; only the block gets closed
         if not state.planned:
-            state.plan = self.walk(state, state.matcher.deep_copy(), state.where, PLAN_CAP)
+            matcher = state.matcher.deep_copy()
+            state.plan = self.walk(state, matcher, state.where, PLAN_CAP, state.block)
             state.planned = True
             state.steered = state.plan is not None
         return float("inf") if state.plan is None else len(state.plan)
@@ -210,18 +255,17 @@ class Closer:
             return 0 if state.matcher.is_accepting() else float("inf")
         if token not in state.weighed:
             plan = state.plan
+            where, block = self.step(state.where, state.block, token)
             if plan and plan[0] == token:  # the rest of the plan is a plan
-                where = scan(state.where, self.token_bytes(token))
-                state.weighed[token] = (plan[1:], where)
+                state.weighed[token] = (plan[1:], where, block)
             else:
                 matcher = state.matcher.deep_copy()
-                where = scan(state.where, self.token_bytes(token))
                 plan = None
                 if matcher.try_consume_tokens([token]) == 1:
                     plan = self._same_plan(matcher, state.plan or [])
                     if plan is None:
-                        plan = self.walk(state, matcher, where, max(bound, 0))
-                state.weighed[token] = (plan, where)
+                        plan = self.walk(state, matcher, where, max(bound, 0), block)
+                state.weighed[token] = (plan, where, block)
         plan = state.weighed[token][0]
         return float("inf") if plan is None or len(plan) > bound else len(plan)
 
@@ -237,10 +281,10 @@ class Closer:
     def advance(self, state: ClosingState, token: int) -> None:
         """The matcher has consumed `token`: move the plan along."""
         if token in state.weighed and state.weighed[token][0] is not None:
-            state.plan, state.where = state.weighed[token]
+            state.plan, state.where, state.block = state.weighed[token]
             state.planned = True
         else:
-            state.where = scan(state.where, self.token_bytes(token))
+            state.where, state.block = self.step(state.where, state.block, token)
             state.planned = False  # planned on demand
         state.weighed.clear()
 
@@ -255,6 +299,7 @@ class Closer:
         """sample() for a batch whose `rows` (row, closing state, budget left) are constrained:
         each such row completes its grammar within its budget. logits: [B, V] masked by the
         grammars; returns [B] token ids."""
+        logits, rows = self._force_close(logits, rows)
         planned = [r for r in rows if self.cost(r[1]) != float("inf")]  # others: unsteered
         closing = [r for r in planned if r[2] <= self.cost(r[1]) + CLOSE_MARGIN]
         free = [r for r in planned if r[2] > self.cost(r[1]) + CLOSE_MARGIN]
@@ -278,6 +323,27 @@ class Closer:
             [generators[r[0]] for r in broken],
         )
         return tokens.index_copy(0, index, again)
+
+    def _force_close(
+        self, logits: torch.Tensor, rows: Sequence[tuple[int, ClosingState, int]]
+    ) -> tuple[torch.Tensor, list[tuple[int, ClosingState, int]]]:
+        """Rows whose reasoning budget is spent may only write the block's end tag, token by
+        token: `logits` with -inf on all else there ([B, V]), and the rows left to steer."""
+        forced: list[tuple[int, int]] = []  # (row, token)
+        for row, state, _ in rows:
+            done = state.block.forcing() if state.block is not None else None
+            close = self._close(state.block)
+            if done is not None and done < len(close):
+                forced.append((row, close[done]))
+        if not forced:
+            return logits, list(rows)
+        logits = logits.clone()
+        for row, token in forced:
+            score = logits[row, token].clone()  # the grammar allows it: free text until the tag
+            logits[row] = float("-inf")
+            logits[row, token] = score if score.isfinite() else 0.0
+        skip = {row for row, _ in forced}
+        return logits, [r for r in rows if r[0] not in skip]
 
     def _restrict(
         self,

@@ -25,6 +25,7 @@ from hearth.engine.runner import ModelRunner, PromptRows
 from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from hearth.engine.scheduler import Scheduler, SchedulerOutput
 from hearth.engine.sequence import Sequence, Status
+from hearth.engine.think import BlockScan
 from hearth.engine.tokenizer import ChatTokenizer
 from hearth.engine.types import (
     EngineStats,
@@ -131,13 +132,18 @@ class EngineCore:
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seq = Sequence(request.request_id, index, list(request.prompt_token_ids), params)
-            matcher = self.grammars.matcher(params.grammar) if params.grammar else None
+            matcher, closing = None, None
+            if params.grammar:
+                matcher = self.grammars.matcher(params.grammar)
+                block = BlockScan.of(params.grammar.think)
+                free = params.grammar.kind == "text"
+                closing = ClosingState(matcher, block=block, free_answer=free)
             seq.state = _SeqState(
                 IncrementalDetokenizer(self.tokenizer.decode, params.stop),
                 generator,
                 [],
                 matcher,
-                ClosingState(matcher) if matcher else None,
+                closing,
             )
             if params.prompt_logprobs is not None:
                 seq.state.prompt_logprobs = [None] * len(seq.prompt_ids)

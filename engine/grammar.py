@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import threading
 from collections import OrderedDict
@@ -12,6 +13,7 @@ from typing import Any
 import llguidance
 import torch
 
+from hearth.engine import think
 from hearth.engine.closing import Closer
 from hearth.engine.types import JSON_STYLE, Grammar, InvalidRequestError
 
@@ -26,7 +28,15 @@ class GrammarError(InvalidRequestError):
 
 
 def to_llguidance(grammar: Grammar) -> str:
-    """The llguidance grammar text for a torch-free Grammar description."""
+    """The llguidance grammar text for a torch-free Grammar description; one with a reasoning
+    block (`think`) is that block, then the grammar (engine/think.py)."""
+    if grammar.think is not None:
+        answer = dataclasses.replace(grammar, think=None)
+        return think.compose(
+            grammar.think, None if grammar.kind == "text" else to_llguidance(answer)
+        )
+    if grammar.kind == "text":
+        return llguidance.LLMatcher.grammar_from_lark("start: /(?s:.*)/")
     if grammar.kind == "json_schema":
         schema = json.loads(grammar.spec)
         if not isinstance(schema, dict):
