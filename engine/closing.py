@@ -44,7 +44,7 @@ import llguidance
 import torch
 
 from hearth.engine.sampler import sample
-from hearth.engine.think import INSIDE, BlockScan
+from hearth.engine.think import BEFORE, INSIDE, BlockScan
 from hearth.engine.types import SamplingParams
 
 CLOSE_MARGIN = 8  # tokens: closing starts this many tokens before the budget forces it
@@ -188,6 +188,8 @@ class Closer:
         copy."""
         styles = (state.style, 1 - state.style)
         close = self._close(block)
+        before = block is not None and block.phase == BEFORE
+        base = matcher.deep_copy() if before else None
         for style in styles:
             trial = matcher.deep_copy() if style == styles[0] else matcher
             path: list[int] = []
@@ -199,6 +201,14 @@ class Closer:
             if rest is not None:
                 state.style = style
                 return path + rest
+        if base is not None and block is not None:  # the walk opened a block it cannot close:
+            # open one (the rest of its start tag) and close it at once, then walk the answer
+            tag = block.start[len(block.held.lstrip()) :] + block.end
+            path = self._tokenizer.tokenize_bytes(tag)
+            if base.try_consume_tokens(path) == len(path):
+                rest = self._walk(base, OUTSIDE, cap - len(path), self._orders[state.style])
+                if rest is not None:
+                    return path + rest
         return None
 
     def _walk(

@@ -11,7 +11,7 @@ JSON top-level grammar `{"grammars": [...]}` whose first entry is the start):
     answer: /[ \\t\\r\\n]{0,4}/ @answer              (json_schema, regex, lark: a sub-grammar)
     answer: /(?s:.*)/                            (text: any text)
     start: thought answer                        (opened: the prompt left the block open)
-    start: OPEN thought answer | answer          (else; OPEN: /\\s*<think>/; for a text
+    start: OPEN thought answer | answer          (else; OPEN: /[ \\t\\r\\n]{0,4}<think>/; for a text
                                                   answer, PLAIN: any text not opening a block)
 
 Behaviour (llguidance 1.9.1, checked in tests/test_think_grammar.py):
@@ -65,7 +65,7 @@ def compose(block: ThinkBlock, answer: str | None) -> str:
     if block.opened:
         rules.append("start: thought answer")
     else:
-        rules.append(f"OPEN: /\\s*{_regex(block.start)}/")
+        rules.append(f"OPEN: /{GAP}{_regex(block.start)}/")
         if answer is None:  # any text but one that opens a block
             rules.append(f"PLAIN: /(?s:.*)/ & ~/\\s*{_regex(block.start)}(?s:.*)/")
         direct = "PLAIN" if answer is None else "answer"

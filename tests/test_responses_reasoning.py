@@ -309,7 +309,6 @@ def test_live_reasoning_item_and_tokens(thinking_server: openai.OpenAI) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs engine think grammar")
 def test_live_reasoning_budget_closes_the_block(thinking_server: openai.OpenAI) -> None:
     response = thinking_server.responses.create(
         model="tiny",
@@ -324,7 +323,6 @@ def test_live_reasoning_budget_closes_the_block(thinking_server: openai.OpenAI) 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs engine think grammar")
 def test_live_budget_then_json_answer(thinking_server: openai.OpenAI) -> None:
     schema = {
         "type": "object",
