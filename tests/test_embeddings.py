@@ -295,3 +295,19 @@ def test_models_metrics_and_tokenize_know_the_task(client: TestClient) -> None:
     assert 'hearth_model_task{model="fake-model",task="generate"} 1.0' in page
     counted = client.post("/tokenize", json={"model": "bert", "prompt": "hearth fire"}).json()
     assert counted["count"] == 4 and counted["max_model_len"] == 64
+
+
+def test_models_yaml_embedding_keys_are_validated() -> None:
+    from hearth.engine.config import ConfigError, parse_config
+
+    good = {"id": "e", "source": "x", "task": "embed", "embedding": {"pooling": "mean"}}
+    assert parse_config({"models": [good]}).models[0].embedding.pooling == "mean"
+    assert parse_config({"models": [{"id": "g", "source": "x"}]}).models[0].task == "generate"
+    for bad, key in [
+        ({**good, "task": "classify"}, "'task'"),
+        ({**good, "embedding": {"pooling": "max"}}, "'embedding.pooling'"),
+        ({**good, "embedding": {"max_inputs": 0}}, "'embedding.max_inputs'"),
+        ({**good, "embedding": {"pooling_mode": "cls"}}, "unknown key 'embedding.pooling_mode'"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            parse_config({"models": [bad]}, "models.yaml")
