@@ -85,6 +85,23 @@ class EngineSettings(_Strict):
         return self
 
 
+class EmbeddingSettings(_Strict):
+    """An embedding model's pooling and limits (`task: embed`); `auto` reads the checkpoint's
+    sentence-transformers files (engine/pooling.py)."""
+
+    pooling: Literal["auto", "cls", "mean", "last"] = Field(
+        "auto", description="auto: 1_Pooling/config.json; without one, last for decoders, cls else"
+    )
+    normalize: bool | None = Field(None, description="L2-normalise; default: a Normalize module")
+    matryoshka_dimensions: list[int] | None = Field(
+        None, description="`dimensions` a request may ask for (truncate + renormalise)"
+    )
+    default_prompt_name: str | None = Field(
+        None, description="instruction prefix (a `prompts` key) for text inputs; default: ST's"
+    )
+    max_inputs: int = Field(2048, ge=1, description="inputs per request at most (400 beyond)")
+
+
 class ModelConfig(_Strict):
     """One served model."""
 
@@ -119,6 +136,10 @@ class ModelConfig(_Strict):
         "think_tags (<think>...</think>: DeepSeek-R1 distills, Qwen3, QwQ); auto: think_tags "
         "when the chat template knows <think> blocks, else none",
     )
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="generate: chat and completions; embed: /v1/embeddings"
+    )
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     revision: str | None = None
     trust_remote_code: bool = False
     tensor_parallel_size: int = Field(

@@ -192,6 +192,7 @@ class ModelInfo:
     tool_parser: str = "hermes"  # how the model writes tool calls: hermes | llama3_json
     template_tools: bool = False  # the chat template renders `tools` itself
     reasoning_parser: str = "none"  # how the model's thinking is told apart: none | think_tags
+    task: Literal["generate", "embed"] = "generate"  # embed: an EmbeddingClient
 
 
 class EngineClient(Protocol):
@@ -226,3 +227,34 @@ class EngineClient(Protocol):
     def is_alive(self) -> bool: ...
 
     def shutdown(self) -> None: ...
+
+
+@dataclass
+class EmbeddingRequest:
+    """Inputs to embed: texts (tokenized by the engine, instruction prefix added) or token ids.
+
+    `dimensions`: keep the first d values and renormalise (Matryoshka models only);
+    `prompt_name`: a key of the model's sentence-transformers `prompts` (None: its default).
+    """
+
+    request_id: str
+    inputs: list[str] | list[list[int]]
+    dimensions: int | None = None
+    prompt_name: str | None = None
+
+
+@dataclass
+class EmbeddingResult:
+    """One float32 vector per input, in input order, and the tokens they took."""
+
+    embeddings: list[list[float]]  # [num inputs][dimensions]
+    prompt_tokens: int
+
+
+class EmbeddingClient(EngineClient, Protocol):
+    """An embedding model's engine (ModelInfo.task == "embed"): batches inputs from every
+    request into forwards on its own thread."""
+
+    max_inputs: int  # inputs per request at most
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...

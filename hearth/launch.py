@@ -241,6 +241,11 @@ class ModelLoader(threading.Thread):
                 disable=len(selection.models) < 2,
             ):
                 source = selection.sources[config.id]
+                if config.task == "embed":  # no KV cache, no generation (engine/embedding.py)
+                    from hearth.engine.embedding_loader import build_embedding_engine
+
+                    registry.add(build_embedding_engine(config, source, selection.base_dir))
+                    continue
                 loaded = load_model(config, source, base_dir=selection.base_dir)
                 if loaded.device.type == "cpu":
                     log.info("CPU: %d torch threads, %s", cpu_thread_count(), str(loaded.dtype)[6:])

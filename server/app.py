@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from hearth import __version__
 from hearth.server.chat.route import router as chat_router
 from hearth.server.completions.route import router as completions_router
+from hearth.server.embeddings.route import router as embeddings_router
 from hearth.server.errors import install_error_handlers
 from hearth.server.limits import RequestGuard
 from hearth.server.metrics import Metrics, RequestCounter
@@ -47,6 +48,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(completions_router)
     app.include_router(responses_router)
     app.include_router(tokenize_router)
+    app.include_router(embeddings_router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

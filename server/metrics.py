@@ -49,6 +49,9 @@ class _EngineCollector:
                 "Prompt tokens served from the prefix cache",
                 labels=["model"],
             ),
+            "task": GaugeMetricFamily(
+                "hearth_model_task", "1 per served model and its task", labels=["model", "task"]
+            ),
         }
         for engine in self.engines():
             stats, model = engine.stats(), engine.info.model_id
@@ -57,6 +60,7 @@ class _EngineCollector:
             total = max(1, stats.kv_blocks_total)
             families["kv"].add_metric([model], stats.kv_blocks_used / total)
             families["hits"].add_metric([model], stats.prefix_cache_hits)
+            families["task"].add_metric([model, engine.info.task], 1)
         yield from families.values()
 
 

@@ -29,6 +29,7 @@ def model_card(engine: EngineClient) -> dict[str, Any]:
         "created": info.created,
         "owned_by": "hearth",
         "max_model_len": info.max_model_len,
+        "task": info.task,  # generate | embed
     }
 
 
@@ -41,5 +42,5 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    card = model_card(request.app.state.registry.get(model_id))
+    card = model_card(request.app.state.registry.get(model_id, task=None))
     return {**card, "id": model_id} if model_id != card["id"] else card

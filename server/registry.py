@@ -8,6 +8,11 @@ from hearth.engine.types import EngineClient
 from hearth.server.errors import APIError
 
 State = Literal["loading", "ready", "draining", "failed"]
+Task = Literal["generate", "embed"]
+_WRONG_TASK = {  # the model's task -> why a route of the other task refuses it
+    "embed": "The model '{}' is an embedding model: it serves /v1/embeddings only.",
+    "generate": "The model '{}' is a generation model: it does not serve /v1/embeddings.",
+}
 
 
 class ModelRegistry:
@@ -35,8 +40,9 @@ class ModelRegistry:
     def healthy(self) -> bool:
         return self.state == "ready" and all(e.is_alive for e in self._engines.values())
 
-    def get(self, name: str) -> EngineClient:
-        """The engine serving `name`, or a 404 listing the available ids (503 while loading)."""
+    def get(self, name: str, task: Task | None = "generate") -> EngineClient:
+        """The engine serving `name`, or a 404 listing the available ids (503 while loading);
+        a 400 naming the model if it serves another `task` (None: any task)."""
         self.check_serving()
         model_id = self._names.get(name)
         if model_id is None:
@@ -52,6 +58,8 @@ class ModelRegistry:
             raise APIError(
                 503, f"The engine of model '{model_id}' has stopped.", code="engine_dead"
             )
+        if task is not None and engine.info.task != task:
+            raise APIError(400, _WRONG_TASK[engine.info.task].format(name), param="model")
         return engine
 
     def check_serving(self) -> None:
