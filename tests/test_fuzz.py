@@ -41,6 +41,7 @@ def test_the_schema_describes_every_v1_request_body() -> None:
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/responses",
+        "/v1/embeddings",
         "/tokenize",
         "/detokenize",
     }
