@@ -113,3 +113,25 @@ def test_enable_thinking_false_yields_no_reasoning(client: openai.OpenAI) -> Non
     tokens = httpx.post(f"{client.root}/tokenize", json=body).json()["tokens"]
     text = httpx.post(f"{client.root}/detokenize", json={"model": "qwen3", "tokens": tokens})
     assert text.json()["prompt"].endswith("<think>\n\n</think>\n\n")
+
+
+def test_thinking_sent_back_is_rendered_by_templates_that_know_it(client: openai.OpenAI) -> None:
+    for field in ("reasoning_content", "reasoning"):
+        messages = [
+            {"role": "user", "content": "Which city?"},
+            {"role": "assistant", "content": "Paris.", field: "They asked for a city."},
+            {"role": "user", "content": "Why?"},
+        ]
+        rendered = {}
+        for model in ("qwen3", "r1"):
+            body = {"model": model, "messages": messages}
+            tokens = httpx.post(f"{client.root}/tokenize", json=body).json()["tokens"]
+            text = httpx.post(f"{client.root}/detokenize", json={"model": model, "tokens": tokens})
+            rendered[model] = text.json()["prompt"]
+        assert "<think>\nThey asked for a city.\n</think>\n\nParis." in rendered["qwen3"]
+        assert "They asked for a city." not in rendered["r1"]  # dropped cleanly
+        assert "<|im_start|>assistant\nParis.<|im_end|>" in rendered["r1"]
+        reply = client.chat.completions.create(
+            model="qwen3", messages=messages, max_tokens=4, temperature=0
+        )
+        assert reply.choices[0].finish_reason == "length"
