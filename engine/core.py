@@ -132,6 +132,7 @@ class EngineCore:
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seq = Sequence(request.request_id, index, list(request.prompt_token_ids), params)
+            seq.mm = request.multimodal  # the samples share its encoded images
             matcher, closing = None, None
             if params.grammar:
                 matcher = self.grammars.matcher(params.grammar)

@@ -1,0 +1,165 @@
+"""Tiny random vision-language checkpoints (LLaVA-style, Qwen2-VL-style) with their processors.
+
+Built from SmolLM2's tokenizer with the image tokens added; no download. The processors use the
+PIL (slow) image processors: torchvision is not a dependency.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+# A chat template that renders {"type": "image"} parts as the processor's image token.
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_VL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
+def _tokenizer(tokenizer_dir: Path, tokens: list[str]) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    return tokenizer
+
+
+def build_tiny_llava(out: Path, tokenizer_dir: Path) -> Path:
+    """LLaVA: a 2-layer CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens per
+    image) and a 2-layer Llama, saved with a LlavaProcessor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = _tokenizer(tokenizer_dir, ["<image>"])
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    text = LlamaConfig(vocab_size=len(tokenizer), **_TEXT)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.save_pretrained(out)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_qwen2_vl(out: Path, tokenizer_dir: Path) -> Path:
+    """Qwen2-VL: a 2-layer vision encoder (14-pixel patches merged 2x2) and a 2-layer Qwen2
+    with M-RoPE, saved with a Qwen2VLProcessor (images resized to 28..112 pixels a side)."""
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
+
+    tokenizer = _tokenizer(
+        tokenizer_dir, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(_TEXT, vocab_size=len(tokenizer), rope_scaling=None)
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "mrope_section": [2, 3, 3],
+        "rope_theta": 10000.0,
+    }
+    vision = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=2,
+        mlp_ratio=2,
+        in_channels=3,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.save_pretrained(out)
+    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112)
+    processor = Qwen2VLProcessor(
+        image_processor=images, tokenizer=tokenizer, chat_template=QWEN2_VL_TEMPLATE
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A random RGB PNG of this size."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [
+            (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+            for _ in range(width * height)
+        ]
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
