@@ -1,0 +1,179 @@
+"""Vision models (issue 18): a tiny random LLaVA-style checkpoint built here, served by hearth.
+
+Greedy tokens equal transformers' own `generate` on the processor's inputs (engine and live
+server through the openai SDK), several images per message, prefix-cache blocks keyed by the
+image's hash, limits and text-only refusals as 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import running_server, tiny_config
+from tests.vision_models import build_tiny_llava, data_url, png_bytes
+
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Compare"},
+            {"type": "image"},
+            {"type": "text", "text": "with"},
+            {"type": "image"},
+        ],
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Path) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), smollm_tokenizer_dir)
+
+
+def reference(checkpoint: Path, messages: list[dict], images: list[bytes], n: int) -> list[int]:
+    """transformers' greedy tokens for the chat through the checkpoint's own processor."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    inputs = processor(text=[text], images=pictures, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def engine(llava_dir: Path):
+    from hearth.engine.builder import build_engine
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading.loader import load_model
+    from hearth.engine.loading.sources import resolve_source
+
+    # 24-token steps: the prefill of an image prompt is split inside an image's 16 tokens
+    settings = {"kv_cache_memory": "16MiB", "autotune": "off", "max_num_batched_tokens": 24}
+    config = ModelConfig(id="v", source=str(llava_dir), device="cpu", engine=settings)
+    built = build_engine(load_model(config, resolve_source(config.source)))
+    yield built
+    built.shutdown()
+
+
+def run(engine, messages: list[dict], images: list[bytes], n: int = 6) -> list[int]:
+    from hearth.engine.types import GenerationRequest, ImageInput, SamplingParams
+
+    ids, mm = engine.encode_chat_mm(messages, None, None, [ImageInput(b) for b in images])
+
+    async def collect() -> list[int]:
+        tokens: list[int] = []
+        request = GenerationRequest(f"r{len(ids)}", ids, SamplingParams(n, temperature=0), mm)
+        async for output in engine.generate(request):
+            tokens += output.token_ids
+        return tokens
+
+    return asyncio.run(collect())
+
+
+def test_two_images_match_transformers_generate(engine, llava_dir: Path) -> None:
+    images = [png_bytes(40, 30, 1), png_bytes(50, 60, 2)]
+    assert engine.info.vision
+    assert run(engine, MESSAGES, images) == reference(llava_dir, MESSAGES, images, 6)
+
+
+def test_prefix_cache_keys_blocks_by_image(engine, llava_dir: Path) -> None:
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe"}]}]
+    first, second = png_bytes(32, 32, 7), png_bytes(32, 32, 8)
+    hits = lambda: engine.stats().prefix_cache_hits  # noqa: E731
+    before = hits()
+    assert run(engine, one, [first]) == reference(llava_dir, one, [first], 6)
+    assert hits() == before  # nothing cached yet
+    assert run(engine, one, [first]) == reference(llava_dir, one, [first], 6)
+    reused = hits() - before
+    assert reused >= 16  # the image's blocks came from the cache: not encoded again
+    assert run(engine, one, [second]) == reference(llava_dir, one, [second], 6)
+    assert hits() - before == reused  # another image with the same placeholder ids: no hit
+
+
+@pytest.fixture(scope="module")
+def llava_server(llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    path = tiny_config(tmp_path_factory.mktemp("cfg") / "models.yaml", llava_dir)
+    with running_server("--config", str(path), "--max-images-per-request", "2") as server:
+        yield server
+
+
+def _client(base: str):
+    import openai
+
+    return openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+
+
+@pytest.mark.slow
+def test_openai_sdk_base64_image_equals_generate(llava_server, llava_dir: Path) -> None:
+    base, _ = llava_server
+    image = png_bytes(48, 36, 3)
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": data_url(image), "detail": "low"}},
+    ]
+    reply = _client(base).chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    template = [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]}
+    ]
+    expected = reference(llava_dir, template, [image], 6)
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(llava_dir).decode(expected, skip_special_tokens=True)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens > 16  # the image's 16 placeholder tokens are counted
+
+
+@pytest.mark.slow
+def test_limits_and_urls_are_400s_naming_the_part(llava_server) -> None:
+    import openai
+
+    base, _ = llava_server
+    client = _client(base)
+    part = {"type": "image_url", "image_url": {"url": data_url(png_bytes(8, 8))}}
+
+    def error(content: list) -> openai.BadRequestError:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2
+            )
+        return caught.value
+
+    too_many = error([part, part, {"type": "text", "text": "x"}, part])
+    assert too_many.body["param"] == "messages[0].content[3]"
+    remote = error([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}])
+    assert remote.body["param"] == "messages[0].content[0].image_url"
+    assert "--allow-image-urls" in remote.body["message"]
+    broken = error([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    assert broken.body["param"] == "messages[0].content[0].image_url"
+    audio = error([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
+    assert audio.body["param"] == "messages[0].content[0]"
+
+
+@pytest.mark.slow
+def test_text_only_model_refuses_image_parts(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import openai
+
+    path = tiny_config(tmp_path / "models.yaml", tiny_llama_dir)
+    with running_server("--config", str(path)) as (base, _):
+        part = {"type": "image_url", "image_url": {"url": data_url(png_bytes(8, 8))}}
+        with pytest.raises(openai.BadRequestError) as caught:
+            _client(base).chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": [part]}], max_tokens=2
+            )
+        body = caught.value.body
+        assert body["param"] == "messages[0].content[0]"
+        assert "'image_url'" in body["message"] and "'tiny'" in body["message"]
