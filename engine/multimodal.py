@@ -9,6 +9,7 @@ images later, at prefill (engine/vision_encoder.py).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +21,46 @@ __all__ = ["VisionProcessor", "load_processor"]
 
 
 def load_processor(path: str, trust_remote_code: bool = False) -> Any:
-    """The checkpoint's processor, with the PIL image processor (torchvision is not needed)."""
+    """The checkpoint's processor, with the PIL image processor (torchvision is not needed).
+
+    A processor that also has a video processor (Qwen2-VL's) needs torchvision for it; without
+    torchvision the same processor class is built for images only (`_images_only`)."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        processor = _images_only(path, trust_remote_code)
+        if processor is None:
+            raise
+        return processor
+
+
+def _images_only(path: str, trust_remote_code: bool) -> Any:
+    """The model type's processor class without a video processor, or None if it has none."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(config.model_type) or "", None)
+    if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
+        return None
+
+    class ImagesOnly(cls):  # the attribute check looks the video class up (torchvision)
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    images = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return ImagesOnly(
+        image_processor=images,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=tokenizer.chat_template,
+    )
 
 
 class VisionProcessor:

@@ -32,7 +32,7 @@ class RefusalPart(WireModel):
 class ImageURL(WireModel):
     """Chat's `image_url` object: an https or `data:` URL, and OpenAI's `detail`."""
 
-    url: str
+    url: str = ""  # empty: refused when the image is read (server/images.py)
     detail: Literal["auto", "low", "high"] = "auto"
 
 

@@ -1,4 +1,4 @@
-"""Vision models (issue 18): a tiny random LLaVA-style checkpoint built here, served by hearth.
+"""Vision models (issue 18): tiny random LLaVA- and Qwen2-VL-style checkpoints built here.
 
 Greedy tokens equal transformers' own `generate` on the processor's inputs (engine and live
 server through the openai SDK), several images per message, prefix-cache blocks keyed by the
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from hearth.engine.types import ImageInput
 from tests.conftest import running_server, tiny_config
-from tests.vision_models import build_tiny_llava, data_url, png_bytes
+from tests.vision_models import build_tiny_llava, build_tiny_qwen2_vl, data_url, png_bytes
 
 MESSAGES = [
     {
@@ -34,22 +35,31 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Pa
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), smollm_tokenizer_dir)
 
 
-def reference(checkpoint: Path, messages: list[dict], images: list[bytes], n: int) -> list[int]:
-    """transformers' greedy tokens for the chat through the checkpoint's own processor."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Path) -> Path:
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), smollm_tokenizer_dir)
 
-    processor = AutoProcessor.from_pretrained(checkpoint)
+
+def reference(checkpoint: Path, messages: list[dict], images: list[bytes], n: int) -> list[int]:
+    """transformers' greedy tokens for the chat through the checkpoint's own processor
+    (AutoProcessor; Qwen2-VL's built for images only: no torchvision for its video part)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from hearth.engine.multimodal import load_processor
+
+    processor = load_processor(str(checkpoint))
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
-    inputs = processor(text=[text], images=pictures, return_tensors="pt", add_special_tokens=False)
+    inputs = processor(
+        text=[text], images=pictures or None, return_tensors="pt", add_special_tokens=False
+    )
     out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-@pytest.fixture(scope="module")
-def engine(llava_dir: Path):
+def start_engine(checkpoint: Path):
     from hearth.engine.builder import build_engine
     from hearth.engine.config import ModelConfig
     from hearth.engine.loading.loader import load_model
@@ -57,16 +67,31 @@ def engine(llava_dir: Path):
 
     # 24-token steps: the prefill of an image prompt is split inside an image's 16 tokens
     settings = {"kv_cache_memory": "16MiB", "autotune": "off", "max_num_batched_tokens": 24}
-    config = ModelConfig(id="v", source=str(llava_dir), device="cpu", engine=settings)
-    built = build_engine(load_model(config, resolve_source(config.source)))
+    config = ModelConfig(id="v", source=str(checkpoint), device="cpu", engine=settings)
+    return build_engine(load_model(config, resolve_source(config.source)))
+
+
+@pytest.fixture(scope="module")
+def engine(llava_dir: Path):
+    built = start_engine(llava_dir)
+    yield built
+    built.shutdown()
+
+
+@pytest.fixture(scope="module")
+def qwen_engine(qwen2_vl_dir: Path):
+    built = start_engine(qwen2_vl_dir)
     yield built
     built.shutdown()
 
 
 def run(engine, messages: list[dict], images: list[bytes], n: int = 6) -> list[int]:
-    from hearth.engine.types import GenerationRequest, ImageInput, SamplingParams
+    from hearth.engine.types import GenerationRequest, SamplingParams
 
-    ids, mm = engine.encode_chat_mm(messages, None, None, [ImageInput(b) for b in images])
+    if images:
+        ids, mm = engine.encode_chat_mm(messages, None, None, [ImageInput(b) for b in images])
+    else:  # what the server sends without images: the text path
+        ids, mm = engine.encode_chat(messages), None
 
     async def collect() -> list[int]:
         tokens: list[int] = []
@@ -82,6 +107,18 @@ def test_two_images_match_transformers_generate(engine, llava_dir: Path) -> None
     images = [png_bytes(40, 30, 1), png_bytes(50, 60, 2)]
     assert engine.info.vision
     assert run(engine, MESSAGES, images) == reference(llava_dir, MESSAGES, images, 6)
+
+
+def test_qwen2_vl_mrope_matches_transformers_generate(qwen_engine, qwen2_vl_dir: Path) -> None:
+    """3-D M-RoPE positions in chunked prefill, the rope offset in decode; 16 + 12 tokens."""
+    images = [png_bytes(112, 112, 4), png_bytes(84, 112, 5)]
+    assert qwen_engine.core.runner.vision.mrope
+    _, mm = qwen_engine.encode_chat_mm(MESSAGES, None, None, [ImageInput(b) for b in images])
+    assert [n for _, n in mm.spans] == [16, 12]
+    expected = reference(qwen2_vl_dir, MESSAGES, images, 8)
+    assert run(qwen_engine, MESSAGES, images, 8) == expected
+    text_only = [{"role": "user", "content": "plain text on a vision model"}]
+    assert run(qwen_engine, text_only, [], 4) == reference(qwen2_vl_dir, text_only, [], 4)
 
 
 def test_prefix_cache_keys_blocks_by_image(engine, llava_dir: Path) -> None:
@@ -124,7 +161,6 @@ def test_openai_sdk_base64_image_equals_generate(llava_server, llava_dir: Path) 
         messages=[{"role": "user", "content": content}],
         max_tokens=6,
         temperature=0,
-        extra_body={"ignore_eos": True},
     )
     template = [
         {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]}
@@ -177,3 +213,31 @@ def test_text_only_model_refuses_image_parts(tiny_llama_dir: Path, tmp_path: Pat
         body = caught.value.body
         assert body["param"] == "messages[0].content[0]"
         assert "'image_url'" in body["message"] and "'tiny'" in body["message"]
+
+
+@pytest.mark.slow
+def test_responses_input_image_equals_generate(llava_server, llava_dir: Path) -> None:
+    base, _ = llava_server
+    image = png_bytes(40, 40, 9)
+    response = _client(base).responses.create(
+        model="tiny",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Describe"},
+                    {"type": "input_image", "image_url": data_url(image), "detail": "auto"},
+                ],
+            }
+        ],
+        max_output_tokens=5,
+        temperature=0,
+    )
+    template = [
+        {"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "image"}]}
+    ]
+    from transformers import AutoTokenizer
+
+    expected = reference(llava_dir, template, [image], 5)
+    text = AutoTokenizer.from_pretrained(llava_dir).decode(expected, skip_special_tokens=True)
+    assert response.output_text == text

@@ -93,20 +93,17 @@ def build_tiny_llava(out: Path, tokenizer_dir: Path) -> Path:
 
 def build_tiny_qwen2_vl(out: Path, tokenizer_dir: Path) -> Path:
     """Qwen2-VL: a 2-layer vision encoder (14-pixel patches merged 2x2) and a 2-layer Qwen2
-    with M-RoPE, saved with a Qwen2VLProcessor (images resized to 28..112 pixels a side)."""
+    with M-RoPE; images resized to 28..112 pixels a side (1 to 16 tokens). The tokenizer (with
+    the chat template) and the image processor are saved: without torchvision there is no
+    video processor, so hearth builds the processor for images (engine.multimodal)."""
     import torch
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-    )
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
     tokenizer = _tokenizer(
         tokenizer_dir, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     )
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(_TEXT, vocab_size=len(tokenizer), rope_scaling=None)
+    text = dict(_TEXT, vocab_size=len(tokenizer))
     text["rope_parameters"] = {
         "rope_type": "default",
         "mrope_section": [2, 3, 3],
@@ -132,13 +129,10 @@ def build_tiny_qwen2_vl(out: Path, tokenizer_dir: Path) -> Path:
         vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.save_pretrained(out)
-    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112)
-    processor = Qwen2VLProcessor(
-        image_processor=images, tokenizer=tokenizer, chat_template=QWEN2_VL_TEMPLATE
-    )
-    processor.save_pretrained(out)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.chat_template = QWEN2_VL_TEMPLATE
+    tokenizer.save_pretrained(out)
+    Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112).save_pretrained(out)
     return out
 
 
