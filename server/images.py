@@ -137,6 +137,8 @@ def _check_pixels(data: bytes, param: str, limit: int) -> None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+    except Image.DecompressionBombError:  # more than twice Pillow's own limit
+        raise _bad(f"the image has more than {limit} pixels", param) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise _bad("the image cannot be read (PNG, JPEG, WebP, GIF, ...)", param) from None
     if width * height > limit:

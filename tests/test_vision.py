@@ -138,7 +138,9 @@ def test_prefix_cache_keys_blocks_by_image(engine, llava_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def llava_server(llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     path = tiny_config(tmp_path_factory.mktemp("cfg") / "models.yaml", llava_dir)
-    with running_server("--config", str(path), "--max-images-per-request", "2") as server:
+    with running_server(
+        "--config", str(path), "--max-images-per-request", "2", "--max-image-pixels", "4000"
+    ) as server:
         yield server
 
 
@@ -195,6 +197,10 @@ def test_limits_and_urls_are_400s_naming_the_part(llava_server) -> None:
     assert "--allow-image-urls" in remote.body["message"]
     broken = error([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
     assert broken.body["param"] == "messages[0].content[0].image_url"
+    large = {"type": "image_url", "image_url": {"url": data_url(png_bytes(100, 50))}}
+    pixels = error([{"type": "text", "text": "x"}, large])
+    assert pixels.body["param"] == "messages[0].content[1].image_url"
+    assert "100x50" in pixels.body["message"]
     audio = error([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
     assert audio.body["param"] == "messages[0].content[0]"
 
