@@ -11,6 +11,7 @@ import asyncio
 import io
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hearth.engine.types import ImageInput
@@ -173,6 +174,11 @@ def test_openai_sdk_base64_image_equals_generate(llava_server, llava_dir: Path) 
     text = AutoTokenizer.from_pretrained(llava_dir).decode(expected, skip_special_tokens=True)
     assert reply.choices[0].message.content == text
     assert reply.usage.prompt_tokens > 16  # the image's 16 placeholder tokens are counted
+    counted = httpx.post(
+        base.removesuffix("/v1") + "/tokenize",
+        json={"model": "tiny", "messages": [{"role": "user", "content": content}]},
+    )
+    assert counted.json()["count"] == reply.usage.prompt_tokens
 
 
 @pytest.mark.slow
