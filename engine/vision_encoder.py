@@ -8,6 +8,7 @@ model with `inputs_embeds` instead of `input_ids`. Steps without image tokens ne
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -36,9 +37,17 @@ class MMStep:
 
 
 class VisionEncoder:
-    """Encodes a prompt's images with the model's vision tower and projector."""
+    """Encodes a prompt's images with the model's vision tower and projector.
+
+    The features of the last `keep` images (by content hash) are kept across requests: an image
+    sent again is not encoded again, even where the prefix cache holds only part of its tokens.
+    """
+
+    keep = 16
 
     def __init__(self, model: PreTrainedModel) -> None:
+        self.recent: OrderedDict[str, torch.Tensor] = OrderedDict()  # image hash -> features
+        self.num_encoded = 0  # images run through the vision tower
         self.model = model
         self.config = model.config
         self.mrope = callable(getattr(getattr(model, "model", None), "get_rope_index", None))
@@ -50,6 +59,19 @@ class VisionEncoder:
         cache = mm.cache.setdefault("features", {})
         if index in cache:
             return cache[index]
+        digest = mm.hashes[index]
+        if digest in self.recent:
+            self.recent.move_to_end(digest)
+            cache[index] = self.recent[digest]
+            return cache[index]
+        cache[index] = self.recent[digest] = self._encode(mm, index)
+        self.num_encoded += 1
+        if len(self.recent) > self.keep:
+            self.recent.popitem(last=False)
+        return cache[index]
+
+    def _encode(self, mm: MultiModalInputs, index: int) -> torch.Tensor:
+        """Run image `index` of `mm` through the vision tower and projector: [n_i, hidden]."""
         data, dev = mm.data, self.device
         grid = data.get("image_grid_thw")  # [N, 3] (Qwen2-VL) or None (LLaVA)
         if grid is not None:
@@ -68,7 +90,6 @@ class VisionEncoder:
             pooled = out.pooler_output
             pooled = torch.cat(list(pooled)) if isinstance(pooled, list | tuple) else pooled
             feats = pooled.reshape(-1, pooled.shape[-1])  # [n_i, hidden]
-        cache[index] = feats
         return feats
 
     @torch.inference_mode()

@@ -126,14 +126,18 @@ def test_prefix_cache_keys_blocks_by_image(engine, llava_dir: Path) -> None:
     one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe"}]}]
     first, second = png_bytes(32, 32, 7), png_bytes(32, 32, 8)
     hits = lambda: engine.stats().prefix_cache_hits  # noqa: E731
-    before = hits()
+    encoder = engine.core.runner.vision
+    before, encoded = hits(), encoder.num_encoded
     assert run(engine, one, [first]) == reference(llava_dir, one, [first], 6)
     assert hits() == before  # nothing cached yet
+    assert encoder.num_encoded == encoded + 1
     assert run(engine, one, [first]) == reference(llava_dir, one, [first], 6)
     reused = hits() - before
-    assert reused >= 16  # the image's blocks came from the cache: not encoded again
+    assert reused >= 16  # the image's blocks came from the cache
+    assert encoder.num_encoded == encoded + 1  # and it was not encoded again
     assert run(engine, one, [second]) == reference(llava_dir, one, [second], 6)
     assert hits() - before == reused  # another image with the same placeholder ids: no hit
+    assert encoder.num_encoded == encoded + 2
 
 
 @pytest.fixture(scope="module")
