@@ -87,21 +87,33 @@ def qwen_engine(qwen2_vl_dir: Path):
 
 
 def run(engine, messages: list[dict], images: list[bytes], n: int = 6) -> list[int]:
+    [tokens] = run_together(engine, [(messages, images)], n)
+    return tokens
+
+
+def run_together(engine, prompts: list[tuple[list[dict], list[bytes]]], n: int) -> list[list[int]]:
+    """Greedy tokens of each (messages, images), the requests batched together."""
     from hearth.engine.types import GenerationRequest, SamplingParams
 
-    if images:
-        ids, mm = engine.encode_chat_mm(messages, None, None, [ImageInput(b) for b in images])
-    else:  # what the server sends without images: the text path
-        ids, mm = engine.encode_chat(messages), None
+    requests = []
+    for i, (messages, images) in enumerate(prompts):
+        if images:
+            pictures = [ImageInput(b) for b in images]
+            ids, mm = engine.encode_chat_mm(messages, None, None, pictures)
+        else:  # what the server sends without images: the text path
+            ids, mm = engine.encode_chat(messages), None
+        requests.append(GenerationRequest(f"r{i}", ids, SamplingParams(n, temperature=0), mm))
 
-    async def collect() -> list[int]:
+    async def collect(request) -> list[int]:
         tokens: list[int] = []
-        request = GenerationRequest(f"r{len(ids)}", ids, SamplingParams(n, temperature=0), mm)
         async for output in engine.generate(request):
             tokens += output.token_ids
         return tokens
 
-    return asyncio.run(collect())
+    async def all_of() -> list[list[int]]:
+        return list(await asyncio.gather(*(collect(r) for r in requests)))
+
+    return asyncio.run(all_of())
 
 
 def test_two_images_match_transformers_generate(engine, llava_dir: Path) -> None:
@@ -120,6 +132,9 @@ def test_qwen2_vl_mrope_matches_transformers_generate(qwen_engine, qwen2_vl_dir:
     assert run(qwen_engine, MESSAGES, images, 8) == expected
     text_only = [{"role": "user", "content": "plain text on a vision model"}]
     assert run(qwen_engine, text_only, [], 4) == reference(qwen2_vl_dir, text_only, [], 4)
+    # batched together: image rows with 3-D positions next to text rows and decodes
+    together = run_together(qwen_engine, [(text_only, []), (MESSAGES, images)], 8)
+    assert together == [reference(qwen2_vl_dir, text_only, [], 8), expected]
 
 
 def test_prefix_cache_keys_blocks_by_image(engine, llava_dir: Path) -> None:
