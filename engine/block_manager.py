@@ -43,19 +43,20 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _block_keys(self, token_ids: list[int], num_full: int, seq: Sequence) -> list[BlockKey]:
-        keys, parent, size = [], 0, self.block_size
+        keys: list[BlockKey] = []
+        parent, size, mm = 0, self.block_size, seq.mm
         for i in range(num_full):
-            key = self._key(parent, tuple(token_ids[i * size : (i + 1) * size]), seq, i)
+            key: BlockKey = (parent, tuple(token_ids[i * size : (i + 1) * size]))
+            if mm is not None:
+                key = self._with_images(key, seq, i)
             keys.append(key)
             parent = hash(key)
         return keys
 
-    def _key(self, parent: int, tokens: tuple[int, ...], seq: Sequence, i: int) -> BlockKey:
-        """Block i's key: its parent's hash and tokens, and the images in it (vision prompts)."""
-        if seq.mm is None:
-            return (parent, tokens)
+    def _with_images(self, key: BlockKey, seq: Sequence, i: int) -> BlockKey:
+        """Block i's key with the hashes of the images whose tokens it holds (if any)."""
         images = seq.mm.hashes_in(i * self.block_size, (i + 1) * self.block_size)
-        return (parent, tokens, images) if images else (parent, tokens)
+        return (*key, images) if images else key
 
     def _take(self) -> int:
         block, _ = self.free.popitem(last=False)
@@ -119,7 +120,9 @@ class BlockManager:
         size = self.block_size
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else 0
-            key = self._key(parent, tuple(seq.tokens(i * size, (i + 1) * size)), seq, i)
+            key: BlockKey = (parent, tuple(seq.tokens(i * size, (i + 1) * size)))
+            if seq.mm is not None:
+                key = self._with_images(key, seq, i)
             seq.block_hashes.append(hash(key))
             block = seq.block_table[i]
             if self.keys[block] is None:

@@ -36,9 +36,14 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Pa
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), smollm_tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Path) -> Path:
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), smollm_tokenizer_dir)
+@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+def qwen2_vl_dir(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    smollm_tokenizer_dir: Path,
+) -> Path:
+    out = tmp_path_factory.mktemp(f"tiny-qwen{request.param}-vl")
+    return build_tiny_qwen2_vl(out, smollm_tokenizer_dir, request.param)
 
 
 def reference(checkpoint: Path, messages: list[dict], images: list[bytes], n: int) -> list[int]:
@@ -159,7 +164,14 @@ def test_prefix_cache_keys_blocks_by_image(engine, llava_dir: Path) -> None:
 def llava_server(llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     path = tiny_config(tmp_path_factory.mktemp("cfg") / "models.yaml", llava_dir)
     with running_server(
-        "--config", str(path), "--max-images-per-request", "2", "--max-image-pixels", "4000"
+        "--config",
+        str(path),
+        "--max-images-per-request",
+        "2",
+        "--max-image-pixels",
+        "4000",
+        "--max-image-size",
+        "20000",
     ) as server:
         yield server
 
@@ -226,6 +238,10 @@ def test_limits_and_urls_are_400s_naming_the_part(llava_server) -> None:
     pixels = error([{"type": "text", "text": "x"}, large])
     assert pixels.body["param"] == "messages[0].content[1].image_url"
     assert "100x50" in pixels.body["message"]
+    heavy = {"type": "image_url", "image_url": {"url": data_url(png_bytes(100, 80))}}
+    size = error([heavy])  # a random 100x80 PNG: about 24 kB
+    assert size.body["param"] == "messages[0].content[0].image_url"
+    assert "20000 bytes" in size.body["message"]
     audio = error([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
     assert audio.body["param"] == "messages[0].content[0]"
 

@@ -91,13 +91,20 @@ def build_tiny_llava(out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def build_tiny_qwen2_vl(out: Path, tokenizer_dir: Path) -> Path:
-    """Qwen2-VL: a 2-layer vision encoder (14-pixel patches merged 2x2) and a 2-layer Qwen2
-    with M-RoPE; images resized to 28..112 pixels a side (1 to 16 tokens). The tokenizer (with
-    the chat template) and the image processor are saved: without torchvision there is no
-    video processor, so hearth builds the processor for images (engine.multimodal)."""
+def build_tiny_qwen2_vl(out: Path, tokenizer_dir: Path, version: str = "2") -> Path:
+    """Qwen2-VL (`version` "2.5": Qwen2.5-VL, windowed vision attention): a 2-layer vision
+    encoder (14-pixel patches merged 2x2) and a 2-layer Qwen2 with M-RoPE; images resized to
+    28..112 pixels a side (1 to 16 tokens). The tokenizer (with the chat template) and the image
+    processor are saved: without torchvision there is no video processor, so hearth builds the
+    processor for images (engine.multimodal)."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
 
     tokenizer = _tokenizer(
         tokenizer_dir, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -111,16 +118,25 @@ def build_tiny_qwen2_vl(out: Path, tokenizer_dir: Path) -> Path:
     }
     vision = dict(
         depth=2,
-        embed_dim=32,
-        hidden_size=64,
         num_heads=2,
-        mlp_ratio=2,
         in_channels=3,
         patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,
     )
-    config = Qwen2VLConfig(
+    if version == "2.5":
+        vision.update(
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    else:
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    config = config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
@@ -129,7 +145,7 @@ def build_tiny_qwen2_vl(out: Path, tokenizer_dir: Path) -> Path:
         vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(out)
+    model_class(config).save_pretrained(out)
     tokenizer.chat_template = QWEN2_VL_TEMPLATE
     tokenizer.save_pretrained(out)
     Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112).save_pretrained(out)
