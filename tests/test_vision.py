@@ -288,3 +288,42 @@ def test_responses_input_image_equals_generate(llava_server, llava_dir: Path) ->
     expected = reference(llava_dir, template, [image], 5)
     text = AutoTokenizer.from_pretrained(llava_dir).decode(expected, skip_special_tokens=True)
     assert response.output_text == text
+
+
+def test_https_images_fetched_only_when_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--allow-image-urls: fetched (a mock transport here), cut off above the byte limit."""
+    from hearth.server import images as images_module
+    from hearth.server.content import MediaPart
+    from hearth.server.errors import APIError
+    from hearth.server.settings import ServerSettings
+
+    picture, large = png_bytes(16, 16), png_bytes(100, 80)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=large if "large" in request.url.path else picture)
+
+    real_client = httpx.AsyncClient
+    monkeypatch.setattr(
+        images_module.httpx,
+        "AsyncClient",
+        lambda **kw: real_client(transport=httpx.MockTransport(answer), **kw),
+    )
+
+    def part(url: str) -> list:
+        return [MediaPart(type="image_url", image_url={"url": url})]
+
+    def read(url: str, **settings) -> list:
+        config = ServerSettings(**settings)
+        return asyncio.run(images_module.read_images([part(url)], "m", "messages", config))[1]
+
+    with pytest.raises(APIError) as refused:
+        read("https://example.com/a.png")
+    assert "--allow-image-urls" in refused.value.message
+    [image] = read("https://example.com/a.png", allow_image_urls=True)
+    assert image.data == picture
+    with pytest.raises(APIError) as too_big:
+        read("https://example.com/large.png", allow_image_urls=True, max_image_bytes=20000)
+    assert too_big.value.param == "messages[0].content[0].image_url"
+    with pytest.raises(APIError) as plain:
+        read("http://example.com/a.png", allow_image_urls=True)
+    assert "https://" in plain.value.message
