@@ -12,7 +12,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoModelForImageTextToText,
     AutoTokenizer,
     PreTrainedModel,
 )
@@ -144,8 +143,10 @@ def load_model(
         placement = {"device_map": device_name}
     try:
         hf_config = _read_config(config, path)
-        if is_vision_config(hf_config):
-            return _load_vision(config, source, path, hf_config, torch_dtype, placement, base_dir)
+        if getattr(hf_config, "vision_config", None) is not None:  # image-text-to-text
+            from hearth.engine.loading.vision import load_vision
+
+            return load_vision(config, source, path, hf_config, torch_dtype, placement, base_dir)
         model = (
             load_fp8_model(  # None unless fp8 is asked for or shipped (engine/quantization/fp8.py)
                 path, hf_config, config.quantization, torch_dtype, placement, trust
@@ -159,39 +160,6 @@ def load_model(
         detail = " ".join(str(exc).split())[:300]
         raise LoadError(f"{config.source}: {type(exc).__name__}: {detail}") from None
     return _loaded(config, source, path, hf_config, model, tokenizer, torch_dtype, base_dir)
-
-
-def is_vision_config(hf_config: Any) -> bool:
-    """An image-text-to-text checkpoint (LLaVA, Qwen2-VL, ...): it has a vision tower config."""
-    return getattr(hf_config, "vision_config", None) is not None
-
-
-def _load_vision(
-    config: ModelConfig,
-    source: Source,
-    path: str,
-    hf_config: Any,
-    torch_dtype: torch.dtype,
-    placement: dict[str, Any],
-    base_dir: Path | None,
-) -> LoadedModel:
-    """An image-text-to-text checkpoint with its processor (AutoProcessor, PIL images)."""
-    from hearth.engine.multimodal import load_processor
-
-    if config.tensor_parallel_size > 1 or config.quantization not in ("auto", "none"):
-        raise LoadError(f"{config.id}: vision models run unquantized on one device")
-    trust = config.trust_remote_code
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype, trust_remote_code=trust, **placement
-    )
-    processor = load_processor(path, trust)
-    loaded = _loaded(
-        config, source, path, hf_config, model, processor.tokenizer, torch_dtype, base_dir
-    )
-    loaded.processor = processor
-    if config.chat_template is not None:  # the processor renders vision prompts
-        processor.chat_template = loaded.tokenizer.chat_template
-    return loaded
 
 
 def _read_config(config: ModelConfig, path: str) -> Any:
