@@ -12,14 +12,17 @@ from typing import Any
 import torch
 
 from hearth.engine.core import EngineCore, FatalStepError
+from hearth.engine.multimodal import VisionProcessor
 from hearth.engine.tokenizer import ChatTokenizer
 from hearth.engine.types import (
     EngineDeadError,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    ImageInput,
     InvalidRequestError,
     ModelInfo,
+    MultiModalInputs,
     QueueFullError,
     ended_output,
 )
@@ -58,6 +61,7 @@ class AsyncEngine:
         self.pace = pace
         self.threads = threads  # torch intra-op threads of the engine thread (CPU); 0: as is
         self.tokenizer = tokenizer
+        self.vision: VisionProcessor | None = None  # image-text-to-text models
         self._streams: dict[str, _Stream] = {}
         self._inbox: list[tuple[str, Any]] = []
         self._wake = threading.Condition()
@@ -81,6 +85,17 @@ class AsyncEngine:
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         return self.tokenizer.encode_chat(messages, tools, template_kwargs)
+
+    def encode_chat_mm(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any] | None,
+        images: Sequence[ImageInput],
+    ) -> tuple[list[int], MultiModalInputs]:
+        if self.vision is None:
+            raise InvalidRequestError(f"model {self.info.model_id!r} reads text only", "messages")
+        return self.vision.encode_chat(messages, tools, template_kwargs, images)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids)

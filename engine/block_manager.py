@@ -6,15 +6,19 @@ from collections import OrderedDict
 
 from hearth.engine.sequence import Sequence
 
-BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's tokens)
+# (hash of the previous block's key, this block's tokens[, hashes of the images among them])
+BlockKey = tuple[int, tuple[int, ...]] | tuple[int, tuple[int, ...], tuple[str, ...]]
 
 
 class BlockManager:
     """Hands out KV blocks to sequences.
 
     A full block whose tokens are computed gets a key that chains its prefix; another sequence
-    with the same prefix reuses it (refcount + 1) instead of recomputing. Freed blocks keep their
-    key and contents until they are handed out again, least recently freed first.
+    with the same prefix reuses it (refcount + 1) instead of recomputing. A block holding image
+    placeholder tokens also keys the images' content hashes (the placeholder ids are the same
+    for every image): the same image reuses its KV (and is not encoded again), another does not.
+    Freed blocks keep their key and contents until they are handed out again, least recently
+    freed first.
     """
 
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
@@ -38,13 +42,21 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_keys(self, token_ids: list[int], num_full: int) -> list[BlockKey]:
-        keys, parent = [], 0
+    def _block_keys(self, token_ids: list[int], num_full: int, seq: Sequence) -> list[BlockKey]:
+        keys: list[BlockKey] = []
+        parent, size, mm = 0, self.block_size, seq.mm
         for i in range(num_full):
-            key = (parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
+            key: BlockKey = (parent, tuple(token_ids[i * size : (i + 1) * size]))
+            if mm is not None:
+                key = self._with_images(key, seq, i)
             keys.append(key)
             parent = hash(key)
         return keys
+
+    def _with_images(self, key: BlockKey, seq: Sequence, i: int) -> BlockKey:
+        """Block i's key with the hashes of the images whose tokens it holds (if any)."""
+        images = seq.mm.hashes_in(i * self.block_size, (i + 1) * self.block_size)
+        return (*key, images) if images else key
 
     def _take(self) -> int:
         block, _ = self.free.popitem(last=False)
@@ -61,7 +73,7 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         tokens = seq.token_ids()
-        return self._block_keys(tokens, (len(tokens) - 1) // self.block_size)
+        return self._block_keys(tokens, (len(tokens) - 1) // self.block_size, seq)
 
     def cached_prefix(self, seq: Sequence, keys: list[BlockKey] | None = None) -> list[int]:
         """Blocks holding a computed prefix of seq; at least one token is left to compute."""
@@ -108,7 +120,9 @@ class BlockManager:
         size = self.block_size
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else 0
-            key = (parent, tuple(seq.tokens(i * size, (i + 1) * size)))
+            key: BlockKey = (parent, tuple(seq.tokens(i * size, (i + 1) * size)))
+            if seq.mm is not None:
+                key = self._with_images(key, seq, i)
             seq.block_hashes.append(hash(key))
             block = seq.block_table[i]
             if self.keys[block] is None:

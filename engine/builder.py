@@ -12,6 +12,7 @@ from hearth.engine.async_engine import AsyncEngine
 from hearth.engine.core import EngineCore
 from hearth.engine.kv_cache import KVCacheSpec, budget_problem, num_kv_blocks
 from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count
+from hearth.engine.multimodal import VisionProcessor
 from hearth.engine.runner import ModelRunner
 from hearth.engine.tokenizer import ChatTokenizer
 from hearth.engine.types import ModelInfo
@@ -38,6 +39,16 @@ def follow(loaded: LoadedModel) -> None:
     runner.follow()
 
 
+def vision_processor(loaded: LoadedModel) -> VisionProcessor:
+    """The processor facade of an image-text-to-text model (its image token, merge size)."""
+    config = loaded.model.config
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = config.image_token_index
+    merge = getattr(config.vision_config, "spatial_merge_size", 1)
+    return VisionProcessor(loaded.processor, token, merge)
+
+
 def build_engine(loaded: LoadedModel) -> AsyncEngine:
     """Size the KV cache, wrap the tokenizer, and start the engine thread."""
     settings = loaded.config.engine
@@ -52,6 +63,8 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
     engine = AsyncEngine(
         tokenizer, loaded.config.id, pace=on_cpu, threads=cpu_thread_count() if on_cpu else 0
     )
+    if loaded.processor is not None:
+        engine.vision = vision_processor(loaded)
     try:
         core = engine.start(
             lambda: EngineCore(
@@ -91,6 +104,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
             tool_parser=tokenizer.tool_parser(loaded.config.tool_parser),
             template_tools=tokenizer.template_tools,
             reasoning_parser=tokenizer.reasoning_parser(loaded.config.reasoning_parser),
+            vision=engine.vision is not None,
         )
         engine.info = info
     except BaseException:

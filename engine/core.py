@@ -109,6 +109,8 @@ class EngineCore:
         if total > self.kv_capacity_tokens:
             capacity = self.kv_capacity_tokens
             raise InvalidRequestError(f"request needs {total} KV slots; the cache holds {capacity}")
+        if request.multimodal is not None and self.runner.vision is None:
+            raise InvalidRequestError("this model reads text only: no images", "messages")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
             raise InvalidRequestError(
                 f"prompt token ids must be in [0, {self.vocab_size})", "prompt"
@@ -132,6 +134,7 @@ class EngineCore:
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seq = Sequence(request.request_id, index, list(request.prompt_token_ids), params)
+            seq.mm = request.multimodal  # the samples share its encoded images
             matcher, closing = None, None
             if params.grammar:
                 matcher = self.grammars.matcher(params.grammar)

@@ -26,6 +26,7 @@ from hearth.engine.kernels.selection import Kernels
 from hearth.engine.kv_cache import KVCache, KVCacheSpec, layer_devices
 from hearth.engine.scheduler import Scheduled
 from hearth.engine.sequence import Sequence
+from hearth.engine.vision_encoder import MMStep, VisionEncoder, is_vision_model
 
 __all__ = ["ModelRunner", "PromptRows", "StepInputs"]
 
@@ -56,6 +57,7 @@ class StepInputs:
     prefills: list[tuple[int, int, int, list[int] | None]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
     prompt_rows: list[int] = field(default_factory=list)  # also kept: prompt_logprobs positions
+    mm: MMStep | None = None  # image rows and M-RoPE positions: prefill chunks of image prompts
 
 
 class ModelRunner:
@@ -80,6 +82,7 @@ class ModelRunner:
         self.tp_size, self.max_model_len = tp_size, max_model_len
         self.block_size = settings.block_size
         self.device = next(model.parameters()).device
+        self.vision = VisionEncoder(model) if is_vision_model(model) else None
         self.graphs: DecodeGraphs | None = None
         self.kernels: Kernels | None = None  # what the model's forwards are patched for
         self.decode_kernel, self.cpu_variant = "sdpa", None
@@ -203,7 +206,10 @@ class ModelRunner:
             seq, start, num = item.seq, item.start, item.num_tokens
             row = len(step.input_ids)
             step.input_ids += seq.tokens(start, start + num)
-            step.positions += range(start, start + num)
+            if seq.mm is None or self.vision is None:
+                step.positions += range(start, start + num)
+            else:
+                self._add_images(step, seq, row, start, num)
             step.slot_mapping += self._slots(seq.block_table, start, start + num)
             context = start + num
             if num == 1:
@@ -218,6 +224,21 @@ class ModelRunner:
             step.prompt_rows += range(row, row + self._prompt_rows(item))
         return step
 
+    def _add_images(self, step: StepInputs, seq: Sequence, row: int, start: int, num: int) -> None:
+        """Positions of an image prompt's chunk (M-RoPE: shifted after the prompt, 3-D within
+        it) and, where it covers image placeholders, the rows its images' features replace."""
+        vision = self.vision
+        offset = vision.position_offset(seq)
+        step.positions += range(start + offset, start + num + offset)
+        in_prompt = start < seq.num_prompt_tokens
+        if not in_prompt or not (vision.mrope or seq.mm.hashes_in(start, start + num)):
+            return
+        if step.mm is None:
+            step.mm = MMStep()
+        vision.add(step.mm, seq, row, start, num)
+        if vision.mrope:
+            step.mm.rope.append((row, vision.positions3(seq, start, num)))
+
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
         """Logits [len(step.sample_rows) + len(step.prompt_rows), V] of one packed step (those
@@ -225,7 +246,7 @@ class ModelRunner:
         size, else one eager forward over the paged cache."""
         pure_decode = not step.prefills and not step.prompt_rows
         pure_decode = pure_decode and len(step.sample_rows) == len(step.input_ids)
-        if self.graphs is not None and pure_decode:
+        if self.graphs is not None and pure_decode and step.mm is None:
             logits = self.graphs.run(
                 step.input_ids,
                 step.positions,
@@ -266,12 +287,13 @@ class ModelRunner:
             batch.decode_lens = lens
             batch.decode_kernel = self.decode_kernel
             batch.cpu_variant = self.cpu_variant
-        return self._run_model(
-            {
-                "input_ids": longs([step.input_ids]),
-                "position_ids": longs([step.positions]),
-                "use_cache": False,
-                "logits_to_keep": longs(step.sample_rows + step.prompt_rows),
-                "hearth_batch": batch,
-            }
-        )
+        kwargs = {
+            "input_ids": longs([step.input_ids]),
+            "position_ids": longs([step.positions]),
+            "use_cache": False,
+            "logits_to_keep": longs(step.sample_rows + step.prompt_rows),
+            "hearth_batch": batch,
+        }
+        if step.mm is not None:  # image features in place of their placeholders' embeddings
+            kwargs.update(self.vision.model_inputs(kwargs.pop("input_ids"), kwargs, step.mm))
+        return self._run_model(kwargs)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from hearth.engine.types import FinishReason, SamplingParams
+from hearth.engine.types import FinishReason, MultiModalInputs, SamplingParams
 
 _arrivals = itertools.count()
 
@@ -34,6 +34,7 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     # engine-side state the scheduler never looks at (detokenizer, torch generator)
     state: Any = None
+    mm: MultiModalInputs | None = None  # the prompt's images (vision models); None: text
 
     @property
     def num_tokens(self) -> int:

@@ -100,13 +100,47 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1 or self.top_p == 0
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request, as its encoded file bytes (PNG, JPEG, ...), fetched or decoded
+    by the server. `detail` is OpenAI's field (auto | low | high), accepted and recorded; the
+    model's processor decides the resolution."""
+
+    data: bytes
+    detail: str = "auto"
+
+
+@dataclass
+class MultiModalInputs:
+    """A prompt's images after the model's processor (engine.multimodal), opaque to the server.
+
+    `data`: the processor's tensors (pixel_values, image_grid_thw, ...), `spans[i]`: (first
+    prompt position, token count) of image i's placeholder tokens, `hashes[i]`: sha256 of image
+    i's bytes, which keys the prefix-cache blocks holding its tokens. `cache`: the engine's
+    per-prompt state (each image's features once encoded, M-RoPE positions), shared by the
+    request's samples.
+    """
+
+    data: dict[str, Any]
+    spans: list[tuple[int, int]]
+    hashes: list[str]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def hashes_in(self, start: int, stop: int) -> tuple[str, ...]:
+        """Hashes of the images with placeholder tokens in positions [start, stop)."""
+        pairs = zip(self.spans, self.hashes, strict=True)
+        return tuple(h for (s, n), h in pairs if s < stop and s + n > start)
+
+
 @dataclass
 class GenerationRequest:
-    """One prompt, already tokenized, with its sampling parameters."""
+    """One prompt, already tokenized, with its sampling parameters (and, for a vision model's
+    prompt with images, their processed inputs; None for text)."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    multimodal: MultiModalInputs | None = None
 
 
 @dataclass
@@ -193,6 +227,7 @@ class ModelInfo:
     template_tools: bool = False  # the chat template renders `tools` itself
     reasoning_parser: str = "none"  # how the model's thinking is told apart: none | think_tags
     task: Literal["generate", "embed"] = "generate"  # embed: an EmbeddingClient
+    vision: bool = False  # an image-text-to-text model: chat accepts image parts (encode_chat_mm)
 
 
 class EngineClient(Protocol):
@@ -208,6 +243,18 @@ class EngineClient(Protocol):
         tools: Sequence[dict[str, Any]] | None = None,
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]: ...
+
+    def encode_chat_mm(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any] | None,
+        images: Sequence[ImageInput],
+    ) -> tuple[list[int], MultiModalInputs]:
+        """Vision models: the rendered conversation (`{"type": "image"}` content parts, one per
+        image in order) through the model's processor: prompt ids with each image's
+        placeholder tokens expanded, and the processed images."""
+        ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 

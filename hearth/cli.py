@@ -148,6 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {_size_text(_setting('max_body_bytes'))})",
     )
     serve.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="vision models: fetch https image URLs (data: URLs are always read; default: off)",
+    )
+    serve.add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=_setting("max_images_per_request"),
+        metavar="N",
+        help=f"vision models: images per request (default: {_setting('max_images_per_request')})",
+    )
+    serve.add_argument(
+        "--max-image-size",
+        type=byte_size,
+        default=_setting("max_image_bytes"),
+        metavar="BYTES",
+        help="vision models: one image's encoded bytes "
+        f"(default: {_size_text(_setting('max_image_bytes'))})",
+    )
+    serve.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=_setting("max_image_pixels"),
+        metavar="N",
+        help=f"vision models: one image's width * height (default: {_setting('max_image_pixels')})",
+    )
+    serve.add_argument(
         "--max-n",
         type=int,
         default=_setting("max_n"),
@@ -227,6 +254,10 @@ def server_settings(args: argparse.Namespace, api_keys: tuple[str, ...]) -> Serv
         max_n=args.max_n,
         request_timeout_s=args.request_timeout or None,
         drain_timeout_s=args.drain_timeout,
+        allow_image_urls=args.allow_image_urls,
+        max_images_per_request=args.max_images_per_request,
+        max_image_bytes=args.max_image_size,
+        max_image_pixels=args.max_image_pixels,
     )
 
 

@@ -1,8 +1,8 @@
 """Message content parts, as OpenAI's request types have them, for chat and Responses input.
 
 Every part shape OpenAI defines is accepted on the wire. Text and refusals become template text;
-media parts (images, audio, files) are refused by the route, naming the part and the model, since
-the models served here read text only.
+image parts go to vision models (server/images.py); media parts are refused by the route for
+text-only models (and audio and files for every model), naming the part and the model.
 """
 
 from __future__ import annotations
@@ -29,10 +29,26 @@ class RefusalPart(WireModel):
     refusal: str
 
 
+class ImageURL(WireModel):
+    """Chat's `image_url` object: an https or `data:` URL, and OpenAI's `detail`."""
+
+    url: str = ""  # empty: refused when the image is read (server/images.py)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
 class MediaPart(WireModel):
-    """An image, audio clip or file: parsed, then refused by text-only models."""
+    """An image, audio clip or file: images read by vision models, the rest refused.
+
+    Chat's image part carries `image_url: {url, detail}`; Responses' `input_image` carries
+    `image_url` as a string and `detail` beside it."""
 
     type: Literal["image_url", "input_audio", "file", "input_image", "input_file"]
+    image_url: ImageURL | str | None = None
+    detail: Literal["auto", "low", "high"] = "auto"
+
+    @property
+    def is_image(self) -> bool:
+        return self.type in ("image_url", "input_image")
 
 
 # Capitalised tags: error locations leave them out (content[0].text, not content[0].Text.text).

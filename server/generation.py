@@ -23,6 +23,7 @@ from hearth.engine.types import (
     GenerationOutput,
     GenerationRequest,
     InvalidRequestError,
+    MultiModalInputs,
     QueueFullError,
     SamplingParams,
     TokenLogprob,
@@ -31,6 +32,7 @@ from hearth.server.errors import APIError
 from hearth.server.limits import Limits, check_request, timeout_error
 from hearth.server.metrics import Metrics
 from hearth.server.registry import ModelRegistry
+from hearth.server.settings import ServerSettings
 
 T = TypeVar("T")
 
@@ -43,6 +45,12 @@ class Context:
     registry: ModelRegistry
     metrics: Metrics | None = None
     limits: Limits | None = None  # None: unlimited
+
+    @property
+    def settings(self) -> ServerSettings:
+        """The server's settings (defaults outside an app)."""
+        app = getattr(self.http, "app", None)
+        return getattr(getattr(app, "state", None), "settings", None) or ServerSettings()
 
     @classmethod
     def of(cls, http: Request) -> Context:
@@ -366,8 +374,9 @@ async def run_to_completion(
     prompt_ids: list[int],
     sampling: SamplingParams,
     ends_early: Callable[[], EndsEarly] | None = None,
+    images: MultiModalInputs | None = None,
 ) -> Completed:
-    """Run one request to the end (see run_all)."""
-    request = GenerationRequest(request_id, prompt_ids, sampling)
+    """Run one request to the end (see run_all); `images`: a vision prompt's."""
+    request = GenerationRequest(request_id, prompt_ids, sampling, images)
     [result] = await run_all(context, engine, [request], ends_early)
     return result

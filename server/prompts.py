@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hearth.engine.types import EngineClient
+from hearth.engine.types import EngineClient, MultiModalInputs
 from hearth.server.content import refuse_media
 from hearth.server.generation import check_text_length, tokenize
+from hearth.server.images import has_images, read_images
+from hearth.server.settings import ServerSettings
 from hearth.server.tools import Tool, prepare_messages
 
 
@@ -36,3 +38,32 @@ async def encode_messages(
     )
     check_text_length(engine, sum(len(m["content"] or "") for m in rendered), "messages")
     return await tokenize(engine.encode_chat, rendered, template_tools, template_kwargs)
+
+
+async def encode_vision_messages(
+    engine: EngineClient,
+    model: str,
+    messages: Sequence[Any],
+    tools: Sequence[Tool],
+    template_kwargs: dict[str, Any] | None,
+    settings: ServerSettings,
+) -> tuple[list[int], MultiModalInputs | None]:
+    """Prompt ids of chat `messages` for a vision model, and their images (None without any).
+
+    A conversation without image parts takes `encode_messages`' path unchanged. Otherwise each
+    message with images gets a list of template parts (`{"type": "image"}` per image) and the
+    model's processor renders and expands them (`encode_chat_mm`). Errors: 400s naming the part
+    (limits, URLs, audio and files) or "messages" (template errors, too long).
+    """
+    contents = [m.content for m in messages]
+    if not has_images(contents):
+        return await encode_messages(engine, model, messages, tools, template_kwargs), None
+    parts, images = await read_images(contents, model, "messages", settings)
+    template = [m.to_template() for m in messages]
+    for message, content in zip(template, parts, strict=True):
+        if content is not None:
+            message["content"] = content
+    rendered, template_tools = prepare_messages(template, tools, engine.info.template_tools)
+    chars = sum(len(m.text()) for m in messages)
+    check_text_length(engine, chars, "messages")
+    return await tokenize(engine.encode_chat_mm, rendered, template_tools, template_kwargs, images)

@@ -18,3 +18,9 @@ class ServerSettings:
     max_n: int = 16  # samples per prompt
     request_timeout_s: float | None = 600.0  # then the request is aborted (504 / error event)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may finish
+    # images for vision models (server/images.py): `data:` URLs always, https only when allowed
+    allow_image_urls: bool = False
+    image_url_timeout_s: float = 10.0  # fetching one https image, at most
+    max_images_per_request: int = 8
+    max_image_bytes: int = 8 << 20  # one image's encoded file
+    max_image_pixels: int = 4096 * 4096  # one image's width * height

@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from hearth.engine import distributed
 from hearth.engine.config import ModelConfig
@@ -39,6 +44,7 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     quantization: str = "none"  # in effect: "none", or "gguf" (engine/quantization/gguf_weights.py)
+    processor: Any = None  # image-text-to-text models: the checkpoint's AutoProcessor
 
     @property
     def devices(self) -> str:
@@ -137,6 +143,10 @@ def load_model(
         placement = {"device_map": device_name}
     try:
         hf_config = _read_config(config, path)
+        if getattr(hf_config, "vision_config", None) is not None:  # image-text-to-text
+            from hearth.engine.loading.vision import load_vision
+
+            return load_vision(config, source, path, hf_config, torch_dtype, placement, base_dir)
         model = (
             load_fp8_model(  # None unless fp8 is asked for or shipped (engine/quantization/fp8.py)
                 path, hf_config, config.quantization, torch_dtype, placement, trust
@@ -222,7 +232,7 @@ def _loaded(
     template = read_chat_template(config.chat_template, base_dir)
     if template is not None:
         tokenizer.chat_template = template
-    context = getattr(hf_config, "max_position_embeddings", None) or 2048
+    context = getattr(hf_config.get_text_config(), "max_position_embeddings", None) or 2048
     max_len = config.max_model_len or context
     if max_len > context:
         log.warning("%s: max_model_len %d exceeds the model's %d", config.id, max_len, context)

@@ -37,7 +37,7 @@ from hearth.server.generation import (
     usage,
 )
 from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs, vllm_prompt_logprobs
-from hearth.server.prompts import encode_messages
+from hearth.server.prompts import encode_messages, encode_vision_messages
 from hearth.server.reasoning import (
     ReasoningParser,
     count_reasoning_tokens,
@@ -101,10 +101,18 @@ async def serve_chat(
 ) -> dict[str, Any] | StreamingResponse:
     """The chat.completion object, or the stream of its chunks."""
     engine = context.registry.get(body.model)
-    refuse_media([m.content for m in body.messages], body.model, "messages")  # before tools
+    if not engine.info.vision:
+        refuse_media([m.content for m in body.messages], body.model, "messages")  # before tools
     tools, grammar = constraints(body, engine.info)
     kwargs = template_kwargs(body.reasoning_effort, body.chat_template_kwargs)
-    prompt_ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
+    images = None
+    if engine.info.vision:
+        settings = context.settings
+        prompt_ids, images = await encode_vision_messages(
+            engine, body.model, body.messages, tools, kwargs, settings
+        )
+    else:
+        prompt_ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param
     )
@@ -118,12 +126,12 @@ async def serve_chat(
     sampling.grammar = think_grammar(grammar, reply.reasoning_parser, reply.opened, budget)
     if body.stream:
         outputs = await context.open_stream(
-            engine, GenerationRequest(reply.id, prompt_ids, sampling)
+            engine, GenerationRequest(reply.id, prompt_ids, sampling, images)
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return event_stream(_chunks(reply, outputs, sampling.n, include_usage))
     watch = reply.ends_after if tools and not reply.parallel else None
-    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch)
+    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch, images)
     reasoning_tokens = sum(
         count_reasoning_tokens(engine, c.token_ids, reply.reasoning_parser, reply.opened)
         for c in result.choices

@@ -188,17 +188,20 @@ class ResponseRequest(_Model):
         """Each input item's content parts (None for items that are not messages)."""
         return [item.content if isinstance(item, InputMessage) else None for item in self.input]
 
-    def turns(self) -> list[dict[str, Any]]:
+    def turns(self, parts: list[Any] | None = None) -> list[dict[str, Any]]:
         """The input as chat-template messages; calls join the assistant turn they follow, and
-        reasoning items go to the assistant turn after them (dropped when none follows)."""
+        reasoning items go to the assistant turn after them (dropped when none follows).
+        `parts[i]`: vision models' template content of input item i (None: its text)."""
         turns: list[dict[str, Any]] = []
         reasoning: list[str] = []
-        for item in self.input:
+        for i, item in enumerate(self.input):
             if isinstance(item, ReasoningItem):
                 reasoning.append(item.text())
                 continue
             if isinstance(item, InputMessage):
                 turns.append(item.to_template())
+                if parts is not None and parts[i] is not None:
+                    turns[-1]["content"] = parts[i]
             elif isinstance(item, FunctionCallOutputItem):
                 turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
             else:

@@ -15,7 +15,9 @@ from hearth.engine.types import (
     GenerationOutput,
     GenerationRequest,
     Grammar,
+    ImageInput,
     ModelInfo,
+    MultiModalInputs,
 )
 from hearth.server.content import refuse_media
 from hearth.server.errors import APIError
@@ -26,6 +28,7 @@ from hearth.server.generation import (
     run_to_completion,
     tokenize,
 )
+from hearth.server.images import has_images, read_images
 from hearth.server.reasoning import (
     ReasoningParser,
     count_reasoning_tokens,
@@ -105,6 +108,25 @@ async def encode(
     return await tokenize(engine.encode_chat, messages, template_tools, kwargs, param="input")
 
 
+async def encode_images(
+    engine: EngineClient,
+    messages: list[dict[str, Any]],
+    tools: list[Tool],
+    kwargs: dict[str, Any] | None,
+    images: list[ImageInput],
+) -> tuple[list[int], MultiModalInputs]:
+    """A vision model's prompt ids and processed images (`{"type": "image"}` parts in order)."""
+    messages, template_tools = prepare_messages(messages, tools, engine.info.template_tools)
+    chars = sum(
+        len(c) if isinstance(c, str) else sum(len(p.get("text", "")) for p in c)
+        for c in (m["content"] or "" for m in messages)
+    )
+    check_text_length(engine, chars, "input")
+    return await tokenize(
+        engine.encode_chat_mm, messages, template_tools, kwargs, images, param="input"
+    )
+
+
 def answer_watch(
     tools: list[Tool], tool_parser: str, forced: bool, reasoning: str, opened: bool
 ) -> Callable[[str], bool]:
@@ -167,13 +189,23 @@ async def serve_response(
 ) -> dict[str, Any] | StreamingResponse:
     """The response object, or its event stream; kept in `store` unless store=false."""
     engine = context.registry.get(body.model)
-    refuse_media(body.contents(), body.model, "input")
+    vision = engine.info.vision and has_images(body.contents())
+    if not engine.info.vision:
+        refuse_media(body.contents(), body.model, "input")
     tools, grammar = constraints(body, engine.info)
     turns = conversation(body, store)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     effort = body.reasoning.effort if body.reasoning else None
     kwargs = template_kwargs(effort, body.chat_template_kwargs)
-    prompt_ids = await encode(engine, [*system, *turns], tools, kwargs)
+    images = None
+    if vision:  # this input's images; a stored conversation keeps their text only
+        parts, pictures = await read_images(body.contents(), body.model, "input", context.settings)
+        history = turns[: len(turns) - len(body.turns())]
+        prompt_ids, images = await encode_images(
+            engine, [*system, *history, *body.turns(parts)], tools, kwargs, pictures
+        )
+    else:
+        prompt_ids = await encode(engine, [*system, *turns], tools, kwargs)
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens"
     )
@@ -195,7 +227,7 @@ async def serve_response(
     )
     if body.stream:
         outputs = await context.open_stream(
-            engine, GenerationRequest(reply.id, prompt_ids, sampling)
+            engine, GenerationRequest(reply.id, prompt_ids, sampling, images)
         )
 
         def settle(response: dict[str, Any]) -> None:
@@ -208,7 +240,7 @@ async def serve_response(
         if tools and body.parallel_tool_calls is False
         else None
     )
-    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch)
+    result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch, images)
     choice = result.choices[0]
     items.feed(choice.text)
     thought = count_reasoning_tokens(engine, choice.token_ids, thinks, opened)

@@ -1,8 +1,8 @@
 """Serving /tokenize and /detokenize through the engine client's tokenizer (no generation).
 
-Messages are rendered exactly as the chat route renders them (media refused, tools prepared for
-the template, the same `encode_chat`), so `count` equals a chat completion's
-`usage.prompt_tokens` for the same messages and tools.
+Messages are rendered exactly as the chat route renders them (media refused by text-only models,
+a vision model's images expanded, tools prepared for the template, the same `encode_chat`), so
+`count` equals a chat completion's `usage.prompt_tokens` for the same messages and tools.
 
 `EngineClient.encode` always adds the tokenizer's special tokens and `encode_chat` never does.
 `add_special_tokens` is served around that: a tokenizer adds a fixed prefix and suffix around
@@ -17,7 +17,7 @@ from typing import Any
 from hearth.engine.types import EngineClient
 from hearth.server.errors import APIError
 from hearth.server.generation import Context, check_text_length, tokenize
-from hearth.server.prompts import encode_messages
+from hearth.server.prompts import encode_messages, encode_vision_messages
 from hearth.server.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from hearth.server.tools import Tool
 
@@ -32,7 +32,7 @@ async def serve_tokenize(body: TokenizeRequest, context: Context) -> dict[str, A
         check_text_length(engine, len(body.prompt), "prompt")
         ids = await tokenize(_encode_prompt, engine, body.prompt, body.special_tokens)
     else:
-        ids = await _encode_messages(engine, body)
+        ids = await _encode_messages(engine, body, context)
     token_strs = None
     if body.return_token_strs:
         pieces = await tokenize(engine.token_pieces, ids, param="tokens")
@@ -69,8 +69,11 @@ def _bad_ids(where: str = "") -> APIError:
     return APIError(400, f"token ids must be ids of the model's vocabulary{where}", param="tokens")
 
 
-async def _encode_messages(engine: EngineClient, body: TokenizeRequest) -> list[int]:
-    """The chat route's rendering (server/prompts.py), then the special tokens."""
+async def _encode_messages(
+    engine: EngineClient, body: TokenizeRequest, context: Context
+) -> list[int]:
+    """The chat route's rendering (server/prompts.py; a vision model's images expanded into
+    their placeholder tokens), then the special tokens."""
     assert body.messages is not None
     _refuse_unsupported(body)
     tools = [
@@ -79,7 +82,12 @@ async def _encode_messages(engine: EngineClient, body: TokenizeRequest) -> list[
         for param in [f"tools[{i}].function.parameters"]
     ]
     kwargs = body.chat_template_kwargs  # as the chat route renders them (e.g. enable_thinking)
-    ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
+    if engine.info.vision:
+        ids, _ = await encode_vision_messages(
+            engine, body.model, body.messages, tools, kwargs, context.settings
+        )
+    else:
+        ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
     if body.special_tokens:
         prefix, suffix = await tokenize(_special_ends, engine, param="add_special_tokens")
         ids = [*prefix, *ids, *suffix]
