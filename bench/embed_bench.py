@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hearth.engine.config import ModelConfig
-from hearth.engine.embedding_loader import build_embedding_engine
+from hearth.engine.embedding.loader import build_embedding_engine
 from hearth.engine.loading.loader import single_threaded
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.types import EmbeddingRequest

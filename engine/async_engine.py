@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hearth.engine.core import EngineCore, FatalStepError
-from hearth.engine.multimodal import VisionProcessor
+from hearth.engine.multimodal.processor import VisionProcessor
 from hearth.engine.tokenizer import ChatTokenizer
 from hearth.engine.types import (
     EngineDeadError,

@@ -12,7 +12,7 @@ from hearth.engine.async_engine import AsyncEngine
 from hearth.engine.core import EngineCore
 from hearth.engine.kv_cache import KVCacheSpec, budget_problem, num_kv_blocks
 from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count
-from hearth.engine.multimodal import VisionProcessor
+from hearth.engine.multimodal.processor import VisionProcessor
 from hearth.engine.runner import ModelRunner
 from hearth.engine.tokenizer import ChatTokenizer
 from hearth.engine.types import ModelInfo

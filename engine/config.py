@@ -87,7 +87,7 @@ class EngineSettings(_Strict):
 
 class EmbeddingSettings(_Strict):
     """An embedding model's pooling and limits (`task: embed`); `auto` reads the checkpoint's
-    sentence-transformers files (engine/pooling.py)."""
+    sentence-transformers files (engine/embedding/pooling.py)."""
 
     pooling: Literal["auto", "cls", "mean", "last"] = Field(
         "auto", description="auto: 1_Pooling/config.json; without one, last for decoders, cls else"

@@ -24,9 +24,9 @@ from hearth.engine.kernels.patching import (
 )
 from hearth.engine.kernels.selection import Kernels
 from hearth.engine.kv_cache import KVCache, KVCacheSpec, layer_devices
+from hearth.engine.multimodal.encoder import MMStep, VisionEncoder, is_vision_model
 from hearth.engine.scheduler import Scheduled
 from hearth.engine.sequence import Sequence
-from hearth.engine.vision_encoder import MMStep, VisionEncoder, is_vision_model
 
 __all__ = ["ModelRunner", "PromptRows", "StepInputs"]
 

@@ -241,8 +241,8 @@ class ModelLoader(threading.Thread):
                 disable=len(selection.models) < 2,
             ):
                 source = selection.sources[config.id]
-                if config.task == "embed":  # no KV cache, no generation (engine/embedding.py)
-                    from hearth.engine.embedding_loader import build_embedding_engine
+                if config.task == "embed":  # no KV cache, no generation (engine/embedding/)
+                    from hearth.engine.embedding.loader import build_embedding_engine
 
                     registry.add(build_embedding_engine(config, source, selection.base_dir))
                     continue

@@ -16,10 +16,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from hearth.engine.config import EmbeddingSettings, ModelConfig
-from hearth.engine.embedding import EmbeddingEngine
-from hearth.engine.embedding_loader import build_embedding_engine
+from hearth.engine.embedding.engine import EmbeddingEngine
+from hearth.engine.embedding.loader import build_embedding_engine
+from hearth.engine.embedding.pooling import PoolingConfigError, finish, pool, read_pooling_config
 from hearth.engine.loading.sources import resolve_source
-from hearth.engine.pooling import PoolingConfigError, finish, pool, read_pooling_config
 from hearth.engine.types import EmbeddingRequest, InvalidRequestError
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
@@ -172,7 +172,7 @@ def test_token_id_inputs_and_concurrent_requests(bert: EmbeddingEngine, bert_dir
 
 
 def test_buckets_by_length_within_the_token_budget(decoder: EmbeddingEngine) -> None:
-    from hearth.engine.embedding import _Job
+    from hearth.engine.embedding.engine import _Job
 
     lengths = [3, 50, 4, 5, 120, 6, 48, 7, 900, 700, 800, 600]  # max_num_batched_tokens 2048
     job = _Job([[1] * n for n in lengths], None, None, None)  # type: ignore[arg-type]

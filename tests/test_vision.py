@@ -52,7 +52,7 @@ def reference(checkpoint: Path, messages: list[dict], images: list[bytes], n: in
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from hearth.engine.multimodal import load_processor
+    from hearth.engine.multimodal.processor import load_processor
 
     processor = load_processor(str(checkpoint))
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading import loader
 from hearth.engine.loading.sources import Source
-from hearth.engine.multimodal import load_processor
+from hearth.engine.multimodal.processor import load_processor
 
 
 def load_vision(

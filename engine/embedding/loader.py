@@ -2,7 +2,7 @@
 
 The checkpoint's base model is loaded with `AutoModel` (an encoder such as BertModel, or a
 decoder's base model such as Qwen2Model / LlamaModel, also from a `*ForCausalLM` checkpoint),
-its pooling read the sentence-transformers way (engine/pooling.py).
+its pooling read the sentence-transformers way (engine/embedding/pooling.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from hearth.engine.config import ModelConfig
-from hearth.engine.embedding import EmbeddingEngine
+from hearth.engine.embedding.engine import EmbeddingEngine
+from hearth.engine.embedding.pooling import PoolingConfigError, read_pooling_config
 from hearth.engine.loading.loader import (
     LoadError,
     checkpoint_dir,
@@ -23,7 +24,6 @@ from hearth.engine.loading.loader import (
     pick_dtype,
 )
 from hearth.engine.loading.sources import Source
-from hearth.engine.pooling import PoolingConfigError, read_pooling_config
 from hearth.engine.types import ModelInfo
 
 log = logging.getLogger("hearth.engine")

@@ -3,8 +3,8 @@
 `EmbeddingEngine.embed` tokenizes a request off the event loop (instruction prefix first, special
 tokens added), checks it, and queues its inputs. The engine thread takes up to `max_num_seqs`
 queued inputs (first come, first served), sorts them by length and splits them into buckets of
-similar lengths (a bucket's padded tokens stay within `max_num_batched_tokens`); each bucket is one
-right-padded forward under `torch.inference_mode()`, pooled and normalised (engine/pooling.py). A
+similar lengths (a bucket's padded tokens stay within `max_num_batched_tokens`); each bucket is
+one right-padded forward under `torch.inference_mode()`, pooled and normalised (pooling.py). A
 request's result goes back to its event loop once all its inputs are done. Generation models run
 on their own threads: the two never wait for each other's steps.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from hearth.engine.config import EngineSettings
-from hearth.engine.pooling import PoolingConfig, finish, pool
+from hearth.engine.embedding.pooling import PoolingConfig, finish, pool
 from hearth.engine.types import (
     EmbeddingRequest,
     EmbeddingResult,

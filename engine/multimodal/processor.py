@@ -3,7 +3,7 @@
 The processor renders the chat template (`{"type": "image"}` parts), expands each image's
 placeholder into its feature tokens, and turns the images into pixel tensors; this module
 finds each image's token span and hashes its bytes for the prefix cache. The engine encodes the
-images later, at prefill (engine/vision_encoder.py).
+images later, at prefill (engine/multimodal/encoder.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Embedding models: loading with their pooling config, pooling, and the batching engine."""
