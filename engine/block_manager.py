@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from hearth.engine.sequence import Sequence
 
@@ -26,6 +27,9 @@ class BlockManager:
         self.cached: dict[BlockKey, int] = {}  # key -> block id (in use or free)
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.num_cache_hits = 0  # tokens served from the prefix cache
+        # The first block's parent hash per sequence (a LoRA adapter's, engine/lora/pool.py):
+        # None or 0 for the base model, so adapters never share KV blocks.
+        self.cache_root: Callable[[Sequence], int] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -38,8 +42,8 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_keys(self, token_ids: list[int], num_full: int) -> list[BlockKey]:
-        keys, parent = [], 0
+    def _block_keys(self, token_ids: list[int], num_full: int, root: int = 0) -> list[BlockKey]:
+        keys, parent = [], root
         for i in range(num_full):
             key = (parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
             keys.append(key)
@@ -61,7 +65,10 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         tokens = seq.token_ids()
-        return self._block_keys(tokens, (len(tokens) - 1) // self.block_size)
+        return self._block_keys(tokens, (len(tokens) - 1) // self.block_size, self._root(seq))
+
+    def _root(self, seq: Sequence) -> int:
+        return 0 if self.cache_root is None else self.cache_root(seq)
 
     def cached_prefix(self, seq: Sequence, keys: list[BlockKey] | None = None) -> list[int]:
         """Blocks holding a computed prefix of seq; at least one token is left to compute."""
@@ -107,7 +114,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         size = self.block_size
         for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            parent = seq.block_hashes[-1] if seq.block_hashes else self._root(seq)
             key = (parent, tuple(seq.tokens(i * size, (i + 1) * size)))
             seq.block_hashes.append(hash(key))
             block = seq.block_table[i]
