@@ -18,3 +18,4 @@ class ServerSettings:
     max_n: int = 16  # samples per prompt
     request_timeout_s: float | None = 600.0  # then the request is aborted (504 / error event)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may finish
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter

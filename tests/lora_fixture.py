@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # name -> (rank, target modules, use_rslora): several ranks and target modules
 ADAPTERS = {
     "qv4": (4, ["q_proj", "v_proj"], False),
-    "all8": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 0),
+    "all8": (8, [*ATTENTION, "gate_proj", "up_proj", "down_proj"], False),
     "mlp16": (16, ["o_proj", "down_proj", "up_proj"], True),
     "kv2": (2, ["k_proj", "gate_proj"], False),
 }
