@@ -167,14 +167,11 @@ class LoraManager:
                     busy.add(slot)
                     self.slot_used[slot] = self.steps
                 slots += [slot] * item.num_tokens
-        device = runner.device
-        per_token = torch.tensor(slots, dtype=torch.long)  # [n]: each row's slot, -1 = base
-        groups: list[tuple[int, torch.Tensor | None]] = []
-        for slot in sorted(set(slots) - {-1}):
-            rows = (per_token == slot).nonzero().flatten()  # [m]
-            everything = rows.numel() == per_token.numel()
-            groups.append((slot, None if everything else rows.to(device)))
-        self.current = LoraStep(groups, len(slots))
+        used = sorted(set(slots) - {-1})
+        row_slot = None  # one adapter on every row: no per-row slots needed
+        if len(used) > 1 or -1 in slots:
+            row_slot = torch.tensor(slots, dtype=torch.long, device=runner.device)  # [n]
+        self.current = LoraStep(used, row_slot, len(slots))
         graphs, runner.graphs = runner.graphs, None  # adapter rows: eager forward
         try:
             yield
