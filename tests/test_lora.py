@@ -175,3 +175,32 @@ def test_unload_and_reload_under_load(
         assert again == peft_greedy(tiny_llama_dir, adapters["kv2"], long_prompt, 4)
     finally:
         engine.shutdown()
+
+
+def test_selection_of_config_and_flag_adapters(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """models.yaml's loras (base defaulted or named) and --lora; one-line ConfigErrors."""
+    from hearth.engine.config import ConfigError
+    from hearth.launch import select_models
+
+    (tmp_path / "ad").mkdir()
+    models = [{"id": "a", "source": str(tiny_llama_dir)}, {"id": "b", "source": "a/b"}]
+    config = tmp_path / "models.yaml"
+
+    def write(loras: list, **top: object) -> str:
+        config.write_text(json.dumps({"models": models, "loras": loras, **top}))
+        return str(config)
+
+    chosen = select_models(write([{"id": "x", "source": "ad", "base": "b"}], allow_runtime_lora=1))
+    assert [(lora.id, base) for lora, base in chosen.loras] == [("x", "b")]
+    assert chosen.loras[0][0].source == str(tmp_path / "ad") and chosen.allow_runtime_lora
+    one = select_models(write([]), model="a", lora_flags=["y=/some/dir"])
+    assert [(lora.id, base) for lora, base in one.loras] == [("y", "a")]
+    for loras, flags, message in [
+        ([{"id": "x", "source": "ad"}], [], "LoRA adapter 'x': set 'base'"),
+        ([{"id": "x", "source": "ad", "base": "zz"}], [], "base 'zz' is not a served model"),
+        ([{"id": "a", "source": "ad", "base": "a"}], [], "model name 'a' is used twice"),
+        ([], ["nonsense"], "--lora: expected ID=PATH"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as error:
+            select_models(write(loras), lora_flags=flags)
+        assert "\n" not in str(error.value)

@@ -80,11 +80,15 @@ class StackedLora:
             if r == 0:
                 return out
             a, b = self.a[slot, :r], self.b[slot, :, :r]  # [r, in], [out, r]
+            if a.dtype == out.dtype == x.dtype:
+                return torch.addmm(out, x @ a.T, b.T)  # [n, out]
             return out + ((x.to(a.dtype) @ a.T) @ b.T).to(out.dtype)  # [n, out]
         a_cat, b_cat, cols = self._concat(step.slots)
         if not cols:
             return out
-        lowered = (x.to(a_cat.dtype) @ a_cat.T) * step.mask(cols, a_cat.dtype)  # [n, R]
+        lowered = (x.to(a_cat.dtype) @ a_cat.T).mul_(step.mask(cols, a_cat.dtype))  # [n, R]
+        if a_cat.dtype == out.dtype:
+            return torch.addmm(out, lowered, b_cat.T)  # [n, out]
         return out + (lowered @ b_cat.T).to(out.dtype)  # [n, out]
 
     def _concat(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
