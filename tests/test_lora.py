@@ -76,6 +76,18 @@ def test_more_adapters_than_slots_all_match(
     assert sum(slot is not None for slot in map(engine.core.loras.slot_of, ADAPTERS)) == 2
 
 
+def test_no_adapter_no_hooks(tiny_llama_dir: Path) -> None:
+    """Without adapters the base path is untouched: no hooks, the step context does nothing."""
+    engine = start_engine(tiny_llama_dir)
+    try:
+        model = engine.core.runner.model
+        assert not any(m._forward_hooks for m in model.modules())
+        asyncio.run(collect(engine, "b", [5, 6, 7], max_tokens=3, temperature=0))
+        assert engine.core.loras.steps == 0 and not engine.core.loras.stacks
+    finally:
+        engine.shutdown()
+
+
 def test_prefix_cache_is_keyed_by_adapter(engine: AsyncEngine) -> None:
     blocks = BlockManager(8, 4)
     blocks.cache_root = engine.core.loras.cache_root

@@ -84,6 +84,16 @@ def test_concurrent_burst_equals_peft(live: str, tiny_llama_dir: Path, adapters:
         model="tiny-qv4", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert chat.model == "tiny-qv4" and chat.choices[0].finish_reason in ("stop", "length")
+    response = openai.OpenAI(base_url=live, api_key=KEY).responses.create(
+        model="tiny-all8", input="hi", max_output_tokens=4
+    )
+    assert response.model == "tiny-all8" and response.status in ("completed", "incomplete")
+    tokens = httpx.post(
+        f"{live.removesuffix('/v1')}/tokenize",
+        json={"model": "tiny-all8", "prompt": "hi there"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert tokens.status_code == 200 and tokens.json()["count"] > 0
 
 
 def test_runtime_load_unload(live: str, tiny_llama_dir: Path, adapters: dict) -> None:
