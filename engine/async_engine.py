@@ -137,6 +137,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
 
+    # -- LoRA adapters (engine/lora/) --------------------------------------------------------
+    async def load_lora(self, name: str, source: str) -> None:
+        """Read, check and register adapter `name` from `source` (a PEFT directory or a cached
+        hub id) on a worker thread: generation goes on meanwhile. AdapterError (a 400) if it
+        cannot be served; nothing is registered then."""
+        await asyncio.to_thread(self.core.loras.load, name, source)
+
+    def unload_lora(self, name: str) -> bool:
+        """Forget adapter `name` (False: not loaded); the caller has waited for its requests."""
+        return self.core.loras.unregister(name)
+
     def fail_all(self, message: str) -> None:
         """End every request in flight with a retryable error (a drain that ran out of time)."""
         self._submit("fail_all", message)

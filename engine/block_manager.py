@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from hearth.engine.sequence import Sequence
 
@@ -30,6 +31,9 @@ class BlockManager:
         self.cached: dict[BlockKey, int] = {}  # key -> block id (in use or free)
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.num_cache_hits = 0  # tokens served from the prefix cache
+        # The first block's parent hash per sequence (a LoRA adapter's, engine/lora/pool.py):
+        # None or 0 for the base model, so adapters never share KV blocks.
+        self.cache_root: Callable[[Sequence], int] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -44,7 +48,7 @@ class BlockManager:
 
     def _block_keys(self, token_ids: list[int], num_full: int, seq: Sequence) -> list[BlockKey]:
         keys: list[BlockKey] = []
-        parent, size, mm = 0, self.block_size, seq.mm
+        parent, size, mm = self._root(seq), self.block_size, seq.mm
         for i in range(num_full):
             key: BlockKey = (parent, tuple(token_ids[i * size : (i + 1) * size]))
             if mm is not None:
@@ -74,6 +78,9 @@ class BlockManager:
             return []
         tokens = seq.token_ids()
         return self._block_keys(tokens, (len(tokens) - 1) // self.block_size, seq)
+
+    def _root(self, seq: Sequence) -> int:
+        return 0 if self.cache_root is None else self.cache_root(seq)
 
     def cached_prefix(self, seq: Sequence, keys: list[BlockKey] | None = None) -> list[int]:
         """Blocks holding a computed prefix of seq; at least one token is left to compute."""
@@ -119,7 +126,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         size = self.block_size
         for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            parent = seq.block_hashes[-1] if seq.block_hashes else self._root(seq)
             key: BlockKey = (parent, tuple(seq.tokens(i * size, (i + 1) * size)))
             if seq.mm is not None:
                 key = self._with_images(key, seq, i)

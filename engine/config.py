@@ -70,6 +70,11 @@ class EngineSettings(_Strict):
         "default: on where the triton decode kernel runs",
     )
 
+    max_loras: int = Field(
+        4, ge=1, description="LoRA adapters held on the device at once (slots; LRU eviction)"
+    )
+    max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank an adapter may have")
+
     autotune: Literal["auto", "off", "remeasure"] = Field(
         "auto",
         description="auto: time every kernel choice left to auto (and, on CPU, the thread "
@@ -168,18 +173,44 @@ class ModelConfig(_Strict):
         return [self.id, *self.aliases]
 
 
+class LoraConfig(_Strict):
+    """A LoRA adapter served under its own model id (a PEFT directory: engine/lora/adapter.py)."""
+
+    id: str = Field(min_length=1, description="what clients send as `model`")
+    source: str = Field(min_length=1, description="PEFT adapter dir, or a hub id in the cache")
+    base: str | None = Field(None, description="the base model's id; default: the only one")
+
+
 class HearthConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
+    loras: list[LoraConfig] = Field(default_factory=list)
+    allow_runtime_lora: bool = Field(
+        False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> HearthConfig:
         seen: set[str] = set()
-        for model in self.models:
-            for name in model.names:
-                if name in seen:
-                    raise ValueError(f"model name {name!r} is used twice")
-                seen.add(name)
+        for name in [n for model in self.models for n in model.names] + [a.id for a in self.loras]:
+            if name in seen:
+                raise ValueError(f"model name {name!r} is used twice")
+            seen.add(name)
+        for lora in self.loras:
+            lora_base(self.models, lora)
         return self
+
+
+def lora_base(models: list[ModelConfig], lora: LoraConfig) -> str:
+    """The id of the generation model `lora` adapts; ValueError naming the adapter if none."""
+    bases = [m.id for m in models if m.task == "generate"]
+    if lora.base is None:
+        if len(bases) != 1:
+            raise ValueError(f"LoRA adapter {lora.id!r}: set 'base' (one of {bases})")
+        return bases[0]
+    match = [m.id for m in models if lora.base in m.names]
+    if not match or match[0] not in bases:
+        raise ValueError(f"LoRA adapter {lora.id!r}: base {lora.base!r} is not a served model")
+    return match[0]
 
 
 def _describe(error: dict[str, Any], raw: Any, filename: str) -> str:

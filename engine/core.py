@@ -21,6 +21,7 @@ from hearth.engine.closing import ClosingState
 from hearth.engine.config import EngineSettings
 from hearth.engine.detokenizer import IncrementalDetokenizer
 from hearth.engine.grammar import GrammarCompiler
+from hearth.engine.lora import lora_manager
 from hearth.engine.runner import ModelRunner, PromptRows
 from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from hearth.engine.scheduler import Scheduler, SchedulerOutput
@@ -88,6 +89,9 @@ class EngineCore:
         self.grammars = GrammarCompiler(tokenizer.hf, self.vocab_size, self._stop_ids)
         self.sampler = Sampler(self._stop_ids, self.grammars)
         self.num_prefilled_tokens = 0
+        self.loras = self.runner.loras = lora_manager(model, settings, tp_size)
+        self.blocks.cache_root = self.loras.cache_root  # adapters never share KV blocks
+        self.scheduler.admissible = self.loras.admissible  # at most max_loras adapters running
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -119,6 +123,7 @@ class EngineCore:
             raise InvalidRequestError(
                 f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids"
             )
+        self.loras.check(request.sampling.lora)
         seed = request.sampling.seed
         if seed is not None and not SEED_MIN <= seed <= SEED_MAX - request.sampling.n:
             raise InvalidRequestError(

@@ -6,6 +6,7 @@ Start-up is `ModelRunner.__init__`'s named steps; the kernels package does the w
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from hearth.engine.kernels.patching import (
 )
 from hearth.engine.kernels.selection import Kernels
 from hearth.engine.kv_cache import KVCache, KVCacheSpec, layer_devices
+from hearth.engine.lora import LoraManager
 from hearth.engine.multimodal.encoder import MMStep, VisionEncoder, is_vision_model
 from hearth.engine.scheduler import Scheduled
 from hearth.engine.sequence import Sequence
@@ -85,6 +87,7 @@ class ModelRunner:
         self.vision = VisionEncoder(model) if is_vision_model(model) else None
         self.graphs: DecodeGraphs | None = None
         self.kernels: Kernels | None = None  # what the model's forwards are patched for
+        self.loras: LoraManager | None = None  # the engine's adapters (engine/lora/), if any
         self.decode_kernel, self.cpu_variant = "sdpa", None
         spec = KVCacheSpec.from_model(model, dtype, tp_size)
         devices = layer_devices(model, spec.num_layers)
@@ -170,7 +173,8 @@ class ModelRunner:
         inputs = self.prepare(scheduled)
         if self.tp_size > 1:
             distributed.broadcast(inputs)
-        logits = self.forward(inputs)
+        with nullcontext() if self.loras is None else self.loras.step(self, scheduled):
+            logits = self.forward(inputs)
         n, parts, row = len(inputs.sample_rows), [], len(inputs.sample_rows)
         for item in scheduled:
             count = self._prompt_rows(item)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hearth.engine.block_manager import BlockKey, BlockManager
@@ -44,6 +45,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # May this waiting sequence start next to the running ones? (LoRA slots: pool.py)
+        self.admissible: Callable[[Sequence, list[Sequence]], bool] | None = None
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = Status.WAITING
@@ -92,6 +95,9 @@ class Scheduler:
             if out.preempted:  # memory is short: admit nothing new this step
                 break
             seq = self.waiting[0]
+            if self.admissible is not None and not self.admissible(seq, self.running):
+                deferred.append(self.waiting.popleft())  # its adapter needs a slot: later
+                continue
             keys = self.blocks.prefix_keys(seq)
             # Prompt logprobs need every prompt position's logits: no prefix from the cache.
             scores = seq.params.prompt_logprobs is not None

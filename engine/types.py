@@ -78,6 +78,7 @@ class SamplingParams:
     # None: off; k >= 0: each prompt token's own logprob (and rank) plus the top k (vLLM's)
     prompt_logprobs: int | None = None
     grammar: Grammar | None = None  # constrained decoding: every sample matches it
+    lora: str | None = None  # the LoRA adapter to run with (its name); None: the base model
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:  # 0: score the prompt only (finish after prefill, no token)
@@ -228,6 +229,7 @@ class ModelInfo:
     reasoning_parser: str = "none"  # how the model's thinking is told apart: none | think_tags
     task: Literal["generate", "embed"] = "generate"  # embed: an EmbeddingClient
     vision: bool = False  # an image-text-to-text model: chat accepts image parts (encode_chat_mm)
+    parent: str | None = None  # a LoRA adapter's base model id (None: a base model)
 
 
 class EngineClient(Protocol):

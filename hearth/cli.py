@@ -212,6 +212,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="override every model's engine.max_waiting: queued requests before 429",
     )
     serve.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="ID=PATH",
+        help="serve a PEFT LoRA adapter (a directory, or a hub id in the local cache) as model "
+        "ID on the served generation model (repeatable; also models.yaml's loras)",
+    )
+    serve.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's)",
+    )
+    serve.add_argument(
+        "--max-loras",
+        type=int,
+        metavar="N",
+        help="override every model's engine.max_loras: adapters on the device at once "
+        f"(default {_engine_default('max_loras')})",
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        type=int,
+        metavar="R",
+        help="override every model's engine.max_lora_rank "
+        f"(default {_engine_default('max_lora_rank')})",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -238,13 +265,20 @@ def select_models(args: argparse.Namespace) -> launch.Selection:
             ("max_waiting", args.max_waiting),
             ("autotune", args.autotune),
             ("gpu_memory_utilization", args.gpu_memory_utilization),
+            ("max_loras", args.max_loras),
+            ("max_lora_rank", args.max_lora_rank),
         )
         if value is not None
     }
-    return launch.select_models(args.config, args.model, overrides, engine_overrides)
+    return launch.select_models(
+        args.config, args.model, overrides, engine_overrides, getattr(args, "lora", [])
+    )
 
 
-def server_settings(args: argparse.Namespace, api_keys: tuple[str, ...]) -> ServerSettings:
+def server_settings(
+    args: argparse.Namespace, api_keys: tuple[str, ...], runtime_lora: bool = False
+) -> ServerSettings:
+    """The server's settings from the flags (`runtime_lora`: models.yaml allows it too)."""
     return ServerSettings(
         api_keys=api_keys,
         cors_origins=tuple(args.cors_origin),
@@ -258,6 +292,7 @@ def server_settings(args: argparse.Namespace, api_keys: tuple[str, ...]) -> Serv
         max_images_per_request=args.max_images_per_request,
         max_image_bytes=args.max_image_size,
         max_image_pixels=args.max_image_pixels,
+        allow_runtime_lora=getattr(args, "allow_runtime_lora", False) or runtime_lora,
     )
 
 
@@ -278,7 +313,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"hearth: error: {exc}", file=sys.stderr)
         return 2
-    settings = server_settings(args, api_keys)
+    settings = server_settings(args, api_keys, selection.allow_runtime_lora)
     return launch.serve(selection, settings, args.host, args.port, args.log_level)
 
 

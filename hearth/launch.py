@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,14 @@ from pydantic import ValidationError
 from hearth.engine.config import (
     ConfigError,
     HearthConfig,
+    LoraConfig,
     ModelConfig,
     load_config,
     resolve_sources,
 )
 from hearth.engine.loading.sources import Source, looks_like_hub_id
+from hearth.engine.types import InvalidRequestError
+from hearth.lora_select import absolute, select_loras
 from hearth.server.app import create_app
 from hearth.server.lifecycle import DrainingServer
 from hearth.server.registry import ModelRegistry
@@ -50,6 +53,8 @@ class Selection:
     models: list[ModelConfig]
     sources: dict[str, Source]
     base_dir: Path
+    loras: list[tuple[LoraConfig, str]] = field(default_factory=list)  # (adapter, base id)
+    allow_runtime_lora: bool = False  # models.yaml's allow_runtime_lora
 
 
 def select_models(
@@ -57,10 +62,12 @@ def select_models(
     model: str | None = None,
     overrides: dict[str, Any] | None = None,
     engine_overrides: dict[str, Any] | None = None,
+    lora_flags: list[str] | None = None,
 ) -> Selection:
     """The models of `config`, or the one `model` names (an id or alias there, else a source),
     with `overrides` (ModelConfig fields) and `engine_overrides` (EngineSettings fields) applied
-    to every one; ConfigError if anything is invalid."""
+    to every one, and the LoRA adapters of the config (those of served models) and of
+    `lora_flags` ("ID=PATH"); ConfigError if anything is invalid."""
     config_path = Path(config)
     explicit_config = config != DEFAULT_CONFIG
     if not explicit_config and not config_path.exists() and PACKAGED_CONFIG.exists():
@@ -70,10 +77,14 @@ def select_models(
     models: list[ModelConfig] = []
     base_dir = Path.cwd()
     name = str(config_path)
+    config_loras: list[LoraConfig] = []
+    runtime_lora = False
     if config_path.exists() or explicit_config or model is None:
         loaded = load_config(config_path)
         models = list(loaded.models)
         base_dir = config_path.resolve().parent
+        config_loras = [absolute(a, base_dir) for a in loaded.loras]
+        runtime_lora = loaded.allow_runtime_lora
     if model:
         chosen = [m for m in models if model in m.names]
         if chosen:
@@ -88,7 +99,9 @@ def select_models(
             models = [_override(m, overrides, engine_overrides) for m in models]
         except ValidationError as exc:
             raise ConfigError(f"--device/--dtype/...: {exc.errors()[0]['msg']}") from None
-    return Selection(models, resolve_sources(HearthConfig(models=models), name, base_dir), base_dir)
+    sources = resolve_sources(HearthConfig(models=models), name, base_dir)
+    loras = select_loras(models, config_loras, lora_flags or [], name)
+    return Selection(models, sources, base_dir, loras, runtime_lora)
 
 
 def _id_for_source(source: str) -> str:
@@ -250,6 +263,7 @@ class ModelLoader(threading.Thread):
                 if loaded.device.type == "cpu":
                     log.info("CPU: %d torch threads, %s", cpu_thread_count(), str(loaded.dtype)[6:])
                 registry.add(build_engine(loaded))
+            self._load_loras()
             registry.mark_ready()
             for engine in registry.engines:
                 info = engine.info
@@ -268,12 +282,23 @@ class ModelLoader(threading.Thread):
                 self.base_url,
                 time.monotonic() - STARTED,
             )
-        except (LoadError, MemoryError) as exc:
+        except (LoadError, MemoryError, InvalidRequestError) as exc:  # adapters: AdapterError
             log.error("%s", exc)
             self._failed()
         except Exception:
             log.exception("loading failed")
             self._failed()
+
+    def _load_loras(self) -> None:
+        """Load the selection's LoRA adapters into their base engines and serve each under its
+        own id; an adapter that cannot be served raises AdapterError (one line, naming it)."""
+        from hearth.server.lora_route import LoraView
+
+        for lora, base_id in self.selection.loras:
+            engine = next(e for e in self.registry.engines if e.info.model_id == base_id)
+            engine.core.loras.load(lora.id, lora.source)
+            self.registry.add_adapter(LoraView(engine, lora.id, lora.source))
+            log.info("LoRA adapter %s (source %s) on %s", lora.id, lora.source, base_id)
 
     def _failed(self) -> None:
         self.exit_code = 1

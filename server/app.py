@@ -12,6 +12,7 @@ from hearth.server.completions.route import router as completions_router
 from hearth.server.embeddings.route import router as embeddings_router
 from hearth.server.errors import install_error_handlers
 from hearth.server.limits import RequestGuard
+from hearth.server.lora_route import router as lora_router
 from hearth.server.metrics import Metrics, RequestCounter
 from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
@@ -49,6 +50,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(responses_router)
     app.include_router(tokenize_router)
     app.include_router(embeddings_router)
+    app.include_router(lora_router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

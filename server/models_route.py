@@ -30,6 +30,7 @@ def model_card(engine: EngineClient) -> dict[str, Any]:
         "owned_by": "hearth",
         "max_model_len": info.max_model_len,
         "task": info.task,  # generate | embed
+        **({"parent": info.parent} if info.parent else {}),  # a LoRA adapter's base model
     }
 
 
@@ -37,7 +38,7 @@ def model_card(engine: EngineClient) -> dict[str, Any]:
 async def list_models(request: Request) -> dict[str, Any]:
     registry = request.app.state.registry
     registry.check_serving()
-    return {"object": "list", "data": [model_card(e) for e in registry.engines]}
+    return {"object": "list", "data": [model_card(e) for e in registry.served]}
 
 
 @router.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])

@@ -20,6 +20,7 @@ class ModelRegistry:
         self.state: State = "loading"
         self._engines: dict[str, EngineClient] = {}  # id -> engine
         self._names: dict[str, str] = {}  # id or alias -> id
+        self._adapters: dict[str, EngineClient] = {}  # LoRA adapter id -> its view (lora_route)
         self.in_flight = 0  # HTTP requests being served (server.limits.RequestGuard counts)
 
     def add(self, engine: EngineClient) -> None:
@@ -27,6 +28,35 @@ class ModelRegistry:
         self._engines[info.model_id] = engine
         for name in (info.model_id, *info.aliases):
             self._names[name] = info.model_id
+
+    def has_name(self, name: str) -> bool:
+        return name in self._names or name in self._adapters
+
+    def add_adapter(self, view: EngineClient) -> None:
+        """Serve a LoRA adapter's view under its own id (ValueError if the id is taken)."""
+        name = view.info.model_id
+        if self.has_name(name):
+            raise ValueError(f"model name {name!r} is used twice")
+        self._adapters[name] = view
+
+    def remove_adapter(self, name: str) -> EngineClient | None:
+        """Stop serving adapter `name` (new requests get 404); its view, or None."""
+        return self._adapters.pop(name, None)
+
+    def lora_base(self, name: str | None) -> EngineClient:
+        """The generation engine adapters load into: `name`'s, or the only one (else a 400)."""
+        if name is not None:
+            return self.get(name)
+        bases = [e for e in self._engines.values() if e.info.task == "generate"]
+        if len(bases) != 1:
+            ids = ", ".join(e.info.model_id for e in bases) or "none"
+            raise APIError(400, f"Set base_model_name: one of {ids}.", param="base_model_name")
+        return bases[0]
+
+    @property
+    def served(self) -> list[EngineClient]:
+        """Every model id served: the engines, then the LoRA adapters (/v1/models)."""
+        return [*self._engines.values(), *self._adapters.values()]
 
     def mark_ready(self) -> None:
         if self.state == "loading":  # a stop signal during loading keeps it draining
@@ -45,8 +75,10 @@ class ModelRegistry:
         a 400 naming the model if it serves another `task` (None: any task)."""
         self.check_serving()
         model_id = self._names.get(name)
+        if model_id is None and name in self._adapters:
+            return self._adapter(name, task)
         if model_id is None:
-            available = ", ".join(sorted(self._engines)) or "none"
+            available = ", ".join(sorted([*self._engines, *self._adapters])) or "none"
             raise APIError(
                 404,
                 f"The model '{name}' does not exist. Available models: {available}.",
@@ -61,6 +93,14 @@ class ModelRegistry:
         if task is not None and engine.info.task != task:
             raise APIError(400, _WRONG_TASK[engine.info.task].format(name), param="model")
         return engine
+
+    def _adapter(self, name: str, task: Task | None) -> EngineClient:
+        view = self._adapters[name]
+        if not view.is_alive:
+            raise APIError(503, f"The engine of model '{name}' has stopped.", code="engine_dead")
+        if task is not None and task != "generate":
+            raise APIError(400, _WRONG_TASK["generate"].format(name), param="model")
+        return view
 
     def check_serving(self) -> None:
         if self.state != "ready":

@@ -44,6 +44,8 @@ def test_the_schema_describes_every_v1_request_body() -> None:
         "/v1/embeddings",
         "/tokenize",
         "/detokenize",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
     }
     for path in posts:
         assert spec["paths"][path]["post"]["requestBody"]["required"]
