@@ -16,6 +16,7 @@ from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
 
 from hearth import __version__, launch
 from hearth.engine.config import ConfigError, EngineSettings, ModelConfig
+from hearth.paths import default_responses_db
 from hearth.server.settings import ServerSettings
 
 
@@ -138,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="Responses API: how long a stored response is kept "
         f"(default: {_setting('responses_ttl_s'):g})",
+    )
+    serve.add_argument(
+        "--responses-db",
+        default=default_responses_db(),
+        metavar="PATH",
+        help="Responses API: where stored responses are kept, a SQLite file (or sqlite:///PATH; "
+        "':memory:': not kept across restarts) (default: responses.sqlite3 in hearth's data "
+        "dir, $HEARTH_DATA_DIR)",
     )
     serve.add_argument(
         "--max-body-size",
@@ -284,6 +293,7 @@ def server_settings(
         cors_origins=tuple(args.cors_origin),
         responses_max_stored=args.responses_max_stored,
         responses_ttl_s=args.responses_ttl,
+        responses_db=getattr(args, "responses_db", ":memory:"),
         max_body_bytes=args.max_body_size,
         max_n=args.max_n,
         request_timeout_s=args.request_timeout or None,

@@ -35,6 +35,7 @@ from hearth.lora_select import absolute, select_loras
 from hearth.server.app import create_app
 from hearth.server.lifecycle import DrainingServer
 from hearth.server.registry import ModelRegistry
+from hearth.server.responses.store import StoreError
 from hearth.server.settings import ServerSettings
 
 log = logging.getLogger("hearth")
@@ -153,7 +154,8 @@ def is_loopback(host: str) -> bool:
 def serve(
     selection: Selection, settings: ServerSettings, host: str, port: int, log_level: str
 ) -> int:
-    """Serve the selection until stopped; the exit code (2: torchrun misfit, 1: loading failed)."""
+    """Serve the selection until stopped; the exit code (2: torchrun misfit or the Responses
+    store cannot be opened, 1: loading failed)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: tensor parallelism
         rank = join_tensor_parallel(selection)
         if rank < 0:
@@ -165,9 +167,14 @@ def serve(
     if warning:
         log.warning("%s\n%s\n%s", "!" * 80, warning, "!" * 80)
     registry = ModelRegistry()
+    try:
+        app = create_app(registry, settings)
+    except StoreError as exc:  # corrupt, locked or unwritable: never start without it
+        print(f"hearth: error: {exc}", file=sys.stderr)
+        return 2
     server = DrainingServer(
         uvicorn.Config(
-            create_app(registry, settings),
+            app,
             host=host,
             port=port,
             log_level=log_level,

@@ -16,3 +16,17 @@ def cache_dir() -> Path:
     """
     root = os.environ.get("HEARTH_CACHE_DIR") or platformdirs.user_cache_dir("hearth")
     return Path(root)
+
+
+def data_dir() -> Path:
+    """$HEARTH_DATA_DIR, else the user data dir (~/.local/share/hearth on Linux).
+
+    Holds what cannot be rebuilt: the stored Responses API objects. Not created here.
+    """
+    root = os.environ.get("HEARTH_DATA_DIR") or platformdirs.user_data_dir("hearth")
+    return Path(root)
+
+
+def default_responses_db() -> str:
+    """`hearth serve`'s default --responses-db: a SQLite file in the data dir."""
+    return str(data_dir() / "responses.sqlite3")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
@@ -16,17 +19,33 @@ from hearth.server.lora_route import router as lora_router
 from hearth.server.metrics import Metrics, RequestCounter
 from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
+from hearth.server.responses.background import get_runs
 from hearth.server.responses.route import router as responses_router
+from hearth.server.responses.store import open_store
 from hearth.server.settings import ServerSettings
 from hearth.server.tokenize.route import router as tokenize_router
 
 
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:
-    """Build the app over a registry of engines; the registry may still be loading."""
+    """Build the app over a registry of engines; the registry may still be loading.
+
+    Opens the Responses store now: StoreError (one line) if it cannot be.
+    """
     settings = settings or ServerSettings()
-    app = FastAPI(title="hearth", version=__version__, docs_url=None, redoc_url=None)
+    store = open_store(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await get_runs(app).cancel_all()  # background responses end cancelled
+        store.close()
+
+    app = FastAPI(
+        title="hearth", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
+    )
     app.state.registry = registry
     app.state.settings = settings
+    app.state.response_store = store
     app.state.metrics = Metrics(lambda: registry.engines)
     install_error_handlers(app)
     if settings.cors_origins:

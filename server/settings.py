@@ -14,6 +14,10 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     responses_max_stored: int = 1000  # stored responses kept for previous_response_id / GET
     responses_ttl_s: float = 3600.0  # and for how long
+    # where they are kept: ":memory:" (lost on restart), a SQLite file path or sqlite:/// URL.
+    # `hearth serve` defaults to a file in the data dir (hearth.paths.default_responses_db);
+    # apps built in-process (tests) keep them in memory unless told otherwise.
+    responses_db: str = ":memory:"
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
     max_n: int = 16  # samples per prompt
     request_timeout_s: float | None = 600.0  # then the request is aborted (504 / error event)

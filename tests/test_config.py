@@ -152,11 +152,17 @@ def test_cli_help_explains_every_flag() -> None:
 
 def test_serve_flag_defaults_are_the_settings_defaults() -> None:
     """One source of truth: `hearth serve` without flags runs ServerSettings' defaults."""
+    import dataclasses
+
     from hearth.cli import build_parser, server_settings
+    from hearth.paths import default_responses_db
     from hearth.server.settings import ServerSettings
 
     args = build_parser().parse_args(["serve"])
-    assert server_settings(args, ()) == ServerSettings()
+    settings = server_settings(args, ())
+    # the one exception: `hearth serve` keeps responses in a file, apps built in-process in memory
+    assert settings.responses_db == default_responses_db()
+    assert dataclasses.replace(settings, responses_db=":memory:") == ServerSettings()
     serve_help = run_cli("serve", "--help").stdout
     assert "(default: 4MiB)" in serve_help and "(default: 600)" in serve_help
     assert "(default 0.9;" in serve_help

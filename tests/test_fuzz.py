@@ -46,8 +46,9 @@ def test_the_schema_describes_every_v1_request_body() -> None:
         "/detokenize",
         "/v1/load_lora_adapter",
         "/v1/unload_lora_adapter",
+        "/v1/responses/{response_id}/cancel",
     }
-    for path in posts:
+    for path in posts - {"/v1/responses/{response_id}/cancel"}:  # the one without a body
         assert spec["paths"][path]["post"]["requestBody"]["required"]
 
 

@@ -15,7 +15,7 @@ from openai.types.responses import Response
 from hearth.engine.types import GenerationOutput, GenerationRequest
 from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
-from hearth.server.responses.store import ResponseStore
+from hearth.server.responses.store import MemoryResponseStore
 from hearth.server.settings import ServerSettings
 from tests.conftest import running_server
 from tests.fakes import FakeEngine
@@ -266,7 +266,7 @@ def test_store_is_bounded_by_settings() -> None:
 
 def test_response_store_evicts_oldest_and_expired() -> None:
     now = [0.0]
-    store = ResponseStore(max_size=2, ttl_s=10, clock=lambda: now[0])
+    store = MemoryResponseStore(max_size=2, ttl_s=10, clock=lambda: now[0])
     for name in ("a", "b", "c"):
         store.put({"id": name}, [])
     assert store.get("a") is None and len(store) == 2
@@ -286,8 +286,8 @@ def test_validation_errors_are_400_with_param() -> None:
     assert_envelope(create(client, input=[]), 400, "input")
     missing = client.post("/v1/responses", json={"model": "fake-model"})
     assert_envelope(missing, 400, "input")
-    reference = [{"type": "item_reference", "id": "msg_1"}]  # not an item hearth takes
-    error = assert_envelope(create(client, input=reference), 400, "input[0]")
+    unknown = [{"type": "web_search_call", "id": "ws_1"}]  # not an item hearth takes
+    error = assert_envelope(create(client, input=unknown), 400, "input[0]")
     assert "reasoning" in error["message"] and "function_call_output" in error["message"]
     odd = [{"type": ["message"], "role": "user", "content": "x"}]
     assert_envelope(create(client, input=odd), 400, "input[0]")

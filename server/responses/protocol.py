@@ -91,12 +91,20 @@ class ReasoningItem(_Model):
         return "\n\n".join(part.text for part in parts if part.text)
 
 
+class ItemReference(_Model):
+    """An item of a stored response (an input or an output), named by its id."""
+
+    type: Literal["item_reference"]
+    id: str
+
+
 # Capitalised tags: error locations leave them out (input[0].role, not input[0].message.role).
 _ITEM_TAGS = {
     "message": "Message",
     "function_call": "FunctionCall",
     "function_call_output": "FunctionCallOutput",
     "reasoning": "Reasoning",
+    "item_reference": "ItemReference",
 }
 
 
@@ -111,12 +119,13 @@ InputItem = Annotated[
     Annotated[InputMessage, Tag("Message")]
     | Annotated[FunctionCallItem, Tag("FunctionCall")]
     | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")]
-    | Annotated[ReasoningItem, Tag("Reasoning")],
+    | Annotated[ReasoningItem, Tag("Reasoning")]
+    | Annotated[ItemReference, Tag("ItemReference")],
     Discriminator(
         _item_tag,
         custom_error_type="invalid_item",
-        custom_error_message="input items must be of type message, reasoning, function_call "
-        "or function_call_output",
+        custom_error_message="input items must be of type message, reasoning, function_call, "
+        "function_call_output or item_reference",
     ),
 ]
 
@@ -162,6 +171,7 @@ class ResponseRequest(_Model):
     top_p: float | None = Field(None, ge=0, le=1)
     stream: bool | None = None
     store: bool | None = None  # None means true
+    background: bool | None = None  # run it as a task; the response is returned queued
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None

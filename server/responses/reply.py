@@ -32,7 +32,7 @@ class Reply:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": False,
+            "background": body.background is True,
             "completed_at": None,
             "error": None,
             "incomplete_details": None,

@@ -24,6 +24,7 @@ from hearth.server.errors import APIError
 from hearth.server.generation import (
     Context,
     check_text_length,
+    open_stream,
     resolve_max_tokens,
     run_to_completion,
     tokenize,
@@ -37,6 +38,8 @@ from hearth.server.reasoning import (
     template_kwargs,
     think_grammar,
 )
+from hearth.server.responses import background
+from hearth.server.responses.items import resolve_references, stored_items
 from hearth.server.responses.output import OutputItems, assistant_turn
 from hearth.server.responses.protocol import ResponseRequest
 from hearth.server.responses.reasoning_items import Reasoning
@@ -69,11 +72,17 @@ def conversation(body: ResponseRequest, store: ResponseStore) -> list[dict[str, 
     return [*history, *body.turns()]
 
 
-def keep(store: ResponseStore, turns: list[dict[str, Any]], response: dict[str, Any]) -> None:
-    """Store a finished response (unless store=false or it failed) with its conversation."""
-    if not response["store"] or response["status"] == "failed":
+def keep(
+    store: ResponseStore,
+    turns: list[dict[str, Any]],
+    response: dict[str, Any],
+    input_items: list[dict[str, Any]] | None = None,
+) -> None:
+    """Store a finished response with its conversation and input items (unless store=false, or
+    it failed in the foreground: a background one is kept to be polled)."""
+    if not response["store"] or (response["status"] == "failed" and not response["background"]):
         return
-    store.put(response, [*turns, assistant_turn(response["output"])])
+    store.put(response, [*turns, assistant_turn(response["output"])], input_items)
 
 
 def constraints(body: ResponseRequest, info: ModelInfo) -> tuple[list[Tool], Grammar | None]:
@@ -140,17 +149,17 @@ def answer_watch(
 # -- streaming ---------------------------------------------------------------------------------
 
 
-async def stream_events(
+async def response_events(
     reply: Reply,
     items: OutputItems,
     outputs: AsyncIterator[GenerationOutput],
     settle: Callable[[dict[str, Any]], None],
-) -> AsyncIterator[str]:
+) -> AsyncIterator[dict[str, Any]]:
     """The Responses event sequence; an engine failure ends in response.failed."""
     sequence = itertools.count()
 
-    def event(kind: str, **fields: Any) -> str:
-        return sse({"type": kind, "sequence_number": next(sequence), **fields}, event=kind)
+    def event(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, "sequence_number": next(sequence), **fields}
 
     yield event("response.created", response=reply.snapshot("in_progress"))
     yield event("response.in_progress", response=reply.snapshot("in_progress"))
@@ -181,6 +190,11 @@ async def stream_events(
     yield event(f"response.{final['status']}", response=final)
 
 
+async def as_sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async for event in events:
+        yield sse(event, event=event["type"])
+
+
 # -- serving -----------------------------------------------------------------------------------
 
 
@@ -188,6 +202,11 @@ async def serve_response(
     body: ResponseRequest, context: Context, store: ResponseStore
 ) -> dict[str, Any] | StreamingResponse:
     """The response object, or its event stream; kept in `store` unless store=false."""
+    if body.background and body.store is False:
+        message = "background responses must be stored (store=false)."
+        raise APIError(400, message, param="background")
+    body.input = resolve_references(body.input, store)
+    input_items = stored_items(body.input)
     engine = context.registry.get(body.model)
     vision = engine.info.vision and has_images(body.contents())
     if not engine.info.vision:
@@ -225,15 +244,30 @@ async def serve_response(
         forced=forced,
         reasoning=Reasoning(thinks, opened, summary),
     )
-    if body.stream:
-        outputs = await context.open_stream(
-            engine, GenerationRequest(reply.id, prompt_ids, sampling, images)
+    request = GenerationRequest(reply.id, prompt_ids, sampling, images)
+
+    def settle(response: dict[str, Any]) -> None:
+        keep(store, turns, response, input_items)
+
+    if body.background:
+
+        async def events() -> AsyncIterator[dict[str, Any]]:  # no deadline: it runs on its own
+            outputs = await open_stream(engine, request, context.metrics)
+            return response_events(reply, items, outputs, settle)
+
+        return background.start(
+            background.get_runs(context.http.app),
+            store,
+            reply.snapshot("queued"),
+            turns,
+            input_items,
+            events,
+            lambda: reply.snapshot("cancelled", output=items.items),
+            bool(body.stream),
         )
-
-        def settle(response: dict[str, Any]) -> None:
-            keep(store, turns, response)
-
-        return event_stream(stream_events(reply, items, outputs, settle), done=False)
+    if body.stream:
+        outputs = await context.open_stream(engine, request)
+        return event_stream(as_sse(response_events(reply, items, outputs, settle)), done=False)
     parser = engine.info.tool_parser
     watch = (
         (lambda: answer_watch(tools, parser, forced, thinks, opened))
@@ -249,7 +283,7 @@ async def serve_response(
     )
     if response["status"] == "failed":
         raise APIError(500, response["error"]["message"], code="engine_error")
-    keep(store, turns, response)
+    keep(store, turns, response, input_items)
     return response
 
 
