@@ -23,6 +23,28 @@ class TemplateError(InvalidRequestError):
     own: the route names the field it rendered (`messages` in chat, `input` in responses)."""
 
 
+def render_chat(
+    renderer: Any,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> str:
+    """The conversation as text through `renderer.apply_chat_template` (a tokenizer or a
+    processor), with the generation prompt. `template_kwargs` are more template variables; they
+    cannot replace the arguments hearth sets. Raises TemplateError for template failures."""
+    extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED}
+    try:
+        return renderer.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=True,
+            tokenize=False,
+            **extra,
+        )
+    except Exception as exc:  # jinja2 errors, raise_exception() in templates
+        raise TemplateError(f"chat template error: {exc}") from None
+
+
 class ChatTokenizer:
     def __init__(self, tokenizer: Any, generation_config: Any = None) -> None:
         self.hf = tokenizer
@@ -78,17 +100,7 @@ class ChatTokenizer:
         cannot replace the arguments hearth sets (messages, tools, add_generation_prompt)."""
         if not getattr(self.hf, "chat_template", None):
             raise TemplateError("this model has no chat template; set chat_template in models.yaml")
-        extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED}
-        try:
-            rendered = self.hf.apply_chat_template(
-                list(messages),
-                tools=list(tools) if tools else None,
-                add_generation_prompt=True,
-                tokenize=False,
-                **extra,
-            )
-        except Exception as exc:  # jinja2 errors, raise_exception() in templates
-            raise TemplateError(f"chat template error: {exc}") from None
+        rendered = render_chat(self.hf, messages, tools, template_kwargs)
         # Templates include their own special tokens (BOS where wanted).
         return list(self.hf(rendered, add_special_tokens=False)["input_ids"])
 

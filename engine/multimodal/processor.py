@@ -14,7 +14,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from hearth.engine.tokenizer import _RESERVED, TemplateError
+from hearth.engine.tokenizer import render_chat
 from hearth.engine.types import ImageInput, InvalidRequestError, MultiModalInputs
 
 __all__ = ["VisionProcessor", "load_processor"]
@@ -79,17 +79,7 @@ class VisionProcessor:
         images: Sequence[ImageInput],
     ) -> tuple[list[int], MultiModalInputs]:
         """Prompt ids (placeholders expanded) and the processed images, in message order."""
-        extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED}
-        try:
-            text = self.processor.apply_chat_template(
-                list(messages),
-                tools=list(tools) if tools else None,
-                add_generation_prompt=True,
-                tokenize=False,
-                **extra,
-            )
-        except Exception as exc:  # jinja2 errors, raise_exception() in templates
-            raise TemplateError(f"chat template error: {exc}") from None
+        text = render_chat(self.processor, messages, tools, template_kwargs)
         pictures = [_open(image, i) for i, image in enumerate(images)]
         out = self.processor(
             text=[text],
