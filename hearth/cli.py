@@ -248,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {_engine_default('max_lora_rank')})",
     )
     serve.add_argument(
+        "--no-ui",
+        dest="ui",
+        action="store_false",
+        default=_setting("ui"),
+        help="do not serve the chat page at / (default: served)",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -303,6 +310,7 @@ def server_settings(
         max_image_bytes=args.max_image_size,
         max_image_pixels=args.max_image_pixels,
         allow_runtime_lora=getattr(args, "allow_runtime_lora", False) or runtime_lora,
+        ui=getattr(args, "ui", True),
     )
 
 

@@ -24,6 +24,7 @@ from hearth.server.responses.route import router as responses_router
 from hearth.server.responses.store import open_store
 from hearth.server.settings import ServerSettings
 from hearth.server.tokenize.route import router as tokenize_router
+from hearth.server.ui_route import router as ui_router
 
 
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:
@@ -70,6 +71,8 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(tokenize_router)
     app.include_router(embeddings_router)
     app.include_router(lora_router)
+    if settings.ui:
+        app.include_router(ui_router)  # the chat page at /
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

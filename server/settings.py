@@ -29,3 +29,4 @@ class ServerSettings:
     max_image_bytes: int = 8 << 20  # one image's encoded file
     max_image_pixels: int = 4096 * 4096  # one image's width * height
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+    ui: bool = True  # the chat page at / (server/ui); `hearth serve --no-ui` turns it off

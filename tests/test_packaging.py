@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hearth.server.ui_route import FILES as UI_FILES  # the chat page, server/ui
+
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"hearth": "hearth", "hearth.engine": "engine", "hearth.server": "server"}
 
@@ -59,6 +61,8 @@ def test_wheel_installs_only_hearth(wheel: Path) -> None:
         "hearth/engine/kernels/csrc/cpu_kernels.cpp",
         "hearth/engine/kernels/csrc/gguf_kernels.cpp",
         "hearth/server/app.py",
+        "hearth/server/ui_route.py",
+        *(f"hearth/server/ui/{name}" for name in UI_FILES),
     ):
         assert path in names
     shipped = zipfile.ZipFile(wheel).read("hearth/models.yaml").decode()
