@@ -1,11 +1,14 @@
 """Embedding engine throughput: one request of N texts against N one-text requests, sequential and
-concurrent, on a MiniLM-sized random BERT (6 layers, hidden 384, mean pooling) built here.
+concurrent, on a MiniLM-sized random BERT (6 layers, hidden 384, mean pooling) built here; with
+`--compare`, hearth against sentence-transformers' `encode` on the same model, in the same run.
 
     .venv/bin/python bench/embed_bench.py [--count 64] [--device cpu]
+    .venv/bin/python bench/embed_bench.py --compare   # needs `pip install -e ".[bench]"`
 
-Prints the best of 3 wall times in ms per way of sending. The loading thread is kept at one torch
-thread, as `hearth serve` keeps it: a second OpenMP team in the process slows the engine thread's
-forwards several times on a small CPU.
+Prints the best of 3 wall times in ms per way of sending (`--compare`: inputs/s of a batch of 64
+inputs of 128 tokens each, both sides, and their ratio; the vectors are checked to agree). The
+loading thread is kept at one torch thread, as `hearth serve` keeps it: a second OpenMP team in
+the process slows the engine thread's forwards several times on a small CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import describe
 from hearth.engine.config import ModelConfig
 from hearth.engine.embedding.loader import build_embedding_engine
 from hearth.engine.loading.loader import single_threaded
@@ -46,15 +50,73 @@ def build_minilm(out: Path) -> Path:
     return out
 
 
+def texts_of(tokenizer: object, count: int, tokens: int) -> list[str]:
+    """`count` distinct texts of exactly `tokens` tokens each (special tokens included)."""
+    import random
+
+    rng = random.Random(7)
+    vocab = [w for w in tokenizer.get_vocab() if w.isalpha()]  # type: ignore[attr-defined]
+    texts = []
+    for _ in range(count):
+        words = [rng.choice(vocab) for _ in range(tokens)]
+        while len(tokenizer(" ".join(words))["input_ids"]) > tokens:  # type: ignore[operator]
+            words.pop()
+        texts.append(" ".join(words))
+    return texts
+
+
+def compare(folder: Path, engine: object, device: str, count: int, tokens: int) -> None:
+    """hearth against sentence-transformers' encode, same model, same inputs, same run."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device=device)
+    texts = texts_of(st.tokenizer, count, tokens)
+
+    def ours() -> np.ndarray:
+        result = asyncio.run(engine.embed(EmbeddingRequest("b", texts)))  # type: ignore[attr-defined]
+        return np.array([row for row in result.embeddings], dtype=np.float32)
+
+    def theirs() -> np.ndarray:
+        return st.encode(texts, batch_size=count, convert_to_numpy=True, normalize_embeddings=True)
+
+    a, b = ours(), theirs()  # warm-up, and the same vectors
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    rates = {}
+    for name, run in (("hearth", ours), ("sentence-transformers", theirs)):
+        best = min(_timed(run) for _ in range(3))
+        rates[name] = count / best
+    print(f"torch threads: {torch.get_num_threads()}; {count} inputs x {tokens} tokens")
+    print("| engine | inputs/s |\n|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} |")
+    ratio = rates["hearth"] / rates["sentence-transformers"]
+    print(f"hearth / sentence-transformers: {ratio:.2f}x; min cosine {cosine.min():.6f}")
+
+
+def _timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compare", action="store_true", help="against sentence-transformers")
+    parser.add_argument("--tokens", type=int, default=128, help="--compare: tokens per input")
     args = parser.parse_args()
+    print(describe())
     single_threaded()
     folder = build_minilm(Path(tempfile.mkdtemp()))
     config = ModelConfig(id="minilm", source=str(folder), device=args.device, task="embed")
     engine = build_embedding_engine(config, resolve_source(str(folder)))
+    if args.compare:
+        compare(folder, engine, args.device, args.count, args.tokens)
+        engine.shutdown()
+        return
     texts = sample_texts(args.count)
 
     async def one_request() -> object:

@@ -89,6 +89,15 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_di
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), smollm_tokenizer_dir)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Each phase's report on the test item (`item.rep_call`), for fixtures that act on failure
+    (tests/test_ui.py saves a screenshot)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ Chromium (the OS package, driven by Selenium) against a live server with a tiny 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -19,7 +20,13 @@ from hearth.server.app import create_app
 from hearth.server.registry import ModelRegistry
 from hearth.server.settings import ServerSettings
 from hearth.server.ui_route import FILES, UI_DIR
-from tests.conftest import build_tiny_checkpoint, running_server, thinking_config, tiny_config
+from tests.conftest import (
+    ROOT,
+    build_tiny_checkpoint,
+    running_server,
+    thinking_config,
+    tiny_config,
+)
 from tests.fakes import FakeEngine
 
 # --- fast: the files and the flag ---
@@ -127,6 +134,23 @@ def browser():
         yield driver
     finally:
         driver.quit()
+
+
+# Where a failed browser test leaves its screenshot (CI keeps the folder as an artifact).
+ARTIFACTS = Path(os.environ.get("HEARTH_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A failed test that drove the browser saves what the page showed: ARTIFACTS/<test>.png."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is None or not report.failed or "browser" not in request.fixturenames:
+        return
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{request.node.name}.png"
+    request.getfixturevalue("browser").save_screenshot(str(path))
+    print(f"screenshot of the failure: {path}")
 
 
 def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
