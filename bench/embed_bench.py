@@ -65,29 +65,58 @@ def texts_of(tokenizer: object, count: int, tokens: int) -> list[str]:
     return texts
 
 
-def compare(folder: Path, engine: object, device: str, count: int, tokens: int) -> None:
-    """hearth against sentence-transformers' encode, same model, same inputs, same run."""
-    import numpy as np
-    import torch
-    from sentence_transformers import SentenceTransformer
+ST_SCRIPT = """
+import json, sys, time
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+folder, device, out = sys.argv[1:4]
+texts = json.load(sys.stdin)
+st = SentenceTransformer(folder, device=device)
+options = dict(batch_size=len(texts), convert_to_numpy=True, normalize_embeddings=True)
+run = lambda: st.encode(texts, **options)
+np.save(out, run())  # warm-up, and the vectors
+best = min(
+    (lambda t0: (run(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(3)
+)
+print(json.dumps({"seconds": best, "threads": torch.get_num_threads()}))
+"""
 
-    st = SentenceTransformer(str(folder), device=device)
-    texts = texts_of(st.tokenizer, count, tokens)
+
+def compare(folder: Path, engine: object, device: str, count: int, tokens: int) -> None:
+    """hearth against sentence-transformers' encode, same model, same inputs, same run. The
+    sentence-transformers side runs in its own process with torch's default threads (in this
+    process a second OpenMP team would slow both sides)."""
+    import json
+    import os
+    import subprocess
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    texts = texts_of(AutoTokenizer.from_pretrained(folder), count, tokens)
 
     def ours() -> np.ndarray:
         result = asyncio.run(engine.embed(EmbeddingRequest("b", texts)))  # type: ignore[attr-defined]
-        return np.array([row for row in result.embeddings], dtype=np.float32)
+        return np.array(result.embeddings, dtype=np.float32)
 
-    def theirs() -> np.ndarray:
-        return st.encode(texts, batch_size=count, convert_to_numpy=True, normalize_embeddings=True)
-
-    a, b = ours(), theirs()  # warm-up, and the same vectors
+    a = ours()  # warm-up, and the vectors
+    hearth_s = min(_timed(ours) for _ in range(3))
+    out = Path(tempfile.mkdtemp()) / "st.npy"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", ST_SCRIPT, str(folder), device, str(out)],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    st = json.loads(done.stdout.strip().splitlines()[-1])
+    b = np.load(out)
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    rates = {}
-    for name, run in (("hearth", ours), ("sentence-transformers", theirs)):
-        best = min(_timed(run) for _ in range(3))
-        rates[name] = count / best
-    print(f"torch threads: {torch.get_num_threads()}; {count} inputs x {tokens} tokens")
+    rates = {"hearth": count / hearth_s, "sentence-transformers": count / st["seconds"]}
+    print(f"{count} inputs x {tokens} tokens; sentence-transformers: {st['threads']} torch threads")
     print("| engine | inputs/s |\n|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} |")
