@@ -9,9 +9,12 @@ passed on; the model's processor decides the resolution, whatever it says.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+import ipaddress
+import socket
 from typing import Any
 
 import httpx
@@ -111,22 +114,44 @@ def _data_url(url: str, param: str, limit: int) -> bytes:
         raise _bad("the data: URL is not valid base64", param) from None
 
 
+async def _addresses(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (the event loop's resolver)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+async def _check_public(url: str, param: str) -> None:
+    """Refuse a URL whose host is, or resolves to, anything but public addresses (loopback,
+    private, link-local, reserved): the server must not become a way into its own network."""
+    parsed = httpx.URL(url)
+    try:
+        addresses = await _addresses(parsed.host, parsed.port or 443)
+    except OSError:
+        raise _bad("the image URL's host could not be resolved", param) from None
+    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
+        raise _bad("the image URL's host is not a public address", param)
+
+
 async def _fetch(url: str, param: str, settings: ServerSettings) -> bytes:
+    """The image at an https URL: public hosts only, no redirects, no proxy from the
+    environment, at most `max_image_bytes`, all within `image_url_timeout_s` in total."""
     limit, chunks, size = settings.max_image_bytes, [], 0
+    await _check_public(url, param)
     try:
         async with (
-            httpx.AsyncClient(timeout=settings.image_url_timeout_s) as client,
+            asyncio.timeout(settings.image_url_timeout_s),
+            httpx.AsyncClient(timeout=settings.image_url_timeout_s, trust_env=False) as client,
             client.stream("GET", url) as response,
         ):
             if response.status_code != 200:
-                raise _bad(f"fetching the image returned HTTP {response.status_code}", param)
+                raise _bad("fetching the image did not return it (HTTP status not 200)", param)
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > limit:
                     raise _bad(f"the image is larger than {limit} bytes", param)
                 chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise _bad(f"the image could not be fetched: {type(exc).__name__}", param) from None
+    except (httpx.HTTPError, TimeoutError):
+        raise _bad("the image could not be fetched", param) from None
     return b"".join(chunks)
 
 

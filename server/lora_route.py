@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -51,9 +52,10 @@ class LoraView:
         """The base engine's stream for `request`, run with this adapter."""
         request.sampling.lora = self.name
         self.in_flight += 1
-        try:
-            async for output in self.base.generate(request):
-                yield output
+        try:  # closed at once (abort included) when the client goes, before in_flight drops
+            async with contextlib.aclosing(self.base.generate(request)) as outputs:
+                async for output in outputs:
+                    yield output
         finally:
             self.in_flight -= 1
 

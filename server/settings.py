@@ -24,7 +24,7 @@ class ServerSettings:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may finish
     # images for vision models (server/images.py): `data:` URLs always, https only when allowed
     allow_image_urls: bool = False
-    image_url_timeout_s: float = 10.0  # fetching one https image, at most
+    image_url_timeout_s: float = 10.0  # fetching one https image, in total
     max_images_per_request: int = 8
     max_image_bytes: int = 8 << 20  # one image's encoded file
     max_image_pixels: int = 4096 * 4096  # one image's width * height

@@ -282,3 +282,12 @@ def test_the_sdk_lists_input_items_cancels_and_polls() -> None:
         assert api.responses.retrieve(running.id).status == "cancelled"
         with pytest.raises(openai.BadRequestError):
             api.responses.cancel(created.id)
+
+
+def test_sqlite_store_never_evicts_a_response_still_running(tmp_path: Path) -> None:
+    store = SqliteResponseStore(str(tmp_path / "r.db"), 1, 10, clock=lambda: 1000.0)
+    store.put({"id": "bg", "status": "in_progress"}, [])
+    store.put({"id": "x", "status": "completed"}, [])
+    store.put({"id": "y", "status": "completed"}, [])
+    assert store.get("bg") is not None and store.get("x") is None  # the finished one went
+    store.close()

@@ -303,6 +303,13 @@ def test_https_images_fetched_only_when_allowed(monkeypatch: pytest.MonkeyPatch)
         return httpx.Response(200, content=large if "large" in request.url.path else picture)
 
     real_client = httpx.AsyncClient
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return {"example.com": ["93.184.215.14"], "inside.test": ["10.0.0.7", "93.184.215.14"]}[
+            host
+        ]
+
+    monkeypatch.setattr(images_module, "_addresses", resolve)
     monkeypatch.setattr(
         images_module.httpx,
         "AsyncClient",
@@ -327,3 +334,6 @@ def test_https_images_fetched_only_when_allowed(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(APIError) as plain:
         read("http://example.com/a.png", allow_image_urls=True)
     assert "https://" in plain.value.message
+    with pytest.raises(APIError) as private:  # any private address: not fetched at all
+        read("https://inside.test/a.png", allow_image_urls=True)
+    assert "not a public address" in private.value.message

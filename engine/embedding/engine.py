@@ -298,7 +298,12 @@ class EmbeddingEngine:
             job.vectors[i] = vector
             job.left -= 1
             if job.left == 0:
-                self._resolve(job, self._result(job))
+                try:
+                    result: EmbeddingResult | Exception = self._result(job)
+                except Exception as exc:  # fail this request, never the thread (its jobs hang)
+                    log.exception("embedding result failed")
+                    result = RuntimeError(f"engine error: {type(exc).__name__}: {exc}")
+                self._resolve(job, result)
 
     def _result(self, job: _Job) -> EmbeddingResult:
         stacked = torch.stack(job.vectors)  # type: ignore[arg-type]  # [N, H]

@@ -115,11 +115,17 @@ class SqliteResponseStore:
             )
 
     def _evict(self) -> None:
-        self._db.execute("DELETE FROM responses WHERE expires_at <= ?", (self.clock(),))
+        """Expired responses, then the oldest past max_size; never one still queued or in
+        progress (its background task would lose it and polling would 404)."""
+        marks = ",".join("?" * len(UNFINISHED))
         self._db.execute(
-            "DELETE FROM responses WHERE seq <= "
+            f"DELETE FROM responses WHERE expires_at <= ? AND status NOT IN ({marks})",
+            (self.clock(), *UNFINISHED),
+        )
+        self._db.execute(
+            f"DELETE FROM responses WHERE status NOT IN ({marks}) AND seq <= "
             "(SELECT seq FROM responses ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-            (self.max_size,),
+            (*UNFINISHED, self.max_size),
         )
 
     def __len__(self) -> int:

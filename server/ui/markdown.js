@@ -60,15 +60,19 @@ const HearthMarkdown = (() => {
       spans.push(`<code>${code}</code>`);
       return `\u0000${spans.length - 1}\u0000`;
     });
+    // links are set aside too, so emphasis never reaches into their markup (target="_blank")
+    text = text.replace(/\[([^\]]+)\]\((https?:\/\/[^\s)\u0000]+)\)/g, (_, label, href) => {
+      spans.push(`<a href="${href}" target="_blank" rel="noopener noreferrer">${label}</a>`);
+      return `\u0000${spans.length - 1}\u0000`;
+    });
     text = text
-      .replace(/\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g,
-        '<a href="$2" target="_blank" rel="noopener noreferrer">$1</a>')
       .replace(/\*\*([^*]+)\*\*/g, "<strong>$1</strong>")
       .replace(/__([^_]+)__/g, "<strong>$1</strong>")
       .replace(/(^|[^*])\*([^*\s][^*]*)\*/g, "$1<em>$2</em>")
       .replace(/(^|[^\w_])_([^_\s][^_]*)_(?!\w)/g, "$1<em>$2</em>")
       .replace(/~~([^~]+)~~/g, "<del>$1</del>");
-    return text.replace(/\u0000(\d+)\u0000/g, (_, i) => spans[Number(i)]);
+    const restore = (t) => t.replace(/\u0000(\d+)\u0000/g, (_, i) => spans[Number(i)]);
+    return restore(restore(text)); // a link's label may hold a code span
   }
 
   function blocks(text) {
