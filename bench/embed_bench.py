@@ -29,25 +29,14 @@ from hearth.engine.embedding.loader import build_embedding_engine
 from hearth.engine.loading.loader import single_threaded
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.types import EmbeddingRequest
-from tests.embedding_fixture import _bert_tokenizer, _write_st_files, sample_texts
+from tests.embedding_fixture import build_tiny_bert, sample_texts
 
 
 def build_minilm(out: Path) -> Path:
-    from transformers import BertConfig, BertModel
-
-    tokenizer = _bert_tokenizer()
-    tokenizer.save_pretrained(out)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        intermediate_size=1536,
-        max_position_embeddings=512,
+    """A MiniLM-sized random BERT (6 layers, hidden 384, mean pooling), built as the tests' one."""
+    return build_tiny_bert(
+        out, "mean", hidden=384, layers=6, heads=12, intermediate=1536, max_positions=512
     )
-    BertModel(config).save_pretrained(out)
-    _write_st_files(out, "mean", 384, None, None)
-    return out
 
 
 def texts_of(tokenizer: object, count: int, tokens: int) -> list[str]:

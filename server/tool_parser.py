@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from hearth.server.reasoning import ReasoningParser
 from hearth.server.tools import HERMES_CLOSE, HERMES_OPEN, Tool, ToolCall
 
 PYTHON_TAG = "<|python_tag|>"
@@ -280,3 +281,14 @@ def parse_output(
     events = parsing.feed(text) + parsing.finish(reason)
     content = "".join(e[1] for e in events if e[0] == "content")
     return (content or None) if parsing.calls or parsing.dropped else content, parsing.calls
+
+
+def answer_watch(
+    tools: Sequence[Tool], tool_parser: str, forced: bool, reasoning: str, opened: bool
+) -> Callable[[str], bool]:
+    """parallel_tool_calls false, not streamed (server/generation.py, collect): fed a choice's
+    text, true once the answer's one call is complete (a call written while thinking is not one:
+    a reasoning model's thinking is split off first, server/reasoning.py)."""
+    calls = ToolCallParser(tools, tool_parser, parallel=False, forced=forced)
+    thinking = ReasoningParser(reasoning, opened)
+    return lambda text: calls.ends_after(thinking.feed(text).content)

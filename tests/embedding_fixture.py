@@ -87,8 +87,17 @@ def _bert_tokenizer():
     )
 
 
-def build_tiny_bert(out: Path, mode: str = "mean") -> Path:
-    """A BERT-style encoder checkpoint with a sentence-transformers pooling config."""
+def build_tiny_bert(
+    out: Path,
+    mode: str = "mean",
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 64,
+    max_positions: int = 128,
+) -> Path:
+    """A BERT-style encoder checkpoint with a sentence-transformers pooling config (tiny by
+    default; bench/embed_bench.py builds a MiniLM-sized one)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -98,14 +107,14 @@ def build_tiny_bert(out: Path, mode: str = "mean") -> Path:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
     )
     BertModel(config).save_pretrained(out)
-    _write_st_files(out, mode, 32, None, None)
+    _write_st_files(out, mode, hidden, None, None)
     return out
 
 

@@ -47,7 +47,7 @@ from hearth.server.reasoning import (
     think_grammar,
 )
 from hearth.server.streaming import event_stream, sse
-from hearth.server.tool_parser import Event, ToolCallParser, parse_output
+from hearth.server.tool_parser import Event, ToolCallParser, answer_watch, parse_output
 from hearth.server.tools import Tool, call_json, format_grammar, plan
 
 
@@ -82,9 +82,9 @@ class _Reply:
 
     def ends_after(self) -> Callable[[str], bool]:
         """parallel_tool_calls false: a watcher that ends a choice once the answer's one call
-        is complete (a call written while thinking is not a call)."""
-        thinker, parser = self.thinker(), self.parser()
-        return lambda text: parser.ends_after(thinker.feed(text).content)
+        is complete (server/tool_parser.py, answer_watch)."""
+        parser = self.engine.info.tool_parser
+        return answer_watch(self.tools, parser, self.forced, self.reasoning_parser, self.opened)
 
     def base(self, kind: str) -> dict[str, Any]:
         return {

@@ -31,7 +31,6 @@ from hearth.server.generation import (
 )
 from hearth.server.images import has_images, read_images
 from hearth.server.reasoning import (
-    ReasoningParser,
     count_reasoning_tokens,
     prompt_block,
     reasoning_budget,
@@ -46,7 +45,7 @@ from hearth.server.responses.reasoning_items import Reasoning
 from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
 from hearth.server.streaming import event_stream, sse
-from hearth.server.tool_parser import ToolCallParser
+from hearth.server.tool_parser import answer_watch
 from hearth.server.tools import Tool, format_grammar, plan, prepare_messages
 
 log = logging.getLogger("hearth.server")
@@ -134,16 +133,6 @@ async def encode_images(
     return await tokenize(
         engine.encode_chat_mm, messages, template_tools, kwargs, images, param="input"
     )
-
-
-def answer_watch(
-    tools: list[Tool], tool_parser: str, forced: bool, reasoning: str, opened: bool
-) -> Callable[[str], bool]:
-    """parallel_tool_calls false, not streamed: true once the answer's one call is complete
-    (a call written while thinking is not one)."""
-    calls = ToolCallParser(tools, tool_parser, parallel=False, forced=forced)
-    thinking = ReasoningParser(reasoning, opened)
-    return lambda text: calls.ends_after(thinking.feed(text).content)
 
 
 # -- streaming ---------------------------------------------------------------------------------
