@@ -1,7 +1,8 @@
-"""The installed distribution: one top-level name, `hearth`, mapped from the repository folders."""
+"""The installed distribution: one top-level name, `hearth`, whose `engine` and `server` are links."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from hearth.server.ui_route import FILES as UI_FILES  # the chat page, server/ui
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"hearth": "hearth", "hearth.engine": "engine", "hearth.server": "server"}
+FOLDERS = ("hearth", "engine", "server")  # hearth/engine and hearth/server link to the other two
 
 
 def pyproject() -> dict:
@@ -22,14 +23,17 @@ def pyproject() -> dict:
 
 
 def test_every_package_folder_is_listed() -> None:
-    """pyproject's explicit package list matches the folders holding an __init__.py."""
+    """pyproject's explicit package list matches the folders holding an __init__.py under hearth/
+    (through its links), and no folder is mapped elsewhere: one path per module."""
     setuptools = pyproject()["tool"]["setuptools"]
-    assert setuptools["package-dir"] == FOLDERS
+    assert "package-dir" not in setuptools
+    for name in ("engine", "server"):
+        link = ROOT / "hearth" / name
+        assert link.is_symlink() and link.resolve() == ROOT / name
     found = set()
-    for name, folder in FOLDERS.items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT / folder).parts
-            found.add(".".join((name, *rel)))
+    for folder, _, files in os.walk(ROOT / "hearth", followlinks=True):
+        if "__init__.py" in files:
+            found.add(".".join(("hearth", *Path(folder).relative_to(ROOT / "hearth").parts)))
     assert set(setuptools["packages"]) == found
 
 
@@ -37,10 +41,12 @@ def test_every_package_folder_is_listed() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from a copy of the sources (the build leaves nothing in the checkout)."""
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "models.yaml"):
         shutil.copy(ROOT / name, src / name)
-    for folder in FOLDERS.values():
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in FOLDERS:  # the links are copied as links: the build must follow them
+        shutil.copytree(
+            ROOT / folder, src / folder, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
@@ -116,4 +122,4 @@ def test_editable_install_exposes_no_engine_or_server(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     engine, server, origin = out.stdout.split()
     assert (engine, server) == ("None", "None")
-    assert origin == str(ROOT / "engine" / "__init__.py")
+    assert origin == str(ROOT / "hearth" / "engine" / "__init__.py")  # one path: through the link
