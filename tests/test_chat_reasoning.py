@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from hearth.engine.types import ThinkBlock
-from hearth.server.chat import serving
+from hearth.server import turn
 from hearth.server.reasoning import prompt_block
 from tests.fakes import FakeEngine
 from tests.test_responses import make_client as make_small_client
@@ -26,7 +26,7 @@ def thinking_client(opened: bool = False, monkeypatch: Any = None) -> tuple[Any,
     """A fake engine with the think_tags parser; `opened`: its template opens the block (the
     fake echoes the prompt's last line, so the opening is reported rather than rendered)."""
     if opened:
-        monkeypatch.setattr(serving, "prompt_block", lambda engine, ids: "open")
+        monkeypatch.setattr(turn, "prompt_block", lambda engine, ids: "open")
     engine = FakeEngine(max_model_len=4096)
     engine.info.reasoning_parser = "think_tags"
     engine.seen_kwargs = []
@@ -171,7 +171,7 @@ def test_where_the_prompt_leaves_the_block() -> None:
 
 
 def test_a_block_the_prompt_closed_means_no_thinking(monkeypatch) -> None:
-    monkeypatch.setattr(serving, "prompt_block", lambda engine, ids: "closed")
+    monkeypatch.setattr(turn, "prompt_block", lambda engine, ids: "closed")
     client, engine = thinking_client()
     data = chat(client, max_reasoning_tokens=5, response_format={"type": "json_object"}).json()
     message = data["choices"][0]["message"]

@@ -27,8 +27,8 @@ def imported_modules(statement: str) -> set[str]:
 
 def test_server_never_imports_torch() -> None:
     modules = imported_modules(
-        "import hearth.server.app, hearth.server.chat.protocol, hearth.server.generation,"
-        " hearth.server.chat.serving, hearth.server.chat.route,"
+        "import hearth.server.app, hearth.server.chat.protocol, hearth.server.context,"
+        " hearth.server.turn, hearth.server.chat.serving, hearth.server.chat.route,"
         " hearth.server.lifecycle"
     )
     assert "torch" not in modules and "transformers" not in modules

@@ -1,4 +1,4 @@
-"""The installed distribution: one top-level name, `hearth`, whose `engine` and `server` are links."""
+"""The installed distribution: one top-level name, `hearth` (engine and server are links in it)."""
 
 from __future__ import annotations
 

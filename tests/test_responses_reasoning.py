@@ -344,9 +344,9 @@ def test_live_budget_then_json_answer(thinking_server: openai.OpenAI) -> None:
 
 
 def test_a_block_the_prompt_closed_means_no_reasoning_item(monkeypatch) -> None:
-    from hearth.server.responses import serving
+    from hearth.server import turn
 
-    monkeypatch.setattr(serving, "prompt_block", lambda engine, ids: "closed")
+    monkeypatch.setattr(turn, "prompt_block", lambda engine, ids: "closed")
     client, engine = thinking_client()
     data = create(client, max_reasoning_tokens=4).json()
     assert [item["type"] for item in data["output"]] == ["message"]
