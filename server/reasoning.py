@@ -227,9 +227,9 @@ def reasoning_budget(effort: str | None, max_reasoning_tokens: int | None) -> in
 def think_grammar(
     grammar: Grammar | None, parser: str, opened: bool, budget: int | None
 ) -> Grammar | None:
-    """The sample's grammar with a reasoning block before it (engine.grammar composes it): the
-    answer's grammar starts after the block closes, and a budget forces the close. Without a
-    reasoning parser, or with neither a grammar nor a budget, nothing changes."""
+    """The sample's grammar with a reasoning block before it (engine/constrained/grammar.py
+    composes it): the answer's grammar starts after the block closes, and a budget forces the
+    close. Without a reasoning parser, or with neither a grammar nor a budget, nothing changes."""
     if parser == "none" or (grammar is None and budget is None):
         return grammar
     block = ThinkBlock(opened=opened, max_tokens=budget)

@@ -48,7 +48,7 @@ class Turn:
     prompt_ids: list[int]
     images: MultiModalInputs | None  # a vision model's processed images; None without any
     tools: list[Tool]
-    grammar: Grammar | None  # the output's grammar, after the thinking (engine/think.py)
+    grammar: Grammar | None  # the output's grammar, after the thinking (engine/constrained/)
     reasoning_parser: str  # how the output's thinking splits off; "none": it does not think
     opened: bool  # the prompt ends inside a reasoning block (the template opened it)
 

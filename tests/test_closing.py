@@ -209,7 +209,7 @@ def test_a_budget_too_small_for_any_completion_ends_cut_off(engine: AsyncEngine)
 
 
 def test_scan_follows_json_strings_and_escapes() -> None:
-    from hearth.engine.closing import ESCAPED, IN_STRING, OUTSIDE, scan
+    from hearth.engine.constrained.closing import ESCAPED, IN_STRING, OUTSIDE, scan
 
     assert scan(OUTSIDE, b'{"a": "x') == IN_STRING
     assert scan(OUTSIDE, b'{"a": "x\\') == ESCAPED
@@ -231,7 +231,7 @@ def test_scan_follows_json_strings_and_escapes() -> None:
 )
 def test_plans_close_what_is_open(engine: AsyncEngine, prefix: str, ending: str) -> None:
     """From a state mid-JSON, the plan is the short completion, ending the sample."""
-    from hearth.engine.closing import ClosingState
+    from hearth.engine.constrained.closing import ClosingState
 
     grammars = engine.core.grammars
     matcher = grammars.matcher(GRAMMARS["json_object"][0])

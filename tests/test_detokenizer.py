@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from hearth.engine.detokenizer import IncrementalDetokenizer
+from hearth.engine.text.detokenizer import IncrementalDetokenizer
 
 
 def byte_decode(ids: Sequence[int]) -> str:

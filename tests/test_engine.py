@@ -383,7 +383,7 @@ def test_grammar_constrains_random_model_and_leaves_neighbours_alone(engine: Asy
 
 
 def test_invalid_grammar_is_rejected_before_queueing(engine: AsyncEngine) -> None:
-    from hearth.engine.grammar import GrammarError
+    from hearth.engine.constrained.grammar import GrammarError
     from hearth.engine.types import Grammar
 
     bad = Grammar("json_schema", '{"type": "nope"}', param="response_format.json_schema")
@@ -402,7 +402,7 @@ def test_grammar_token_view_reads_byte_level_tokens(smollm_tokenizer_dir: Path) 
     from tokenizers import decoders
     from transformers import AutoTokenizer
 
-    from hearth.engine.grammar import token_view
+    from hearth.engine.constrained.grammar import token_view
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
     tokenizer.backend_tokenizer.decoder = decoders.Sequence(

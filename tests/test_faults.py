@@ -92,8 +92,8 @@ def test_bad_requests_are_refused_and_never_reach_the_thread(engine: AsyncEngine
 def test_client_errors_are_invalid_request_errors_naming_the_field(engine: AsyncEngine) -> None:
     """What the client can fix raises InvalidRequestError (the server's only 400), with the
     request field at fault where the engine knows it; messages stay as they were."""
-    from hearth.engine.grammar import GrammarError
-    from hearth.engine.tokenizer import TemplateError
+    from hearth.engine.constrained.grammar import GrammarError
+    from hearth.engine.text.tokenizer import TemplateError
 
     def check(prompt: list[int], **params) -> InvalidRequestError:
         request = GenerationRequest("bad", prompt, SamplingParams(**params))

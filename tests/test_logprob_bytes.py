@@ -100,7 +100,7 @@ def test_special_tokens_mid_text_are_listed_with_their_text() -> None:
 def test_byte_level_bpe_tokens_map_back_to_their_raw_bytes(smollm_tokenizer_dir) -> None:
     from transformers import AutoTokenizer
 
-    from hearth.engine.tokenizer import ChatTokenizer
+    from hearth.engine.text.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(smollm_tokenizer_dir))
     text = "Hi 😀 there, it's é"
@@ -114,7 +114,7 @@ def test_byte_level_bpe_tokens_map_back_to_their_raw_bytes(smollm_tokenizer_dir)
 
 
 def test_sentencepiece_tokens_map_spaces_and_byte_fallbacks() -> None:
-    from hearth.engine.token_bytes import TokenBytes
+    from hearth.engine.text.token_bytes import TokenBytes
 
     class Piece:  # a SentencePiece-style vocabulary: ▁ for spaces, <0xNN> byte fallbacks
         all_special_ids = [2]

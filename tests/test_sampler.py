@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hearth.engine.grammar import GrammarCompiler
+from hearth.engine.constrained.grammar import GrammarCompiler
 from hearth.engine.sampler import Sampler, SamplingRow, sample
 from hearth.engine.types import SamplingParams
 

@@ -20,9 +20,9 @@ import torch
 from transformers import AutoTokenizer
 
 from hearth.engine.async_engine import AsyncEngine
-from hearth.engine.closing import ClosingState
-from hearth.engine.grammar import GrammarCompiler, GrammarError
-from hearth.engine.think import AFTER, BEFORE, INSIDE, BlockScan
+from hearth.engine.constrained.closing import ClosingState
+from hearth.engine.constrained.grammar import GrammarCompiler, GrammarError
+from hearth.engine.constrained.think import AFTER, BEFORE, INSIDE, BlockScan
 from hearth.engine.types import GenerationRequest, Grammar, SamplingParams, ThinkBlock
 from tests.test_closing import STYLES, generate
 from tests.test_engine import start_engine

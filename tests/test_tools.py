@@ -286,7 +286,8 @@ def sdk() -> Any:
 # Live requests that sample say how: a fixed temperature and, where the API has one, a seed, so
 # a run repeats on one machine. Their assertions hold for any sample: another CPU's floats give
 # other samples, and grammar-constrained ones always complete within their budget (the closing
-# plan, engine/closing.py; every budget below exceeds its grammar's plan several times over).
+# plan, engine/constrained/closing.py; every budget below exceeds its grammar's plan several
+# times over).
 SAMPLED = {"temperature": 0.7, "seed": 20}
 
 
@@ -429,7 +430,7 @@ def test_live_responses_tool_round_trip(sdk: Any) -> None:
 def test_tool_aware_templates_render_tools_and_pick_the_parser(smollm_tokenizer_dir) -> None:
     from transformers import AutoTokenizer
 
-    from hearth.engine.tokenizer import ChatTokenizer
+    from hearth.engine.text.tokenizer import ChatTokenizer
 
     hf = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
     plain = ChatTokenizer(hf)

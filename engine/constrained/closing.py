@@ -19,13 +19,13 @@ longer than the budget, the steer still shortens it every step and the sample en
 ('length'); a grammar the walk finds no plan for (within PLAN_CAP tokens) is not steered.
 Logprobs stay the model's (masked) ones: only which tokens may be sampled changes.
 
-Reasoning blocks (Grammar.think; engine/think.py): the grammar lets the block run free until
+Reasoning blocks (Grammar.think; think.py): the grammar lets the block run free until
 the model writes its end tag, so the steer tracks each sample's block with a BlockScan. Inside
 the block a plan starts with the end tag (then the answer's plan), so the model thinks freely
 while the budget allows and the block is closed in time for the answer; with no reasoning
 budget, or one larger than max_tokens, a sample still ends 'stop' with its answer complete
 whenever its first plan fit (the block is simply cut shorter). Once a reasoning budget is
-spent, the steer forces the end tag token by token (the grammar cannot: engine/think.py says
+spent, the steer forces the end tag token by token (the grammar cannot: think.py says
 why). A text answer (budget only, no response format) is steered only inside the block: the
 answer itself runs free to max_tokens or end-of-sequence. The walk's JSON `where` counts only
 answer text.
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import llguidance
 import torch
 
+from hearth.engine.constrained.think import BEFORE, INSIDE, BlockScan
 from hearth.engine.sampler import sample
-from hearth.engine.think import BEFORE, INSIDE, BlockScan
 from hearth.engine.types import SamplingParams
 
 CLOSE_MARGIN = 8  # tokens: closing starts this many tokens before the budget forces it

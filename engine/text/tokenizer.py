@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hearth.engine.token_bytes import TokenBytes, TokenPiece
+from hearth.engine.text.token_bytes import TokenBytes, TokenPiece
 from hearth.engine.types import InvalidRequestError
 
 # apply_chat_template's own arguments: a request's chat_template_kwargs never set these
@@ -108,5 +108,5 @@ class ChatTokenizer:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def token_pieces(self, token_ids: Sequence[int]) -> list[TokenPiece]:
-        """Each token's raw bytes and whether it is special (see engine.token_bytes)."""
+        """Each token's raw bytes and whether it is special (see engine/text/token_bytes.py)."""
         return self._bytes.pieces(token_ids)

@@ -20,7 +20,7 @@ Behaviour (llguidance 1.9.1, checked in tests/test_think_grammar.py):
   whitespace characters (`\\n\\n`; bounded, or a model may pad forever; the reasoning parser
   drops them);
 - the budget (`ThinkBlock.max_tokens`) is not in the grammar: the closing steer
-  (engine/closing.py) forces the end tag, token by token, once BlockScan has counted that many
+  (closing.py) forces the end tag, token by token, once BlockScan has counted that many
   tokens inside the block (the model's own tag tokens included; 0: at once). A model caught
   mid-tag (`</` `think` as its last budgeted tokens) gets the full tag after the partial one
   (`…</think</think>`): the block still ends at the first complete tag, as the parser reads it;
@@ -56,7 +56,7 @@ def _regex(text: str) -> str:
 def compose(block: ThinkBlock, answer: str | None) -> str:
     """The llguidance grammar: a reasoning block, then the answer. `answer`: the answer's
     llguidance grammar (Lark text, or a JSON top-level grammar); None: any text. The budget
-    (`block.max_tokens`) is not in it: the closing steer forces the end tag (engine/closing.py)."""
+    (`block.max_tokens`) is not in it: the closing steer forces the end tag (closing.py)."""
     rules = [
         "%llguidance {}",
         f"thought[lazy]: /(?s:.*){_regex(block.end)}/",

@@ -13,8 +13,8 @@ from typing import Any
 import llguidance
 import torch
 
-from hearth.engine import think
-from hearth.engine.closing import Closer
+from hearth.engine.constrained import think
+from hearth.engine.constrained.closing import Closer
 from hearth.engine.types import JSON_STYLE, Grammar, InvalidRequestError
 
 _BITS = torch.arange(32, dtype=torch.int32)  # [32]
@@ -29,7 +29,7 @@ class GrammarError(InvalidRequestError):
 
 def to_llguidance(grammar: Grammar) -> str:
     """The llguidance grammar text for a torch-free Grammar description; one with a reasoning
-    block (`think`) is that block, then the grammar (engine/think.py)."""
+    block (`think`) is that block, then the grammar (think.py)."""
     if grammar.think is not None:
         answer = dataclasses.replace(grammar, think=None)
         return think.compose(
