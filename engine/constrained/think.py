@@ -14,7 +14,7 @@ JSON top-level grammar `{"grammars": [...]}` whose first entry is the start):
     start: OPEN thought answer | answer          (else; OPEN: /[ \\t\\r\\n]{0,4}<think>/; for a text
                                                   answer, PLAIN: any text not opening a block)
 
-Behaviour (llguidance 1.9.1, checked in tests/test_think_grammar.py):
+Behaviour (llguidance 1.9.1, checked in tests/engine/test_think_grammar.py):
 - reasoning is free text (look-alikes such as `<think>`, `</thin`, `{` included) until the
   first end tag, which ends the lazy lexeme; then the answer's grammar applies, after up to 4
   whitespace characters (`\\n\\n`; bounded, or a model may pad forever; the reasoning parser

@@ -31,7 +31,7 @@ from hearth.server.chat.protocol import ChatCompletionRequest, ChatMessage
 from hearth.server.collect import run_to_completion
 from hearth.server.context import Context, new_id
 from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs, vllm_prompt_logprobs
-from hearth.server.reasoning import ReasoningParser, count_reasoning_tokens
+from hearth.server.reasoning import ReasoningParser, count_reasoning_tokens, split_text
 from hearth.server.streaming import event_stream, sse
 from hearth.server.streams import raise_for_output
 from hearth.server.tokens import resolve_max_tokens
@@ -190,8 +190,7 @@ def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool
 def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, Any]:
     """A choice's message and finish_reason: the thinking split off (reasoning models), calls
     found in the answer become tool_calls."""
-    thinker = reply.thinker()
-    split = thinker.feed(text) + thinker.finish()
+    split = split_text(text, reply.reasoning_parser, reply.opened)
     text = split.content
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if reply.engine.info.reasoning_parser != "none":  # a thinking model: the fields are there
