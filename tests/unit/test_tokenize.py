@@ -72,6 +72,25 @@ def test_messages_count_equals_the_chat_completions_prompt_tokens() -> None:
         assert counted == chat["usage"]["prompt_tokens"]
 
 
+def test_messages_count_equals_the_responses_input_tokens() -> None:
+    """/tokenize, chat and Responses prepare a turn the same way (server/turn.py): the same
+    conversation and tools count the same on all three, template kwargs included."""
+    client = make_client(FakeEngine(aliases=["fake"], max_model_len=4096))
+    messages = [{"role": "system", "content": "be brief"}, *HELLO]
+    chat_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    flat_tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    cases = [({}, {}), ({"tools": [chat_tool]}, {"tools": [flat_tool]})]
+    for chat_extra, responses_extra in cases:
+        kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+        counted = tokenize(client, messages=messages, **chat_extra, **kwargs).json()["count"]
+        response = client.post(
+            "/v1/responses",
+            json={"model": "fake", "instructions": "be brief", "input": "hello",
+                  "max_output_tokens": 1, **responses_extra, **kwargs},
+        ).json()  # fmt: skip
+        assert counted == response["usage"]["input_tokens"], response
+
+
 def test_add_special_tokens_defaults_and_overrides() -> None:
     for eos in (False, True):
         client = make_client(SpecialEngine(eos=eos))
