@@ -92,7 +92,7 @@ if [ "$WHEELS" != none ]; then
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-export GPU_CHECK_FAKE_GPU=$FAKE
+export GPU_CHECK_FAKE_GPU=$FAKE GPU_CHECK_VERSIONS=$OUT/versions.txt
 step0 "imports (hearth.server.app, the kernels, torch/triton/transformers)" "$PY" -c '
 import os, sys
 import hearth.server.app  # the server: fastapi, pydantic, uvicorn, ... from the wheels
@@ -100,15 +100,16 @@ import hearth.engine.kernels.triton_attention, hearth.engine.kernels.fused_ops
 import hearth.engine.kernels.fp8_kernels, hearth.engine.quantization.fp8
 import llguidance, jsonschema, gguf
 import torch, triton, transformers
-print("versions: torch", torch.__version__, "triton", triton.__version__, "transformers",
-      transformers.__version__, "python", sys.version.split()[0])
+line = (f"torch {torch.__version__} triton {triton.__version__} transformers "
+        f"{transformers.__version__} python {sys.version.split()[0]}")
+print("versions:", line)
+open(os.environ["GPU_CHECK_VERSIONS"], "w").write(line)
 if not os.environ["GPU_CHECK_FAKE_GPU"]:
     assert torch.cuda.is_available(), "torch sees no CUDA device"
     free, total = torch.cuda.mem_get_info()
     print(f"torch: {torch.cuda.get_device_name()}, {total / 2**30:.1f} GiB, {free / 2**30:.1f} free")
-' >"$OUT/versions.txt" 2>&1 # not a pipe: fail0 must exit this shell
-cat "$OUT/versions.txt"
-record setup versions "$(grep '^versions:' "$OUT/versions.txt" | cut -d' ' -f2-)"
+'
+record setup versions "$(cat "$GPU_CHECK_VERSIONS")"
 if [ -n "$FAKE" ]; then
     GPU_LINE=$FAKE
     echo "GPU (faked by GPU_CHECK_FAKE_GPU): $GPU_LINE"
