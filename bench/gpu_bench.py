@@ -56,17 +56,18 @@ VS_CB_TARGET = 1.5
 
 
 def rates(device: str, quantization: str) -> tuple[float | None, float | None]:
-    """Measured matmul FLOP/s: (bf16, the projections' dtype); None where it cannot run."""
-    size = 8192 if device.startswith("cuda") else 256
+    """Measured matmul FLOP/s: (the model's dtype: bf16 on CUDA, fp32 on CPU; the projections'
+    dtype); None where it cannot run."""
+    cuda = device.startswith("cuda")
     try:
-        bf16 = matmul_rate(device, "bf16", size)
+        bf16 = matmul_rate(device, "bf16" if cuda else "fp32", 8192 if cuda else 512)
     except Exception:  # the table then shows no compute bound
         traceback.print_exc()
         return None, None
     if quantization != "fp8":
         return bf16, bf16
     try:
-        return bf16, matmul_rate(device, "fp8", size)
+        return bf16, matmul_rate(device, "fp8", 8192 if cuda else 512)
     except Exception:
         traceback.print_exc()
         return bf16, None
@@ -251,9 +252,10 @@ def main() -> None:
     shape = SHAPES[args.shape]
     compute = None
     if bf16_rate:
-        report.add("bf16 matmul TFLOP/s (measured)", bf16_rate / 1e12)
+        kind = "bf16" if args.device.startswith("cuda") else "fp32"
+        report.add(f"{kind} matmul TFLOP/s (measured)", f"{bf16_rate / 1e12:.3g}")
     if args.quantization == "fp8" and linear_rate:
-        report.add("fp8 matmul TFLOP/s (measured, _scaled_mm)", linear_rate / 1e12)
+        report.add("fp8 matmul TFLOP/s (measured, _scaled_mm)", f"{linear_rate / 1e12:.3g}")
     if bf16_rate and linear_rate:
         compute = compute_bound_tok_s(
             shape, args.prompt_len, args.output_len, bf16_rate, linear_rate

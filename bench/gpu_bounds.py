@@ -68,11 +68,13 @@ def bandwidth_bound_tok_s(bandwidth: float, weight_bytes: int, kv_bytes: int) ->
 
 def matmul_rate(device: str, dtype: str = "bf16", n: int = 8192, repeats: int = 10) -> float:
     """FLOP/s of an n x n x n matrix product on `device` (random data; mean of `repeats` after
-    three warm-ups). dtype "fp8": torch._scaled_mm on e4m3 inputs (bf16 output)."""
+    three warm-ups). dtype "bf16", "fp32", or "fp8": torch._scaled_mm on e4m3 inputs (bf16
+    output)."""
     import torch
 
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    kind = torch.float32 if dtype == "fp32" else torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=kind)
+    b = torch.randn(n, n, device=device, dtype=kind)
     if dtype == "fp8":
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
         one = torch.ones((), device=device)

@@ -171,7 +171,7 @@ stage() {
     echo "== $name: $measure (timeout ${limit} s, $((SECONDS - START)) s so far) =="
     local began=$SECONDS rc state
     # timeout signals its whole process group: the stage's servers and children too.
-    timeout -k 5 "$limit" "$@"
+    timeout -k 5 "$limit" bash -c '"$@"' stage "$@" # bash: COMMAND may be bench or serve
     rc=$?
     case $rc in
         0) state="ok" ;;
@@ -195,6 +195,9 @@ serve() { # serve LABEL HEARTH_SERVE_ARGS...
     "$PY" bench/serve_check.py --label "$label" --log "$OUT/serve.log" --json "$RESULTS" \
         --ready-timeout 90 -- "$@"
 }
+
+export PY OUT RESULTS
+export -f bench serve
 
 # The first call: ~35 + 60 + 60 + 45 s expected of the caps' 60 + 75 + 70 + 50.
 if [ "$PART" != 70b ]; then
