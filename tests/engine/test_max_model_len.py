@@ -70,6 +70,7 @@ def test_a_configured_max_model_len_that_does_not_fit_fails_the_start(
     assert "max_model_len 400" in message and f"KV cache's {HOLDS} tokens" in message
 
 
+@pytest.mark.slow
 def test_served_models_advertise_the_capped_length(tiny_llama_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path / "models.yaml", tiny_llama_dir, kv_cache_memory=SMALL_KV)
     with running_server("--config", str(config)) as (base_url, _):
