@@ -9,6 +9,8 @@
 #
 #   make install && bash bench/gpu_prepare.sh      # then: run(..., carry=[".whl", ".gpu"])
 # Needs PyPI (pip download) once; PYTHON (default .venv/bin/python) is the repository's venv.
+# Where a python3.12 runs (pyenv: PYENV_VERSION=3.12.1), the wheels are also installed and
+# imported under it, as the device's Python 3.12 will.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -23,6 +25,20 @@ for n in 17 24 27 28 31 34 35 39; do platforms+=(--platform "manylinux_2_${n}_x8
     --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 --platform linux_x86_64 -d .whl -r "$PINS"
 "$PYTHON" bench/gpu_wheels.py check .whl
+# Where a CPython 3.12 is at hand (the device's version): install them as the device will and
+# import the server's packages that need nothing of the image.
+if command -v python3.12 >/dev/null && python3.12 -c '' 2>/dev/null; then
+    site=$(mktemp -d)
+    python3.12 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$site" .whl/*.whl
+    PYTHONPATH=$site python3.12 -c 'import fastapi, starlette, pydantic, llguidance  # (uvicorn: click, h11 from the image)
+import jsonschema, platformdirs, opentelemetry.trace
+class M(pydantic.BaseModel):
+    x: int
+assert M(x="3").x == 3
+print("python3.12: the wheels install and import")'
+    rm -rf "$site"
+fi
 
 echo "== .gpu: tokenizer and shapes"
 rm -rf .gpu
