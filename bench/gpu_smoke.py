@@ -1,10 +1,17 @@
-"""CUDA smoke check: the Triton decode kernel against float64 attention, and hearth's engine
-(sdpa, triton, triton + CUDA graphs, the defaults) on tiny random Llama and Qwen2 models against
-transformers' generate(); the Llama again with load_format dummy (random weights built on the GPU).
+"""CUDA smoke check: kernels against float64 references, then tiny engines against generate().
 
-    python bench/gpu_smoke.py --tokenizer DIR --out /tmp/tiny-llama
-Builds the checkpoints (so `hearth serve --model OUT` can serve the Llama), then compares the
-greedy tokens of 11 concurrent requests with generate(): asserted equal in fp32, reported in bf16.
+    python bench/gpu_smoke.py --tokenizer DIR --out /tmp/tiny-llama          # the device check's
+    python bench/gpu_smoke.py --tokenizer DIR --out /tmp/tiny-llama --all    # every variant
+
+Default (bench/gpu_check.sh's correctness stage, ~1 minute): the Triton paged decode kernel
+against float64 attention (contexts spanning many 64-token tiles, fp32 and bf16) and its time
+against gather + SDPA; one fp8 matmul (the Fp8Linear path the engine runs) against float64;
+then two engines on a tiny random Llama: fp32 with autotune on (its measured kernels), greedy
+tokens of 11 concurrent requests asserted equal to generate(); and bf16 with fp8 random weights
+(load_format dummy), agreement with generate() of the same model reported.
+--all: the older matrix (sdpa, triton, triton + graphs, the defaults; Llama and Qwen2; dummy
+weights), fp32 asserted, bf16 reported. Builds the checkpoint, so `hearth serve --model OUT`
+can serve the Llama.
 """
 
 from __future__ import annotations
@@ -135,18 +142,50 @@ VARIANTS = {
 }
 
 
+def check_fp8_matmul(device: str) -> None:
+    """Fp8Linear (the engine's fp8 path: e4m3 weights per channel, activations per token on the
+    fp8 units where the device has them) against float64 of the same dequantized weight, at the
+    8B MLP's up shape; the error is the activations' e4m3 rounding (~2^-4 per element)."""
+    from hearth.engine.quantization.fp8 import Fp8Linear, fast_path
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    linear = torch.nn.Linear(4096, 14336, bias=False)
+    torch.nn.init.normal_(linear.weight, std=0.02, generator=gen)
+    layer = Fp8Linear.from_linear(linear).to(device)
+    weight = layer.dequantized(torch.float64)  # [N, K]
+    for rows in (1, 37, 512):
+        x = torch.randn(rows, 4096, generator=gen).to(device, torch.bfloat16)  # [M, K]
+        got = layer(x).double()  # [M, N]
+        want = x.double() @ weight.T
+        err = ((got - want).norm() / want.norm()).item()
+        print(f"fp8 matmul M={rows}: relative error {err:.2e} vs float64", flush=True)
+        assert err < 0.06, err
+    print(f"fp8 matmul path: {'fp8 units (_scaled_mm)' if fast_path(device) else 'weight-only'}")
+
+
+def prompts_for_engines() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    # 11 requests: CUDA graphs replay bucket 16 with 5 padding rows.
+    return [torch.randint(3, 49152, (8 + 37 * i,), generator=gen).tolist() for i in range(11)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("/tmp/tiny-llama"))
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--all", action="store_true", help="the whole matrix of variants")
     args = parser.parse_args()
     print(describe(), flush=True)  # the machine every figure below was measured on
     check_kernel(args.device)
+    check_fp8_matmul(args.device)
     build(args.out, args.tokenizer)
-    gen = torch.Generator().manual_seed(1)
-    # 11 requests: CUDA graphs replay bucket 16 with 5 padding rows.
-    prompts = [torch.randint(3, 49152, (8 + 37 * i,), generator=gen).tolist() for i in range(11)]
+    prompts = prompts_for_engines()
+    if not args.all:
+        compare(args.out, args.device, prompts, {"autotune on (fp32)": {}}, dtypes=("float32",))
+        fp8 = {"fp8 random weights (bf16)": {}}
+        compare(args.out, args.device, prompts, fp8, "dummy", ("bfloat16",), quantization="fp8")
+        return
     compare(args.out, args.device, prompts, VARIANTS)
     qwen2 = args.out.with_name(args.out.name + "-qwen2")
     build(qwen2, args.tokenizer, "qwen2")
@@ -158,10 +197,17 @@ def main() -> None:
 
 
 def compare(
-    path: Path, device: str, prompts: list[list[int]], variants: dict, load_format: str = "auto"
+    path: Path,
+    device: str,
+    prompts: list[list[int]],
+    variants: dict,
+    load_format: str = "auto",
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    quantization: str = "none",
 ) -> None:
-    """Each variant's greedy tokens against generate() of the stock model, fp32 and bf16."""
-    for dtype in ("float32", "bfloat16"):
+    """Each variant's greedy tokens against generate() of the stock model (its own modules:
+    SDPA, no fused kernels; fp8 layers stay fp8), asserted equal in fp32, reported otherwise."""
+    for dtype in dtypes:
         reference = None
         for variant, limits in variants.items():
             config = ModelConfig(
@@ -170,6 +216,7 @@ def compare(
                 device=device,
                 dtype=dtype,
                 load_format=load_format,
+                quantization=quantization,
                 engine={
                     "kv_cache_memory": "256MiB",
                     "max_num_batched_tokens": 128,

@@ -25,15 +25,41 @@ def _kv_spec(loaded: LoadedModel) -> KVCacheSpec:
     return KVCacheSpec.from_model(loaded.model, loaded.dtype, loaded.config.tensor_parallel_size)
 
 
+def fit_max_model_len(loaded: LoadedModel, num_blocks: int) -> int:
+    """max_model_len capped to what the KV cache holds for one sequence (num_blocks x
+    block_size tokens): a context the cache can never hold is not advertised. A max_model_len
+    set in the config that does not fit is an error (LoadError, one line with both numbers);
+    the model's own context length is capped with a warning."""
+    capacity = num_blocks * loaded.config.engine.block_size
+    if loaded.max_model_len <= capacity:
+        return loaded.max_model_len
+    if loaded.config.max_model_len is not None:
+        raise LoadError(
+            f"{loaded.config.id}: max_model_len {loaded.max_model_len} exceeds the KV cache's "
+            f"{capacity} tokens: lower max_model_len or give the KV cache more memory "
+            "(gpu_memory_utilization, kv_cache_memory)"
+        )
+    log.warning(
+        "%s: max_model_len %d -> %d: the KV cache holds %d tokens (give it more memory for "
+        "longer contexts: gpu_memory_utilization, kv_cache_memory)",
+        loaded.config.id,
+        loaded.max_model_len,
+        capacity,
+        capacity,
+    )
+    return capacity
+
+
 def follow(loaded: LoadedModel) -> None:
     """A tensor-parallel rank other than 0: run rank 0's steps on this rank's shard until it
     shuts down (every rank sizes the same cache, so block ids mean the same everywhere)."""
+    num_blocks = num_kv_blocks(_kv_spec(loaded), loaded.config.engine, loaded.device)
     runner = ModelRunner(
         loaded.model,
-        num_kv_blocks(_kv_spec(loaded), loaded.config.engine, loaded.device),
+        num_blocks,
         loaded.dtype,
         loaded.config.engine,
-        loaded.max_model_len,
+        fit_max_model_len(loaded, num_blocks),
         loaded.config.tensor_parallel_size,
     )
     runner.follow()
@@ -50,13 +76,15 @@ def vision_processor(loaded: LoadedModel) -> VisionProcessor:
 
 
 def build_engine(loaded: LoadedModel) -> AsyncEngine:
-    """Size the KV cache, wrap the tokenizer, and start the engine thread."""
+    """Size the KV cache (max_model_len capped to what it holds: `fit_max_model_len`), wrap the
+    tokenizer, and start the engine thread. Raises MemoryError (no KV memory) and LoadError."""
     settings = loaded.config.engine
     spec = _kv_spec(loaded)
     num_blocks = num_kv_blocks(spec, settings, loaded.device)
     if num_blocks < 2:
         problem = budget_problem(settings, loaded.device)
         raise MemoryError(f"{loaded.config.id}: no memory for the KV cache ({problem})")
+    max_model_len = fit_max_model_len(loaded, num_blocks)
     tokenizer = ChatTokenizer(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
     tp_size = loaded.config.tensor_parallel_size
     on_cpu = loaded.device.type == "cpu"
@@ -71,7 +99,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
                 loaded.model,
                 tokenizer,
                 settings,
-                loaded.max_model_len,
+                max_model_len,
                 num_blocks,
                 loaded.dtype,
                 tp_size,
@@ -93,7 +121,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
         info = ModelInfo(
             model_id=loaded.config.id,
             source=loaded.config.source,
-            max_model_len=loaded.max_model_len,
+            max_model_len=max_model_len,
             device=loaded.devices,
             dtype=str(loaded.dtype).removeprefix("torch."),
             kv_capacity_tokens=core.kv_capacity_tokens,

@@ -46,19 +46,22 @@ echo "ran $*"
 
 
 def test_gpu_check_runs_every_section_and_prints_one_table(tmp_path) -> None:
-    """With stand-ins for python3 and nvidia-smi: every section runs in order, a failing one
-    does not stop the next, the fp8 sections say they were skipped, the table comes last."""
+    """With a stand-in for python3 (stage 0's imports run for real) and a faked H200: every
+    section runs in order, a failing one does not stop the next, the table comes last."""
     import os
 
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "python3").write_text(STUB_PYTHON.format(python=sys.executable))
-    (stubs / "nvidia-smi").write_text("#!/bin/bash\necho 0\n")
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     out = tmp_path / "out"
+    (tmp_path / "gpu" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "gpu" / "shapes" / "llama-3.1-8b").mkdir(parents=True)
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out)}
-    env["HEARTH_COMMIT"] = "abc1234"
+    env |= {"HEARTH_COMMIT": "abc1234", "GPU_CHECK_PART": "all", "GPU_CHECK_WHEELS": "none"}
+    env |= {"GPU_CHECK_FAKE_GPU": "NVIDIA H200,143771,580", "GPU_CHECK_STAGE0_S": "90"}
+    env["GPU_CHECK_ASSETS"] = str(tmp_path / "gpu")
     result = subprocess.run(
         ["bash", "bench/gpu_check.sh"],
         cwd=ROOT,
@@ -69,13 +72,11 @@ def test_gpu_check_runs_every_section_and_prints_one_table(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (out / "summary.txt").read_text()
-    order = ["setup", "correctness", "8B bf16", "8B fp8", "70B bf16", "70B fp8"]
+    order = ["setup", "stage 0", "correctness", "8B bf16", "8B fp8", "70B fp8", "70B bf16"]
     starts = [line.split("  ")[0] for line in summary.splitlines()[1:] if line[:1] != " "]
-    has_fp8 = (ROOT / "engine" / "quantization" / "fp8.py").exists()
     assert starts == order, summary
-    assert re.search(r"correctness +gpu_smoke .* FAILED rc=3", summary)
-    assert re.search(r"70B bf16 +bench +ok", summary) and re.search(r"serve +ok", summary)
-    assert ("skipped: no engine/quantization/fp8.py" in summary) != has_fp8
+    assert re.search(r"correctness +kernels vs float64.* FAILED rc=3", summary)
+    assert re.search(r"70B bf16 +bench +ok", summary) and re.search(r"serve: one chat +ok", summary)
     assert "ran bench/gpu_bench.py --label 70B bf16" in (out / "check.log").read_text()
 
 
