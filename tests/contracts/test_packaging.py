@@ -126,3 +126,44 @@ def test_editable_install_exposes_no_engine_or_server(tmp_path: Path) -> None:
     engine, server, origin = out.stdout.split()
     assert (engine, server) == ("None", "None")
     assert origin == str(ROOT / "hearth" / "engine" / "__init__.py")  # one path: through the link
+
+
+# Imported by the product but not declared: each comes with a declared dependency, or is optional
+# and guarded where it is imported.
+TRANSITIVE = {
+    "numpy": "torch and transformers",
+    "pydantic-core": "pydantic",
+    "starlette": "fastapi",
+    "triton": "optional: CUDA torch builds bring it; imports are guarded",
+}
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    """A regular install (`pip install .`) must be able to import every module the product
+    imports: `hearth serve` once failed to start there because httpx was only a test extra."""
+    import ast
+    import importlib.metadata as md
+    import re as regex
+
+    declared = {
+        regex.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower().replace("_", "-")
+        for spec in pyproject()["project"]["dependencies"]
+    }
+    owners = md.packages_distributions()
+    missing = set()
+    for top in FOLDERS:
+        for path in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module or ""]
+                else:
+                    continue
+                for name in names:
+                    root = name.split(".")[0]
+                    for dist in owners.get(root, []):  # stdlib and hearth itself have none
+                        dist = dist.lower().replace("_", "-")
+                        if dist not in declared and dist not in TRANSITIVE and dist != "hearth":
+                            missing.add(f"{dist} ({path.relative_to(ROOT)})")
+    assert not missing, sorted(missing)
