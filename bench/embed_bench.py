@@ -29,7 +29,7 @@ from hearth.engine.embedding.loader import build_embedding_engine
 from hearth.engine.loading.loader import single_threaded
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.types import EmbeddingRequest
-from tests.embedding_fixture import build_tiny_bert, sample_texts
+from tests.fixtures.embedding import build_tiny_bert, sample_texts
 
 
 def build_minilm(out: Path) -> Path:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.*; hearth comes installed
 
-import hearth.engine.closing
+import hearth.engine.constrained.closing
 import hearth.engine.core
 from bench.machine import describe
 from hearth.engine.async_engine import AsyncEngine
@@ -266,7 +266,7 @@ def grammar_overhead(loaded: LoadedModel, prompts, args) -> None:
     same number of tokens: this measures the cost of masking and advancing the grammar and of
     keeping each sample's closing plan.
     """
-    hearth.engine.closing.CLOSE_MARGIN = 0
+    hearth.engine.constrained.closing.CLOSE_MARGIN = 0
     free, constrained = [], []
     for _ in range(args.repeat):
         free.append(bench_hearth(loaded, prompts, args))

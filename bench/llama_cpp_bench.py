@@ -147,7 +147,7 @@ def main() -> None:
     from bench.machine import describe
     from hearth.engine.loading.loader import single_threaded
     from hearth.engine.loading.sources import resolve_source
-    from hearth.engine.tokenizer import ChatTokenizer
+    from hearth.engine.text.tokenizer import ChatTokenizer
 
     os.environ["HEARTH_NUM_THREADS"] = str(args.threads)  # the engine threads' torch threads
     single_threaded()  # as hearth serve's loader: only the engine threads run multi-threaded

@@ -294,7 +294,7 @@ def tiny_checkpoint(out: Path) -> Path:
     from transformers import AutoTokenizer
 
     from hearth.engine.loading.sources import resolve_source
-    from tests.conftest import DEFAULT_GGUF, build_tiny_checkpoint
+    from tests.fixtures.server import DEFAULT_GGUF, build_tiny_checkpoint
 
     source = resolve_source(DEFAULT_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(source.gguf_dir, gguf_file=source.gguf_name)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         base_url, model, pid = args.base_url, args.model, args.pid
         if base_url is None:
             sys.path.append(str(ROOT))  # bench.*; hearth comes installed
-            from tests.conftest import running_server
+            from tests.fixtures.server import running_server
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             checkpoint = tiny_checkpoint(tmp)

@@ -13,7 +13,7 @@ import torch
 
 from hearth.engine.core import EngineCore, FatalStepError
 from hearth.engine.multimodal.processor import VisionProcessor
-from hearth.engine.tokenizer import ChatTokenizer
+from hearth.engine.text.tokenizer import ChatTokenizer
 from hearth.engine.types import (
     EngineDeadError,
     EngineStats,

@@ -14,7 +14,7 @@ from hearth.engine.kv_cache import KVCacheSpec, budget_problem, num_kv_blocks
 from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count
 from hearth.engine.multimodal.processor import VisionProcessor
 from hearth.engine.runner import ModelRunner
-from hearth.engine.tokenizer import ChatTokenizer
+from hearth.engine.text.tokenizer import ChatTokenizer
 from hearth.engine.types import ModelInfo
 
 log = logging.getLogger("hearth.engine")

@@ -17,17 +17,17 @@ from transformers import PreTrainedModel
 
 from hearth.engine import prompt_scoring
 from hearth.engine.block_manager import BlockManager
-from hearth.engine.closing import ClosingState
 from hearth.engine.config import EngineSettings
-from hearth.engine.detokenizer import IncrementalDetokenizer
-from hearth.engine.grammar import GrammarCompiler
+from hearth.engine.constrained.closing import ClosingState
+from hearth.engine.constrained.grammar import GrammarCompiler
+from hearth.engine.constrained.think import BlockScan
 from hearth.engine.lora import lora_manager
 from hearth.engine.runner import ModelRunner, PromptRows
 from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from hearth.engine.scheduler import Scheduler, SchedulerOutput
 from hearth.engine.sequence import Sequence, Status
-from hearth.engine.think import BlockScan
-from hearth.engine.tokenizer import ChatTokenizer
+from hearth.engine.text.detokenizer import IncrementalDetokenizer
+from hearth.engine.text.tokenizer import ChatTokenizer
 from hearth.engine.types import (
     EngineStats,
     FinishReason,

@@ -12,7 +12,8 @@ that does not use it):
 6. temperature, then top-k, top-p and min-p masks;
 7. draws: one exponential race per row, seeded rows from their own generator, so a seeded
    request gets the same tokens whatever else is in the batch; a constrained row is steered
-   to close its grammar within its budget (engine.closing), drawing again when it must;
+   to close its grammar within its budget (engine/constrained/closing.py), drawing again when
+   it must;
 8. logprobs of the chosen token and the top alternatives (from the logits of step 3);
 9. one device-to-host copy of the tokens and their logprobs.
 
@@ -30,8 +31,8 @@ import torch
 from hearth.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
-    from hearth.engine.closing import ClosingState
-    from hearth.engine.grammar import GrammarCompiler
+    from hearth.engine.constrained.closing import ClosingState
+    from hearth.engine.constrained.grammar import GrammarCompiler
 
 
 @dataclass

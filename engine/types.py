@@ -37,7 +37,8 @@ class EngineDeadError(RuntimeError):
 @dataclass(frozen=True)
 class ThinkBlock:
     """A reasoning block before the answer (thinking models): a Grammar with one applies only
-    after the block closes, and a budget closes it (engine/grammar.py composes the two)."""
+    after the block closes, and a budget closes it (engine/constrained/grammar.py composes the
+    two)."""
 
     opened: bool  # the prompt left the block open (the template); else the model may open it
     max_tokens: int | None = None  # reasoning budget: once spent, the closing tag is forced

@@ -1,4 +1,9 @@
-"""Every error leaves as OpenAI's envelope: {"error": {message, type, param, code}} + status."""
+"""Every error leaves as OpenAI's envelope: {"error": {message, type, param, code}} + status.
+
+The one table from failure to HTTP status: `APIError` for the server's own checks, the builders
+below for each kind of failure found on the way (context length, engine refusals, a failed
+output, deadline, client gone), and the exception handlers for everything else (validation 400,
+InvalidRequestError 400, any other exception 500 with a logged traceback)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hearth.engine.types import InvalidRequestError
+from hearth.engine.types import EngineDeadError, InvalidRequestError, QueueFullError
 
 log = logging.getLogger("hearth.server")
 
@@ -57,6 +62,63 @@ def error_body(
     message: str, type: str = "server_error", param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def context_error(limit: int, prompt_len: int, requested: int | None, param: str) -> APIError:
+    """400: the prompt plus `requested` tokens (None: any completion) do not fit `limit`."""
+    if requested is None:
+        detail = f"your prompt has {prompt_len} tokens, leaving no room for a completion"
+    else:
+        detail = (
+            f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or {param}"
+        )
+    return APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, {detail}.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def engine_error(exc: Exception) -> APIError:
+    """An engine's refusal to start a request: 429 (queue full), 503 (engine dead), else 400."""
+    if isinstance(exc, QueueFullError):
+        return APIError(
+            429,
+            f"The server is busy: {exc}. Retry shortly.",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_dead")
+    return APIError(400, str(exc), param=getattr(exc, "param", None))
+
+
+def engine_dead(model: str) -> APIError:
+    return APIError(503, f"The engine of model '{model}' has stopped.", code="engine_dead")
+
+
+def output_error(message: str | None, retryable: bool) -> APIError:
+    """A request the engine failed after starting it: 503 when the server is going away (another
+    replica, or a retry, will do), else 500 (hearth's bug, logged by the engine)."""
+    if retryable:
+        return APIError(503, message or "unavailable", code="service_unavailable")
+    return APIError(500, message or "engine error", code="engine_error")
+
+
+def timeout_error(seconds: float) -> APIError:
+    """504: the request outlived the server's request timeout (server/limits.py)."""
+    return APIError(
+        504,
+        f"The request did not finish within the server's request timeout ({seconds:g} s).",
+        code="request_timeout",
+    )
+
+
+def client_closed() -> APIError:
+    """The 499 of a client that went away first (nginx's code; nobody reads the body)."""
+    return APIError(499, "The client closed the request.", code="client_closed_request")
 
 
 # pydantic names the union member a value failed as: `str`, `literal['a','b']`, `ToolDef`, ...

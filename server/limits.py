@@ -44,14 +44,6 @@ def check_request(request: GenerationRequest, limits: Limits | None) -> float | 
     return limits.deadline
 
 
-def timeout_error(seconds: float) -> APIError:
-    return APIError(
-        504,
-        f"The request did not finish within the server's request timeout ({seconds:g} s).",
-        code="request_timeout",
-    )
-
-
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 

@@ -16,7 +16,7 @@ Rules (the same as vLLM's and SGLang's parsers for these families):
 - A block that never closes (the budget ran out) is all reasoning, and the answer is empty.
 - The tags themselves are in neither part.
 
-Any chunking of the same text gives the same split (tests/test_reasoning_parser.py): text that
+Any chunking of the same text gives the same split (tests/unit/test_reasoning_parser.py): text that
 may be the start of a tag is held until the next chunk decides it.
 """
 
@@ -185,14 +185,8 @@ def prompt_block(engine: EngineClient, prompt_ids: Sequence[int]) -> str | None:
     return "closed" if tail.rstrip().endswith(END) else None
 
 
-def prompt_opens_block(engine: EngineClient, prompt_ids: Sequence[int]) -> bool:
-    """Whether the rendered prompt ends inside an open `<think>` block (see prompt_block)."""
-    return prompt_block(engine, prompt_ids) == "open"
-
-
 # -- request controls ----------------------------------------------------------------------------
 
-EFFORTS = ("none", "minimal", "low", "medium", "high")
 # reasoning_effort -> the reasoning budget in tokens when the request sets none itself
 # (None: unbounded; "none"/"minimal" turn thinking off where the template can, else close at once)
 EFFORT_BUDGETS: dict[str, int | None] = {
@@ -227,9 +221,9 @@ def reasoning_budget(effort: str | None, max_reasoning_tokens: int | None) -> in
 def think_grammar(
     grammar: Grammar | None, parser: str, opened: bool, budget: int | None
 ) -> Grammar | None:
-    """The sample's grammar with a reasoning block before it (engine.grammar composes it): the
-    answer's grammar starts after the block closes, and a budget forces the close. Without a
-    reasoning parser, or with neither a grammar nor a budget, nothing changes."""
+    """The sample's grammar with a reasoning block before it (engine/constrained/grammar.py
+    composes it): the answer's grammar starts after the block closes, and a budget forces the
+    close. Without a reasoning parser, or with neither a grammar nor a budget, nothing changes."""
     if parser == "none" or (grammar is None and budget is None):
         return grammar
     block = ThinkBlock(opened=opened, max_tokens=budget)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from hearth.engine.types import EngineClient
-from hearth.server.errors import APIError
+from hearth.server.errors import APIError, engine_dead
 
 State = Literal["loading", "ready", "draining", "failed"]
 Task = Literal["generate", "embed"]
@@ -87,9 +87,7 @@ class ModelRegistry:
             )
         engine = self._engines[model_id]
         if not engine.is_alive:
-            raise APIError(
-                503, f"The engine of model '{model_id}' has stopped.", code="engine_dead"
-            )
+            raise engine_dead(model_id)
         if task is not None and engine.info.task != task:
             raise APIError(400, _WRONG_TASK[engine.info.task].format(name), param="model")
         return engine
@@ -97,7 +95,7 @@ class ModelRegistry:
     def _adapter(self, name: str, task: Task | None) -> EngineClient:
         view = self._adapters[name]
         if not view.is_alive:
-            raise APIError(503, f"The engine of model '{name}' has stopped.", code="engine_dead")
+            raise engine_dead(name)
         if task is not None and task != "generate":
             raise APIError(400, _WRONG_TASK["generate"].format(name), param="model")
         return view

@@ -116,7 +116,7 @@ class ToolCallParser:
 
     def ends_after(self, text: str) -> bool:
         """Feeds `text`; true once the rest is not wanted (parallel=False, first call complete).
-        Non-streamed serving watches a choice with it (server/generation.py, collect)."""
+        Non-streamed serving watches a choice with it (server/collect.py)."""
         self.feed(text)
         return self.done
 
@@ -286,7 +286,7 @@ def parse_output(
 def answer_watch(
     tools: Sequence[Tool], tool_parser: str, forced: bool, reasoning: str, opened: bool
 ) -> Callable[[str], bool]:
-    """parallel_tool_calls false, not streamed (server/generation.py, collect): fed a choice's
+    """parallel_tool_calls false, not streamed (server/collect.py): fed a choice's
     text, true once the answer's one call is complete (a call written while thinking is not one:
     a reasoning model's thinking is split off first, server/reasoning.py)."""
     calls = ToolCallParser(tools, tool_parser, parallel=False, forced=forced)

@@ -50,6 +50,16 @@ class Tool:
         return {"type": "function", "function": function}
 
 
+def function_tools(tools: Sequence[Any] | None) -> list[Tool]:
+    """Chat's `tools` (`{"type": "function", "function": {...}}` entries) as checked Tools; a bad
+    schema is a 400 naming `tools[i].function.parameters`."""
+    return [
+        Tool.checked(t.function.name, t.function.description, t.function.parameters, param)
+        for i, t in enumerate(tools or [])
+        for param in [f"tools[{i}].function.parameters"]
+    ]
+
+
 @dataclass
 class ToolCall:
     name: str

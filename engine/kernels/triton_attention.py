@@ -4,7 +4,8 @@ One program per (sequence, KV head): it loads the G query heads that share the K
 sequence's context TILE tokens at a time (each token's block looked up in the block table) with an
 online softmax, and writes [G, D]. The context length is read from memory, so the launch has
 fixed shapes (CUDA-graph friendly).
-Checked against the gather + SDPA path in Triton's interpreter on CPU (tests/test_triton_attention).
+Checked against the gather + SDPA path in Triton's interpreter on CPU
+(tests/engine/test_triton_attention.py).
 """
 
 from __future__ import annotations

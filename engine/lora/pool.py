@@ -190,10 +190,3 @@ class LoraManager:
 def lora_manager(model: nn.Module, settings: Any, tp_size: int = 1) -> LoraManager:
     """The manager for a model with `settings.max_loras` slots of rank `settings.max_lora_rank`."""
     return LoraManager(model, settings.max_loras, settings.max_lora_rank, tp_size)
-
-
-def as_adapter_error(name: str, exc: Exception) -> AdapterError:
-    """Any failure while loading adapter `name` as an AdapterError (already one: unchanged)."""
-    if isinstance(exc, AdapterError):
-        return exc
-    return AdapterError(name, f"{type(exc).__name__}: {exc}")

@@ -14,7 +14,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from hearth.engine.tokenizer import render_chat
+from hearth.engine.text.tokenizer import render_chat
 from hearth.engine.types import ImageInput, InvalidRequestError, MultiModalInputs
 
 __all__ = ["VisionProcessor", "load_processor"]

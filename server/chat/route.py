@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from hearth.server.auth import require_api_key
 from hearth.server.chat.protocol import ChatCompletionRequest
 from hearth.server.chat.serving import serve_chat
-from hearth.server.generation import Context
+from hearth.server.context import Context
 
 router = APIRouter()
 

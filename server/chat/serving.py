@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -26,29 +27,18 @@ from hearth.engine.types import (
     ModelInfo,
     TokenLogprob,
 )
-from hearth.server.chat.protocol import ChatCompletionRequest
-from hearth.server.content import refuse_media
-from hearth.server.generation import (
-    Context,
-    new_id,
-    raise_for_output,
-    resolve_max_tokens,
-    run_to_completion,
-    usage,
-)
+from hearth.server.chat.protocol import ChatCompletionRequest, ChatMessage
+from hearth.server.collect import run_to_completion
+from hearth.server.context import Context, new_id
 from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs, vllm_prompt_logprobs
-from hearth.server.prompts import encode_messages, encode_vision_messages
-from hearth.server.reasoning import (
-    ReasoningParser,
-    count_reasoning_tokens,
-    prompt_block,
-    reasoning_budget,
-    template_kwargs,
-    think_grammar,
-)
+from hearth.server.reasoning import ReasoningParser, count_reasoning_tokens, split_text
 from hearth.server.streaming import event_stream, sse
+from hearth.server.streams import raise_for_output
+from hearth.server.tokens import resolve_max_tokens
 from hearth.server.tool_parser import Event, ToolCallParser, answer_watch, parse_output
-from hearth.server.tools import Tool, call_json, format_grammar, plan
+from hearth.server.tools import Tool, call_json, format_grammar, function_tools, plan
+from hearth.server.turn import TurnOptions, prepare_turn
+from hearth.server.usage import usage
 
 
 @dataclass
@@ -101,29 +91,28 @@ async def serve_chat(
 ) -> dict[str, Any] | StreamingResponse:
     """The chat.completion object, or the stream of its chunks."""
     engine = context.registry.get(body.model)
-    if not engine.info.vision:
-        refuse_media([m.content for m in body.messages], body.model, "messages")  # before tools
-    tools, grammar = constraints(body, engine.info)
-    kwargs = template_kwargs(body.reasoning_effort, body.chat_template_kwargs)
-    images = None
-    if engine.info.vision:
-        settings = context.settings
-        prompt_ids, images = await encode_vision_messages(
-            engine, body.model, body.messages, tools, kwargs, settings
-        )
-    else:
-        prompt_ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
+    turn = await prepare_turn(
+        engine,
+        body.model,
+        [m.content for m in body.messages],
+        partial(template_messages, body.messages),
+        lambda: constraints(body, engine.info),
+        param="messages",
+        settings=context.settings,
+        options=TurnOptions(
+            body.reasoning_effort, body.chat_template_kwargs, body.max_reasoning_tokens
+        ),
+    )
+    prompt_ids, images, tools = turn.prompt_ids, turn.images, turn.tools
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs_k)
+    sampling.grammar = turn.grammar
     reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
     reply.parallel = body.parallel_tool_calls is not False
     reply.forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
-    block = prompt_block(engine, prompt_ids)
-    reply.opened, reply.thinks = block == "open", block != "closed"
-    budget = reasoning_budget(body.reasoning_effort, body.max_reasoning_tokens)
-    sampling.grammar = think_grammar(grammar, reply.reasoning_parser, reply.opened, budget)
+    reply.opened, reply.thinks = turn.opened, turn.reasoning_parser != "none"
     if body.stream:
         outputs = await context.open_stream(
             engine, GenerationRequest(reply.id, prompt_ids, sampling, images)
@@ -155,6 +144,18 @@ async def serve_chat(
     }
 
 
+def template_messages(
+    messages: list[ChatMessage], parts: list[Any] | None = None
+) -> list[dict[str, Any]]:
+    """`messages` as the chat template reads them; `parts[i]`: message i's template content
+    parts for a vision model's images (None: its text)."""
+    rendered = [m.to_template() for m in messages]
+    for message, content in zip(rendered, parts or [None] * len(rendered), strict=True):
+        if content is not None:
+            message["content"] = content
+    return rendered
+
+
 def chat_usage(counts: dict[str, int], reasoning_tokens: int) -> dict[str, Any]:
     """Chat's usage: the counts, and how many completion tokens were thinking."""
     return {**counts, "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
@@ -171,11 +172,7 @@ def _prompt_logprobs(
 
 def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool], Grammar | None]:
     """The tools offered to the model, and the grammar its output must follow (if any)."""
-    tools = [
-        Tool.checked(t.function.name, t.function.description, t.function.parameters, param)
-        for i, t in enumerate(body.tools or [])
-        for param in [f"tools[{i}].function.parameters"]
-    ]
+    tools = function_tools(body.tools)
     choice = body.tool_choice
     named = None if isinstance(choice, str | None) else choice.function.name
     fmt = body.response_format
@@ -193,8 +190,7 @@ def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool
 def _message(reply: _Reply, text: str, finish_reason: str | None) -> dict[str, Any]:
     """A choice's message and finish_reason: the thinking split off (reasoning models), calls
     found in the answer become tool_calls."""
-    thinker = reply.thinker()
-    split = thinker.feed(text) + thinker.finish()
+    split = split_text(text, reply.reasoning_parser, reply.opened)
     text = split.content
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if reply.engine.info.reasoning_parser != "none":  # a thinking model: the fields are there

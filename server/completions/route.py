@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from hearth.server.auth import require_api_key
 from hearth.server.completions.protocol import CompletionRequest
 from hearth.server.completions.serving import serve_completion
-from hearth.server.generation import Context
+from hearth.server.context import Context
 
 router = APIRouter()
 

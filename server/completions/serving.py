@@ -18,19 +18,10 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from hearth.engine.types import EngineClient, GenerationOutput, GenerationRequest, TokenLogprob
+from hearth.server.collect import open_streams, run_all
 from hearth.server.completions.protocol import CompletionRequest
+from hearth.server.context import Context, new_id
 from hearth.server.errors import APIError
-from hearth.server.generation import (
-    Context,
-    check_text_length,
-    new_id,
-    open_streams,
-    raise_for_output,
-    resolve_max_tokens,
-    run_all,
-    tokenize,
-    usage,
-)
 from hearth.server.logprobs import (
     Aligned,
     LogprobAligner,
@@ -40,6 +31,9 @@ from hearth.server.logprobs import (
     vllm_prompt_logprobs,
 )
 from hearth.server.streaming import event_stream, sse
+from hearth.server.streams import raise_for_output
+from hearth.server.tokens import check_text_length, resolve_max_tokens, tokenize
+from hearth.server.usage import usage
 
 
 async def _prompt_ids(engine: EngineClient, prompt: str | list[int]) -> list[int]:

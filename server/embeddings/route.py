@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from hearth.server.auth import require_api_key
+from hearth.server.context import Context
 from hearth.server.embeddings.protocol import EmbeddingRequest
 from hearth.server.embeddings.serving import serve_embeddings
-from hearth.server.generation import Context
 
 router = APIRouter()
 

@@ -17,16 +17,9 @@ from hearth.engine.types import (
     QueueFullError,
 )
 from hearth.engine.types import EmbeddingRequest as EngineRequest
+from hearth.server.context import Context, new_id, until_disconnected
 from hearth.server.embeddings.protocol import EmbeddingRequest
-from hearth.server.errors import APIError
-from hearth.server.generation import (
-    Context,
-    client_closed,
-    engine_error,
-    new_id,
-    until_disconnected,
-)
-from hearth.server.limits import timeout_error
+from hearth.server.errors import APIError, client_closed, engine_error, timeout_error
 
 
 async def serve_embeddings(body: EmbeddingRequest, context: Context) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hearth.engine.types import SamplingParams
-from hearth.server.generation import new_id
+from hearth.server.context import new_id
 from hearth.server.responses.output import OutputItems, StreamEvent, response_usage
 from hearth.server.responses.protocol import ResponseRequest
 

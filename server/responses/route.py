@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from hearth.server.auth import require_api_key
-from hearth.server.generation import Context
+from hearth.server.context import Context
 from hearth.server.responses import background, serving
 from hearth.server.responses.items import page
 from hearth.server.responses.protocol import ResponseRequest

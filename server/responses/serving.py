@@ -10,33 +10,11 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from hearth.engine.types import (
-    EngineClient,
-    GenerationOutput,
-    GenerationRequest,
-    Grammar,
-    ImageInput,
-    ModelInfo,
-    MultiModalInputs,
-)
-from hearth.server.content import refuse_media
+from hearth.engine.types import GenerationOutput, GenerationRequest, Grammar, ModelInfo
+from hearth.server.collect import run_to_completion
+from hearth.server.context import Context
 from hearth.server.errors import APIError
-from hearth.server.generation import (
-    Context,
-    check_text_length,
-    open_stream,
-    resolve_max_tokens,
-    run_to_completion,
-    tokenize,
-)
-from hearth.server.images import has_images, read_images
-from hearth.server.reasoning import (
-    count_reasoning_tokens,
-    prompt_block,
-    reasoning_budget,
-    template_kwargs,
-    think_grammar,
-)
+from hearth.server.reasoning import count_reasoning_tokens
 from hearth.server.responses import background
 from hearth.server.responses.items import resolve_references, stored_items
 from hearth.server.responses.output import OutputItems, assistant_turn
@@ -45,8 +23,11 @@ from hearth.server.responses.reasoning_items import Reasoning
 from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
 from hearth.server.streaming import event_stream, sse
+from hearth.server.streams import open_stream
+from hearth.server.tokens import resolve_max_tokens
 from hearth.server.tool_parser import answer_watch
-from hearth.server.tools import Tool, format_grammar, plan, prepare_messages
+from hearth.server.tools import Tool, format_grammar, plan
+from hearth.server.turn import TurnOptions, prepare_turn
 
 log = logging.getLogger("hearth.server")
 
@@ -101,37 +82,6 @@ def constraints(body: ResponseRequest, info: ModelInfo) -> tuple[list[Tool], Gra
     )
     return plan(
         tools, None if named else choice, named, body.parallel_tool_calls, info.tool_parser, output
-    )
-
-
-async def encode(
-    engine: EngineClient,
-    messages: list[dict[str, Any]],
-    tools: list[Tool],
-    kwargs: dict[str, Any] | None = None,
-) -> list[int]:
-    """The prompt's token ids; `kwargs` are more chat template variables (template_kwargs)."""
-    messages, template_tools = prepare_messages(messages, tools, engine.info.template_tools)
-    check_text_length(engine, sum(len(m["content"] or "") for m in messages), "input")
-    return await tokenize(engine.encode_chat, messages, template_tools, kwargs, param="input")
-
-
-async def encode_images(
-    engine: EngineClient,
-    messages: list[dict[str, Any]],
-    tools: list[Tool],
-    kwargs: dict[str, Any] | None,
-    images: list[ImageInput],
-) -> tuple[list[int], MultiModalInputs]:
-    """A vision model's prompt ids and processed images (`{"type": "image"}` parts in order)."""
-    messages, template_tools = prepare_messages(messages, tools, engine.info.template_tools)
-    chars = sum(
-        len(c) if isinstance(c, str) else sum(len(p.get("text", "")) for p in c)
-        for c in (m["content"] or "" for m in messages)
-    )
-    check_text_length(engine, chars, "input")
-    return await tokenize(
-        engine.encode_chat_mm, messages, template_tools, kwargs, images, param="input"
     )
 
 
@@ -197,32 +147,27 @@ async def serve_response(
     body.input = resolve_references(body.input, store)
     input_items = stored_items(body.input)
     engine = context.registry.get(body.model)
-    vision = engine.info.vision and has_images(body.contents())
-    if not engine.info.vision:
-        refuse_media(body.contents(), body.model, "input")
-    tools, grammar = constraints(body, engine.info)
     turns = conversation(body, store)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    history = turns[: len(turns) - len(body.turns())]  # a stored conversation keeps text only
     effort = body.reasoning.effort if body.reasoning else None
-    kwargs = template_kwargs(effort, body.chat_template_kwargs)
-    images = None
-    if vision:  # this input's images; a stored conversation keeps their text only
-        parts, pictures = await read_images(body.contents(), body.model, "input", context.settings)
-        history = turns[: len(turns) - len(body.turns())]
-        prompt_ids, images = await encode_images(
-            engine, [*system, *history, *body.turns(parts)], tools, kwargs, pictures
-        )
-    else:
-        prompt_ids = await encode(engine, [*system, *turns], tools, kwargs)
+    turn = await prepare_turn(
+        engine,
+        body.model,
+        body.contents(),
+        lambda parts: [*system, *history, *body.turns(parts)],
+        lambda: constraints(body, engine.info),
+        param="input",
+        settings=context.settings,
+        options=TurnOptions(effort, body.chat_template_kwargs, body.max_reasoning_tokens),
+    )
+    prompt_ids, images, tools = turn.prompt_ids, turn.images, turn.tools
+    thinks, opened = turn.reasoning_parser, turn.opened
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens"
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling)
-    block = prompt_block(engine, prompt_ids)  # "closed": thinking is off (enable_thinking)
-    thinks = engine.info.reasoning_parser if block != "closed" else "none"
-    opened = block == "open"
-    budget = reasoning_budget(effort, body.max_reasoning_tokens)
-    sampling.grammar = think_grammar(grammar, thinks, opened, budget)
+    sampling.grammar = turn.grammar
     reply = Reply(body, sampling, len(prompt_ids))
     forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
     summary = body.reasoning is not None and body.reasoning.summary is not None

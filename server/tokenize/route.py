@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from hearth.server.auth import require_api_key
-from hearth.server.generation import Context
+from hearth.server.context import Context
 from hearth.server.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from hearth.server.tokenize.serving import serve_detokenize, serve_tokenize
 

@@ -12,14 +12,17 @@ or added around a chat. A tokenizer that does not work that way gets a 400 namin
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from hearth.engine.types import EngineClient
+from hearth.server.chat.serving import template_messages
+from hearth.server.context import Context
 from hearth.server.errors import APIError
-from hearth.server.generation import Context, check_text_length, tokenize
-from hearth.server.prompts import encode_messages, encode_vision_messages
 from hearth.server.tokenize.protocol import DetokenizeRequest, TokenizeRequest
-from hearth.server.tools import Tool
+from hearth.server.tokens import check_text_length, tokenize
+from hearth.server.tools import function_tools
+from hearth.server.turn import TurnOptions, prepare_turn
 
 _PROBE = "a"
 
@@ -72,22 +75,21 @@ def _bad_ids(where: str = "") -> APIError:
 async def _encode_messages(
     engine: EngineClient, body: TokenizeRequest, context: Context
 ) -> list[int]:
-    """The chat route's rendering (server/prompts.py; a vision model's images expanded into
+    """The chat route's rendering (server/turn.py; a vision model's images expanded into
     their placeholder tokens), then the special tokens."""
     assert body.messages is not None
     _refuse_unsupported(body)
-    tools = [
-        Tool.checked(t.function.name, t.function.description, t.function.parameters, param)
-        for i, t in enumerate(body.tools or [])
-        for param in [f"tools[{i}].function.parameters"]
-    ]
-    kwargs = body.chat_template_kwargs  # as the chat route renders them (e.g. enable_thinking)
-    if engine.info.vision:
-        ids, _ = await encode_vision_messages(
-            engine, body.model, body.messages, tools, kwargs, context.settings
-        )
-    else:
-        ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
+    turn = await prepare_turn(  # the chat route's preparation, so count == usage.prompt_tokens
+        engine,
+        body.model,
+        [m.content for m in body.messages],
+        partial(template_messages, body.messages),
+        lambda: (function_tools(body.tools), None),
+        param="messages",
+        settings=context.settings,
+        options=TurnOptions(chat_template_kwargs=body.chat_template_kwargs),
+    )
+    ids = turn.prompt_ids
     if body.special_tokens:
         prefix, suffix = await tokenize(_special_ends, engine, param="add_special_tokens")
         ids = [*prefix, *ids, *suffix]

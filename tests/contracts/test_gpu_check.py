@@ -18,7 +18,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from bench import gpu_wheels
-from tests.conftest import ROOT
+from tests.fixtures.server import ROOT
 
 H100 = "NVIDIA H100 80GB HBM3,81559,580.159.04"
 H200 = "NVIDIA H200,143771,580.159.04"

@@ -14,7 +14,7 @@ from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import LoadError, load_model
 from hearth.engine.loading.sources import resolve_source
-from tests.conftest import running_server, tiny_config
+from tests.fixtures.server import running_server, tiny_config
 
 # The tiny Llama (tests/conftest.py): 2 layers x 2 KV heads x head size 16, float32: 512 bytes
 # of K and V per token; its own context is 512 tokens. 128 KiB hold 256 tokens (16 blocks).

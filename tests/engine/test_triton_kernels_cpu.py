@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.fixtures.server import ROOT
 
 triton = pytest.importorskip("triton")
 
