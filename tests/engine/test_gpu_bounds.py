@@ -1,20 +1,26 @@
 """The bounds printed beside the GPU figures (bench/gpu_bounds.py): FLOPs of a request, the
-compute bound of N x 1024/128, the batch-1 bandwidth bound."""
+compute bound of N x 1024/128, the batch-1 bandwidth bound. Torch-free (the measuring itself,
+matmul_rate, runs in tests/contracts/test_bench.py's small GPU bench on CPU)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.engine_bench import SHAPES
 from bench.gpu_bounds import (
     bandwidth_bound_tok_s,
     compute_bound_tok_s,
     decoder_linear_params,
-    matmul_rate,
     request_flops,
 )
 
-EIGHT_B = SHAPES["llama-3.1-8b"]
+EIGHT_B = dict(  # bench/engine_bench.py's llama-3.1-8b (which imports torch)
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+)
 
 
 def test_an_8b_request_of_1024_in_128_out() -> None:
@@ -37,7 +43,3 @@ def test_an_8b_request_of_1024_in_128_out() -> None:
 def test_the_bandwidth_bound() -> None:
     # 16.06 GB of weights and 1 MB of KV at 4.3 TB/s: ~268 tok/s
     assert bandwidth_bound_tok_s(4.3e12, 16_060_000_000, 1_000_000) == pytest.approx(267.7, 0.01)
-
-
-def test_the_matmul_rate_runs_on_cpu() -> None:
-    assert matmul_rate("cpu", "fp32", n=64, repeats=2) > 0

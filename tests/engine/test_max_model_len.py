@@ -1,23 +1,25 @@
 """max_model_len fits the KV cache: a context the cache can never hold for one sequence is not
 advertised (capped, with a warning) or, when max_model_len was set by hand, refused at start
-with both numbers (engine/builder.py: fit_max_model_len)."""
+with both numbers (engine/builder.py: fit_max_model_len). /v1/models' figure: tests/live/
+test_max_model_len.py."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import httpx
 import pytest
 
 from hearth.engine.builder import build_engine
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.loader import LoadError, load_model
 from hearth.engine.loading.sources import resolve_source
-from tests.fixtures.server import running_server, tiny_config
 
-# The tiny Llama (tests/conftest.py): 2 layers x 2 KV heads x head size 16, float32: 512 bytes
-# of K and V per token; its own context is 512 tokens. 128 KiB hold 256 tokens (16 blocks).
+# The tiny Llama (tests/fixtures/server.py): 2 layers x 2 KV heads x head size 16, float32:
+# 512 bytes of K and V per token; its own context is 512 tokens. 128 KiB hold 256 tokens
+# (16 blocks).
+
+
 SMALL_KV = "128KiB"
 HOLDS = 256
 CONTEXT = 512
@@ -68,11 +70,3 @@ def test_a_configured_max_model_len_that_does_not_fit_fails_the_start(
     message = str(caught.value)
     assert "\n" not in message
     assert "max_model_len 400" in message and f"KV cache's {HOLDS} tokens" in message
-
-
-@pytest.mark.slow
-def test_served_models_advertise_the_capped_length(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path / "models.yaml", tiny_llama_dir, kv_cache_memory=SMALL_KV)
-    with running_server("--config", str(config)) as (base_url, _):
-        [model] = httpx.get(f"{base_url}/models", timeout=10).json()["data"]
-    assert model["max_model_len"] == HOLDS
