@@ -230,6 +230,9 @@ class ModelInfo:
     task: Literal["generate", "embed"] = "generate"  # embed: an EmbeddingClient
     vision: bool = False  # an image-text-to-text model: chat accepts image parts (encode_chat_mm)
     parent: str | None = None  # a LoRA adapter's base model id (None: a base model)
+    # the token a document starts after (BOS, else EOS as in GPT-2): an empty completions
+    # prompt generates from it; None: the tokenizer has neither
+    document_start_id: int | None = None
 
 
 class EngineClient(Protocol):

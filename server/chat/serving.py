@@ -26,7 +26,7 @@ from hearth.engine.types import (
     ModelInfo,
     TokenLogprob,
 )
-from hearth.server.chat.protocol import ChatCompletionRequest
+from hearth.server.chat.protocol import AllowedToolsChoice, ChatCompletionRequest
 from hearth.server.content import refuse_media
 from hearth.server.generation import (
     Context,
@@ -48,7 +48,7 @@ from hearth.server.reasoning import (
 )
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import Event, ToolCallParser, answer_watch, parse_output
-from hearth.server.tools import Tool, call_json, format_grammar, plan
+from hearth.server.tools import Tool, allowed, call_json, format_grammar, plan
 
 
 @dataclass
@@ -114,12 +114,12 @@ async def serve_chat(
     else:
         prompt_ids = await encode_messages(engine, body.model, body.messages, tools, kwargs)
     max_tokens = resolve_max_tokens(
-        engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param
+        engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param, "messages"
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs_k)
     reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
     reply.parallel = body.parallel_tool_calls is not False
-    reply.forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
+    reply.forced = forces_call(body.tool_choice)
     block = prompt_block(engine, prompt_ids)
     reply.opened, reply.thinks = block == "open", block != "closed"
     budget = reasoning_budget(body.reasoning_effort, body.max_reasoning_tokens)
@@ -169,6 +169,13 @@ def _prompt_logprobs(
     return {"prompt_logprobs": vllm_prompt_logprobs(engine, scores, body.prompt_logprobs)}
 
 
+def forces_call(choice: object) -> bool:
+    """Whether tool_choice makes the output a call (required, named, allowed_tools required)."""
+    if isinstance(choice, AllowedToolsChoice):
+        return choice.allowed_tools.mode == "required"
+    return choice == "required" or not isinstance(choice, str | None)
+
+
 def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool], Grammar | None]:
     """The tools offered to the model, and the grammar its output must follow (if any)."""
     tools = [
@@ -177,6 +184,9 @@ def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool
         for param in [f"tools[{i}].function.parameters"]
     ]
     choice = body.tool_choice
+    if isinstance(choice, AllowedToolsChoice):
+        tools = allowed(tools, choice.names, "tool_choice.allowed_tools.tools")
+        choice = choice.allowed_tools.mode
     named = None if isinstance(choice, str | None) else choice.function.name
     fmt = body.response_format
     output = format_grammar(

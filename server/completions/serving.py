@@ -43,10 +43,16 @@ from hearth.server.streaming import event_stream, sse
 
 
 async def _prompt_ids(engine: EngineClient, prompt: str | list[int]) -> list[int]:
+    """The prompt's tokens; an empty prompt is the start of a document (OpenAI's)."""
     if isinstance(prompt, str):
         check_text_length(engine, len(prompt), "prompt")
-        return await tokenize(engine.encode, prompt, param="prompt")
-    return prompt
+        prompt = await tokenize(engine.encode, prompt, param="prompt")
+    if prompt:
+        return prompt
+    start = engine.info.document_start_id
+    if start is None:
+        raise APIError(400, "The prompt is empty (this model has no start token).", param="prompt")
+    return [start]
 
 
 async def serve_completion(

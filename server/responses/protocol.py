@@ -141,6 +141,18 @@ class NamedFunction(_Model):
     name: str
 
 
+class AllowedToolsChoice(_Model):
+    """OpenAI's `allowed_tools`: calls restricted to the tools listed, in auto or required mode."""
+
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[NamedFunction] = Field(min_length=1)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tools]
+
+
 class TextFormat(_Model):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
@@ -176,7 +188,9 @@ class ResponseRequest(_Model):
     metadata: dict[str, str] | None = None
     user: str | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | AllowedToolsChoice | None = (
+        None
+    )
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None

@@ -40,13 +40,13 @@ from hearth.server.reasoning import (
 from hearth.server.responses import background
 from hearth.server.responses.items import resolve_references, stored_items
 from hearth.server.responses.output import OutputItems, assistant_turn
-from hearth.server.responses.protocol import ResponseRequest
+from hearth.server.responses.protocol import AllowedToolsChoice, ResponseRequest
 from hearth.server.responses.reasoning_items import Reasoning
 from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import answer_watch
-from hearth.server.tools import Tool, format_grammar, plan, prepare_messages
+from hearth.server.tools import Tool, allowed, format_grammar, plan, prepare_messages
 
 log = logging.getLogger("hearth.server")
 
@@ -91,6 +91,9 @@ def constraints(body: ResponseRequest, info: ModelInfo) -> tuple[list[Tool], Gra
         for i, t in enumerate(body.tools or [])
     ]
     choice = body.tool_choice
+    if isinstance(choice, AllowedToolsChoice):
+        tools = allowed(tools, choice.names, "tool_choice.tools")
+        choice = choice.mode
     named = None if isinstance(choice, str | None) else choice.name
     fmt = body.text.format if body.text else None
     output = format_grammar(
@@ -215,7 +218,7 @@ async def serve_response(
     else:
         prompt_ids = await encode(engine, [*system, *turns], tools, kwargs)
     max_tokens = resolve_max_tokens(
-        engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens"
+        engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens", "input"
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling)
     block = prompt_block(engine, prompt_ids)  # "closed": thinking is off (enable_thinking)
@@ -224,7 +227,10 @@ async def serve_response(
     budget = reasoning_budget(effort, body.max_reasoning_tokens)
     sampling.grammar = think_grammar(grammar, thinks, opened, budget)
     reply = Reply(body, sampling, len(prompt_ids))
-    forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
+    choice = body.tool_choice
+    if isinstance(choice, AllowedToolsChoice):
+        choice = choice.mode
+    forced = choice == "required" or not isinstance(choice, str | None)
     summary = body.reasoning is not None and body.reasoning.summary is not None
     items = OutputItems(
         tools,
