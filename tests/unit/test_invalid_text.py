@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.body_text import invalid_text_param
+from hearth.server.body_text import invalid_text_param
 from tests.test_server import assert_envelope, make_client
 
 CUT = "emoji \\ud83d cut"  # JSON text: a lone high surrogate escape
