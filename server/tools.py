@@ -116,6 +116,8 @@ def call_grammar(tools: Sequence[Tool], parser: str, parallel: bool) -> Grammar:
 def allowed(tools: list[Tool], names: Sequence[str], param: str) -> list[Tool]:
     """tool_choice `allowed_tools`: the tools named (in the order given), the only ones offered
     to the model and parsed; 400 naming `param`[i] for a name not among `tools`."""
+    if not tools:
+        return tools  # plan() says tool_choice needs tools
     by_name = {tool.name: tool for tool in tools}
     for i, name in enumerate(names):
         if name not in by_name:
