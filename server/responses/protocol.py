@@ -192,6 +192,7 @@ class ResponseRequest(_Model):
         None
     )
     parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"  # auto: drop the oldest items to fit
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     # hearth extensions (vLLM's names): a reasoning budget in tokens, more template variables

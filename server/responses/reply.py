@@ -54,7 +54,7 @@ class Reply:
             "tool_choice": _tool_choice(body),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "top_p": self.sampling.top_p,
-            "truncation": "disabled",
+            "truncation": body.truncation,
             "usage": None,
             "user": body.user,
             "metadata": body.metadata or {},

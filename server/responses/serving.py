@@ -44,6 +44,7 @@ from hearth.server.responses.protocol import AllowedToolsChoice, ResponseRequest
 from hearth.server.responses.reasoning_items import Reasoning
 from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
+from hearth.server.responses.truncation import encode_fitting
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import answer_watch
 from hearth.server.tools import Tool, allowed, format_grammar, plan, prepare_messages
@@ -216,7 +217,14 @@ async def serve_response(
             engine, [*system, *history, *body.turns(parts)], tools, kwargs, pictures
         )
     else:
-        prompt_ids = await encode(engine, [*system, *turns], tools, kwargs)
+        prompt_ids = await encode_fitting(
+            lambda messages: encode(engine, messages, tools, kwargs),
+            system,
+            turns,
+            body.truncation,
+            engine.info.max_model_len,
+            body.max_output_tokens or 1,
+        )
     max_tokens = resolve_max_tokens(
         engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens", "input"
     )
