@@ -379,6 +379,7 @@ class EngineCore:
             finish_reason=seq.finish_reason,
             logprobs=logprobs,
             prompt_logprobs=prompt_scoring.take(seq),
+            num_cached_tokens=min(seq.num_cached_tokens, len(seq.prompt_ids)),
         )
 
 

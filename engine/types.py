@@ -169,6 +169,8 @@ class GenerationOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None  # set with finish_reason "error"
     retryable: bool = False  # the error is the server going away, not the request (HTTP 503)
+    # prompt tokens whose K/V came from the prefix cache (0 when none did): usage's cached_tokens
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

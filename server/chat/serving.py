@@ -155,7 +155,7 @@ async def serve_chat(
     }
 
 
-def chat_usage(counts: dict[str, int], reasoning_tokens: int) -> dict[str, Any]:
+def chat_usage(counts: dict[str, Any], reasoning_tokens: int) -> dict[str, Any]:
     """Chat's usage: the counts, and how many completion tokens were thinking."""
     return {**counts, "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
@@ -259,13 +259,14 @@ async def _chunks(
     thinkers = [reply.thinker() for _ in range(n)]
     held: list[list] = [[] for _ in range(n)]  # logprobs of text the tool parser holds back
     aligners = [LogprobAligner(reply.engine) for _ in range(n)]  # logprobs follow the text
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     ended: set[int] = set()  # choices finished early: their one call is complete
     async for output in outputs:
         raise_for_output(output)
         if output.index in ended:
             continue
         completion_tokens += len(output.token_ids)
+        cached_tokens = max(cached_tokens, output.num_cached_tokens)
         placed = aligners[output.index].feed(output.text, output.logprobs, output.finish_reason)
         thinker = thinkers[output.index]
         split = thinker.count(output.text, len(output.token_ids))
@@ -302,6 +303,6 @@ async def _chunks(
                 await outputs.aclose()
                 break
     if include_usage:
-        counts = usage(reply.prompt_tokens, completion_tokens)
+        counts = usage(reply.prompt_tokens, completion_tokens, cached_tokens)
         reasoning_tokens = sum(t.reasoning_tokens for t in thinkers)
         yield sse({**base, "choices": [], "usage": chat_usage(counts, reasoning_tokens)})

@@ -25,11 +25,12 @@ def output_text(text: str) -> dict[str, Any]:
 
 
 def response_usage(
-    input_tokens: int, output_tokens: int, reasoning_tokens: int = 0
+    input_tokens: int, output_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0
 ) -> dict[str, Any]:
+    """Responses' usage; `cached_tokens`: input tokens served from the prefix cache."""
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,

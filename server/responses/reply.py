@@ -20,6 +20,7 @@ class Reply:
     body: ResponseRequest
     sampling: SamplingParams
     prompt_tokens: int
+    cached_tokens: int = 0  # of the prompt's, served from the prefix cache (set as outputs come)
     id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -85,7 +86,9 @@ class Reply:
         response = self.snapshot(
             status,
             output=items.items,
-            usage=response_usage(self.prompt_tokens, output_tokens, reasoning_tokens),
+            usage=response_usage(
+                self.prompt_tokens, output_tokens, reasoning_tokens, self.cached_tokens
+            ),
             **outcome,
         )
         return response, [] if status == "failed" else closing

@@ -162,6 +162,7 @@ async def response_events(
     try:
         async for output in outputs:
             tokens += len(output.token_ids)
+            reply.cached_tokens = max(reply.cached_tokens, output.num_cached_tokens)
             reason = output.finish_reason or reason
             if output.finish_reason == "error":
                 error = output.error or "engine error"
@@ -279,6 +280,7 @@ async def serve_response(
     )
     result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch, images)
     choice = result.choices[0]
+    reply.cached_tokens = result.cached_tokens
     items.feed(choice.text)
     thought = count_reasoning_tokens(engine, choice.token_ids, thinks, opened)
     response, _ = reply.finish(
