@@ -55,6 +55,7 @@ class Reply:
             "tool_choice": _tool_choice(body),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "top_p": self.sampling.top_p,
+            "top_logprobs": body.top_logprobs,
             "truncation": body.truncation,
             "usage": None,
             "user": body.user,

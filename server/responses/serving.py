@@ -44,6 +44,7 @@ from hearth.server.responses.protocol import AllowedToolsChoice, ResponseRequest
 from hearth.server.responses.reasoning_items import Reasoning
 from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
+from hearth.server.responses.text_logprobs import TextLogprobs
 from hearth.server.responses.truncation import encode_fitting
 from hearth.server.streaming import event_stream, sse
 from hearth.server.tool_parser import answer_watch
@@ -167,7 +168,10 @@ async def response_events(
             if output.finish_reason == "error":
                 error = output.error or "engine error"
                 break
-            for kind, fields in items.feed(output.text, len(output.token_ids)):
+            fed = items.feed(
+                output.text, len(output.token_ids), output.logprobs, output.finish_reason
+            )
+            for kind, fields in fed:
                 yield event(kind, **fields)
             if items.done:  # parallel_tool_calls false: the one call is complete
                 reason = output.finish_reason or "stop"
@@ -247,6 +251,7 @@ async def serve_response(
         parallel=body.parallel_tool_calls is not False,
         forced=forced,
         reasoning=Reasoning(thinks, opened, summary),
+        logprobs=TextLogprobs(engine) if body.logprobs_k is not None else None,
     )
     request = GenerationRequest(reply.id, prompt_ids, sampling, images)
 
@@ -281,7 +286,7 @@ async def serve_response(
     result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch, images)
     choice = result.choices[0]
     reply.cached_tokens = result.cached_tokens
-    items.feed(choice.text)
+    items.feed(choice.text, 0, choice.logprobs, choice.finish_reason)
     thought = count_reasoning_tokens(engine, choice.token_ids, thinks, opened)
     response, _ = reply.finish(
         items, choice.finish_reason, len(choice.token_ids), reasoning_tokens=thought
