@@ -19,7 +19,7 @@ from hearth.server.streaming import dumps
 
 MAX_STOP_CHARS = 256  # per stop string (OpenAI caps their number at 4; so does the protocol)
 DRAIN_AT_MOST = 64 << 20  # an oversized body is read and dropped up to this, so the 413 arrives
-UNGUARDED = ("/health", "/metrics")  # never counted in flight, never limited
+UNGUARDED = ("/health", "/health/live", "/metrics")  # never counted in flight, never limited
 
 
 @dataclass(frozen=True)

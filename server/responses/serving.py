@@ -259,13 +259,16 @@ async def serve_response(
         keep(store, turns, response, input_items)
 
     if body.background:
+        runs = background.get_runs(context.http.app)
+        runs.check_capacity(context.settings.max_background_runs)
 
-        async def events() -> AsyncIterator[dict[str, Any]]:  # no deadline: it runs on its own
-            outputs = await open_stream(engine, request, context.metrics)
+        async def events() -> AsyncIterator[dict[str, Any]]:  # its own deadline and cap
+            limits = background.run_limits(context.settings)
+            outputs = await open_stream(engine, request, context.metrics, limits)
             return response_events(reply, items, outputs, settle)
 
         return background.start(
-            background.get_runs(context.http.app),
+            runs,
             store,
             reply.snapshot("queued"),
             turns,
