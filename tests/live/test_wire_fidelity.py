@@ -33,7 +33,8 @@ def test_a_lone_surrogate_is_a_400_and_the_connection_lives_on(live) -> None:
     bad = raw(
         {"max_tokens": 2, "messages": [{"role": "user", "content": "emoji @ cut"}]}, "\\ud83d"
     )
-    with httpx.Client(base_url=base_url, limits=httpx.Limits(max_connections=1)) as client:
+    one = httpx.Limits(max_connections=1)
+    with httpx.Client(base_url=base_url, limits=one, timeout=300) as client:
         headers = {"content-type": "application/json"}
         refused = client.post("/chat/completions", content=bad, headers=headers)
         assert refused.status_code == 400, refused.text
