@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from hearth.engine.async_engine import AsyncEngine
 from hearth.engine.core import EngineCore
@@ -133,9 +134,19 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
             template_tools=tokenizer.template_tools,
             reasoning_parser=tokenizer.reasoning_parser(loaded.config.reasoning_parser),
             vision=engine.vision is not None,
+            document_start_id=document_start_id(loaded.tokenizer),
         )
         engine.info = info
     except BaseException:
         engine.shutdown()
         raise
     return engine
+
+
+def document_start_id(tokenizer: Any) -> int | None:
+    """BOS, else EOS (GPT-2's `<|endoftext|>` separates documents): where a document starts."""
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return None

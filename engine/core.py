@@ -123,6 +123,10 @@ class EngineCore:
             raise InvalidRequestError(
                 f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids"
             )
+        if any(not 0 <= t < self.vocab_size for t in request.sampling.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids in [0, {self.vocab_size})", "logit_bias"
+            )
         self.loras.check(request.sampling.lora)
         seed = request.sampling.seed
         if seed is not None and not SEED_MIN <= seed <= SEED_MAX - request.sampling.n:
@@ -375,6 +379,7 @@ class EngineCore:
             finish_reason=seq.finish_reason,
             logprobs=logprobs,
             prompt_logprobs=prompt_scoring.take(seq),
+            num_cached_tokens=min(seq.num_cached_tokens, len(seq.prompt_ids)),
         )
 
 

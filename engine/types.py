@@ -170,6 +170,8 @@ class GenerationOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None  # set with finish_reason "error"
     retryable: bool = False  # the error is the server going away, not the request (HTTP 503)
+    # prompt tokens whose K/V came from the prefix cache (0 when none did): usage's cached_tokens
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -231,6 +233,9 @@ class ModelInfo:
     task: Literal["generate", "embed"] = "generate"  # embed: an EmbeddingClient
     vision: bool = False  # an image-text-to-text model: chat accepts image parts (encode_chat_mm)
     parent: str | None = None  # a LoRA adapter's base model id (None: a base model)
+    # the token a document starts after (BOS, else EOS as in GPT-2): an empty completions
+    # prompt generates from it; None: the tokenizer has neither
+    document_start_id: int | None = None
 
 
 class EngineClient(Protocol):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from hearth.engine.types import (
     EngineClient,
@@ -30,6 +31,7 @@ class Choice:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for: the first output's
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (GenerationOutput's)
 
 
 @dataclass
@@ -41,8 +43,13 @@ class Completed:
     def completion_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.choices)
 
-    def usage(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, self.completion_tokens)
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (the best of the choices' admissions)."""
+        return max((c.cached_tokens for c in self.choices), default=0)
+
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 EndsEarly = Callable[[str], bool]
@@ -69,6 +76,7 @@ async def collect(
             continue  # ended early: the rest is not wanted
         choice.text += output.text
         choice.token_ids += output.token_ids
+        choice.cached_tokens = max(choice.cached_tokens, output.num_cached_tokens)
         if output.logprobs:
             choice.logprobs += output.logprobs
         if output.prompt_logprobs is not None:

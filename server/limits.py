@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hearth.engine.types import GenerationRequest
+from hearth.server.body_text import invalid_text_param
 from hearth.server.errors import APIError, error_body
 from hearth.server.registry import ModelRegistry
 from hearth.server.streaming import dumps
 
 MAX_STOP_CHARS = 256  # per stop string (OpenAI caps their number at 4; so does the protocol)
 DRAIN_AT_MOST = 64 << 20  # an oversized body is read and dropped up to this, so the 413 arrives
-UNGUARDED = ("/health", "/metrics")  # never counted in flight, never limited
+UNGUARDED = ("/health", "/health/live", "/metrics")  # never counted in flight, never limited
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ class RequestGuard:
             body = await self._read_body(scope, receive)
             if body is None:
                 await _too_large(send, self.max_body_bytes)
+                return
+            bad_text = invalid_text_param(body)
+            if bad_text is not None:  # decided here once, for every route (server/body_text.py)
+                param, message = bad_text
+                await _send_json(send, 400, error_body(message, "invalid_request_error", param))
                 return
             deadline = None
             if self.request_timeout_s is not None:
@@ -138,16 +144,14 @@ async def _too_large(send: Send, limit: int) -> None:
         "invalid_request_error",
         code="request_too_large",
     )
+    await _send_json(send, 413, payload, close=True)
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any], close: bool = False) -> None:
+    """A whole JSON response; `close` ends the connection (a body left unread)."""
     data = dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

@@ -44,15 +44,26 @@ class LoraView:
             created=int(time.time()),
         )
         self.in_flight = 0  # this adapter's requests being generated
+        # unloaded: a request that resolved this view before then is refused, never run with
+        # whatever is later loaded under the same name
+        self.retired = False
 
     def __getattr__(self, attr: str) -> Any:  # encode, decode, abort, stats, is_alive, ...
         return getattr(self.base, attr)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """The base engine's stream for `request`, run with this adapter."""
-        request.sampling.lora = self.name
-        self.in_flight += 1
+        self.in_flight += 1  # before the check: an unload now waits for this request
         try:  # closed at once (abort included) when the client goes, before in_flight drops
+            if self.retired:
+                raise APIError(
+                    404,
+                    f"The lora adapter '{self.name}' was unloaded while the request was being "
+                    "prepared; retry it.",
+                    param="model",
+                    code="model_not_found",
+                )
+            request.sampling.lora = self.name
             async with contextlib.aclosing(self.base.generate(request)) as outputs:
                 async for output in outputs:
                     yield output
@@ -119,6 +130,7 @@ async def unload_lora_adapter(body: UnloadLoraBody, request: Request) -> PlainTe
             param="lora_name",
             code="not_found",
         )
+    view.retired = True  # requests that resolved it and have not started never will
     await view.drained()
     view.base.unload_lora(view.name)
     return PlainTextResponse(f"Success: LoRA adapter '{view.name}' removed successfully.")

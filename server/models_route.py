@@ -21,6 +21,16 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": state}, status_code=status)
 
 
+@router.get("/health/live", include_in_schema=False)
+async def live(request: Request) -> JSONResponse:
+    """Liveness (Kubernetes restarts the pod on failure): 200 while loading, serving or draining;
+    503 once an engine thread has died, which nothing but a restart brings back."""
+    dead = [e.info.model_id for e in request.app.state.registry.engines if not e.is_alive]
+    if dead and request.app.state.registry.state in ("ready", "draining"):
+        return JSONResponse({"status": "engine_dead", "models": dead}, status_code=503)
+    return JSONResponse({"status": "alive"})
+
+
 def model_card(engine: EngineClient) -> dict[str, Any]:
     info = engine.info
     return {

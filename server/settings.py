@@ -21,6 +21,11 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
     max_n: int = 16  # samples per prompt
     request_timeout_s: float | None = 600.0  # then the request is aborted (504 / error event)
+    # background responses (server/responses/background.py): each one's own deadline (None:
+    # none; they outlive their HTTP request, so request_timeout_s does not apply) and how
+    # many may run at once (more get 429)
+    background_timeout_s: float | None = 1800.0
+    max_background_runs: int = 32
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may finish
     # images for vision models (server/images.py): `data:` URLs always, https only when allowed
     allow_image_urls: bool = False

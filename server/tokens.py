@@ -39,10 +39,17 @@ async def tokenize(fn: Callable[..., T], *args: Any, param: str = "messages") ->
 
 
 def resolve_max_tokens(
-    engine: EngineClient, prompt_len: int, requested: int | None, param: str = "max_tokens"
+    engine: EngineClient,
+    prompt_len: int,
+    requested: int | None,
+    param: str = "max_tokens",
+    prompt_param: str = "prompt",
 ) -> int:
-    """The request's max_tokens, or what is left of the context; 400 naming both numbers."""
+    """The request's max_tokens, or what is left of the context; 400 naming both numbers, and
+    naming the prompt's field (`prompt_param`) when the prompt alone leaves no room."""
     limit = engine.info.max_model_len
+    if prompt_len >= limit:
+        raise context_error(limit, prompt_len, None, prompt_param)
     if requested is None:
         default = engine.info.default_sampling.get("max_tokens")
         left = limit - prompt_len

@@ -16,6 +16,7 @@ import jsonschema
 
 from hearth.engine.types import JSON_STYLE, Grammar
 from hearth.server.errors import APIError
+from hearth.server.schema_refs import nest_schema, pointer
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # The parameters of a function that takes none (`parameters` omitted): arguments are `{}`
@@ -105,9 +106,10 @@ def call_grammar(tools: Sequence[Tool], parser: str, parallel: bool) -> Grammar:
     key = "parameters" if parser == "llama3_json" else "arguments"
     rules = []
     for i, tool in enumerate(tools):
+        arguments = nest_schema(tool.parameters, pointer("properties", key))  # $refs resolve
         call = {
             "type": "object",
-            "properties": {"name": {"const": tool.name}, key: tool.parameters},
+            "properties": {"name": {"const": tool.name}, key: arguments},
             "required": ["name", key],
             "additionalProperties": False,
             "x-guidance": JSON_STYLE,
@@ -119,6 +121,20 @@ def call_grammar(tools: Sequence[Tool], parser: str, parallel: bool) -> Grammar:
     alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
     start = 'start: call ("\\n" call)*' if parallel and parser == "hermes" else "start: call"
     return Grammar("lark", "\n".join([start, f"call: {alternatives}", *rules]), "tools")
+
+
+def allowed(tools: list[Tool], names: Sequence[str], param: str) -> list[Tool]:
+    """tool_choice `allowed_tools`: the tools named (in the order given), the only ones offered
+    to the model and parsed; 400 naming `param`[i] for a name not among `tools`."""
+    if not tools:
+        return tools  # plan() says tool_choice needs tools
+    by_name = {tool.name: tool for tool in tools}
+    for i, name in enumerate(names):
+        if name not in by_name:
+            raise APIError(
+                400, f"Allowed tool '{name}' is not one of the tools given.", param=f"{param}[{i}]"
+            )
+    return [by_name[name] for name in dict.fromkeys(names)]
 
 
 def plan(

@@ -100,8 +100,8 @@ class SamplingFields(WireModel):
     @classmethod
     def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not key.isdigit():  # the vocabulary's size is checked by the engine
+                raise ValueError(f"logit_bias keys must be token ids (0 or more), got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError("logit_bias values must be in [-100, 100]")
         return value

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from hearth.server.chat.tool_turns import check_tool_turns
 from hearth.server.content import Part, parts_text
 from hearth.server.tools import call_json
 from hearth.server.wire import (
@@ -105,7 +106,23 @@ class ResponseFormat(_Request):
         return self
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+class AllowedTools(_Request):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolsChoice(_Request):
+    """OpenAI's `allowed_tools`: calls restricted to the tools listed, in auto or required mode."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+    @property
+    def names(self) -> list[str]:
+        return [t.function.name for t in self.allowed_tools.tools]
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -130,6 +147,7 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
         check_stream_options(self)
+        check_tool_turns(self.messages)
         return self
 
     @property

@@ -27,7 +27,7 @@ from hearth.engine.types import (
     ModelInfo,
     TokenLogprob,
 )
-from hearth.server.chat.protocol import ChatCompletionRequest, ChatMessage
+from hearth.server.chat.protocol import AllowedToolsChoice, ChatCompletionRequest, ChatMessage
 from hearth.server.collect import run_to_completion
 from hearth.server.context import Context, new_id
 from hearth.server.logprobs import LogprobAligner, aligned, chat_logprobs, vllm_prompt_logprobs
@@ -36,7 +36,7 @@ from hearth.server.streaming import event_stream, sse
 from hearth.server.streams import raise_for_output
 from hearth.server.tokens import resolve_max_tokens
 from hearth.server.tool_parser import Event, ToolCallParser, answer_watch, parse_output
-from hearth.server.tools import Tool, call_json, format_grammar, function_tools, plan
+from hearth.server.tools import Tool, allowed, call_json, format_grammar, function_tools, plan
 from hearth.server.turn import TurnOptions, prepare_turn
 from hearth.server.usage import usage
 
@@ -105,13 +105,13 @@ async def serve_chat(
     )
     prompt_ids, images, tools = turn.prompt_ids, turn.images, turn.tools
     max_tokens = resolve_max_tokens(
-        engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param
+        engine, len(prompt_ids), body.requested_max_tokens, body.max_tokens_param, "messages"
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling, body.logprobs_k)
     sampling.grammar = turn.grammar
     reply = _Reply(new_id("chatcmpl"), body.model, int(time.time()), engine, len(prompt_ids), tools)
     reply.parallel = body.parallel_tool_calls is not False
-    reply.forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
+    reply.forced = forces_call(body.tool_choice)
     reply.opened, reply.thinks = turn.opened, turn.reasoning_parser != "none"
     if body.stream:
         outputs = await context.open_stream(
@@ -156,7 +156,7 @@ def template_messages(
     return rendered
 
 
-def chat_usage(counts: dict[str, int], reasoning_tokens: int) -> dict[str, Any]:
+def chat_usage(counts: dict[str, Any], reasoning_tokens: int) -> dict[str, Any]:
     """Chat's usage: the counts, and how many completion tokens were thinking."""
     return {**counts, "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
@@ -170,10 +170,20 @@ def _prompt_logprobs(
     return {"prompt_logprobs": vllm_prompt_logprobs(engine, scores, body.prompt_logprobs)}
 
 
+def forces_call(choice: object) -> bool:
+    """Whether tool_choice makes the output a call (required, named, allowed_tools required)."""
+    if isinstance(choice, AllowedToolsChoice):
+        return choice.allowed_tools.mode == "required"
+    return choice == "required" or not isinstance(choice, str | None)
+
+
 def constraints(body: ChatCompletionRequest, info: ModelInfo) -> tuple[list[Tool], Grammar | None]:
     """The tools offered to the model, and the grammar its output must follow (if any)."""
     tools = function_tools(body.tools)
     choice = body.tool_choice
+    if isinstance(choice, AllowedToolsChoice):
+        tools = allowed(tools, choice.names, "tool_choice.allowed_tools.tools")
+        choice = choice.allowed_tools.mode
     named = None if isinstance(choice, str | None) else choice.function.name
     fmt = body.response_format
     output = format_grammar(
@@ -245,13 +255,14 @@ async def _chunks(
     thinkers = [reply.thinker() for _ in range(n)]
     held: list[list] = [[] for _ in range(n)]  # logprobs of text the tool parser holds back
     aligners = [LogprobAligner(reply.engine) for _ in range(n)]  # logprobs follow the text
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     ended: set[int] = set()  # choices finished early: their one call is complete
     async for output in outputs:
         raise_for_output(output)
         if output.index in ended:
             continue
         completion_tokens += len(output.token_ids)
+        cached_tokens = max(cached_tokens, output.num_cached_tokens)
         placed = aligners[output.index].feed(output.text, output.logprobs, output.finish_reason)
         thinker = thinkers[output.index]
         split = thinker.count(output.text, len(output.token_ids))
@@ -288,6 +299,6 @@ async def _chunks(
                 await outputs.aclose()
                 break
     if include_usage:
-        counts = usage(reply.prompt_tokens, completion_tokens)
+        counts = usage(reply.prompt_tokens, completion_tokens, cached_tokens)
         reasoning_tokens = sum(t.reasoning_tokens for t in thinkers)
         yield sse({**base, "choices": [], "usage": chat_usage(counts, reasoning_tokens)})

@@ -20,8 +20,8 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and (not value or any(v in ("", []) for v in value)):
-            raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and not value:  # no prompt at all; "" (any shape) starts a
+            raise ValueError("prompt must not be empty")  # document (serving.py)
         return value
 
     @model_validator(mode="after")

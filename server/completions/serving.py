@@ -37,10 +37,16 @@ from hearth.server.usage import usage
 
 
 async def _prompt_ids(engine: EngineClient, prompt: str | list[int]) -> list[int]:
+    """The prompt's tokens; an empty prompt is the start of a document (OpenAI's)."""
     if isinstance(prompt, str):
         check_text_length(engine, len(prompt), "prompt")
-        return await tokenize(engine.encode, prompt, param="prompt")
-    return prompt
+        prompt = await tokenize(engine.encode, prompt, param="prompt")
+    if prompt:
+        return prompt
+    start = engine.info.document_start_id
+    if start is None:
+        raise APIError(400, "The prompt is empty (this model has no start token).", param="prompt")
+    return [start]
 
 
 async def serve_completion(
@@ -101,7 +107,9 @@ async def serve_completion(
                 }
             )
     completion_tokens = sum(r.completion_tokens for r in results)
-    return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    cached_tokens = sum(r.cached_tokens for r in results)
+    counts = usage(prompt_tokens, completion_tokens, cached_tokens)
+    return {**base, "choices": choices, "usage": counts}
 
 
 def _echoed(
@@ -188,10 +196,12 @@ async def _chunks(
             if echo:
                 yield chunk(p * n + i, echo)
     completion_tokens = 0
+    cached = [0] * len(prompts)  # each prompt's tokens from the prefix cache
     async for p, output in _merge(streams):
         raise_for_output(output)
         index = p * n + output.index
         completion_tokens += len(output.token_ids)
+        cached[p] = max(cached[p], output.num_cached_tokens)
         placed = aligners[index].feed(output.text, output.logprobs, output.finish_reason)
         more: dict[str, Any] = {}
         if output.prompt_logprobs is not None:  # the sample's first output
@@ -202,4 +212,5 @@ async def _chunks(
         if output.text or logprobs or output.finish_reason or more:
             yield chunk(index, output.text, logprobs, output.finish_reason, more)
     if include_usage:
-        yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        counts = usage(prompt_tokens, completion_tokens, sum(cached))
+        yield sse({**base, "choices": [], "usage": counts})

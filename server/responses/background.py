@@ -17,7 +17,9 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from hearth.server.errors import APIError
+from hearth.server.limits import Limits
 from hearth.server.responses.store import ResponseStore
+from hearth.server.settings import ServerSettings
 from hearth.server.streaming import event_stream, sse
 
 log = logging.getLogger("hearth.server")
@@ -81,6 +83,22 @@ class BackgroundRuns:
     def get(self, response_id: str) -> BackgroundRun | None:
         return self._runs.get(response_id)
 
+    @property
+    def running(self) -> int:
+        return sum(not run.done for run in self._runs.values())
+
+    def check_capacity(self, cap: int) -> None:
+        """429 when `cap` background responses run already (they have a cap of their own: they
+        hold no HTTP request, so nothing else would bound them)."""
+        if self.running >= cap:
+            raise APIError(
+                429,
+                f"Too many background responses are running (at most {cap}). Retry later.",
+                param="background",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "5"},
+            )
+
     def add(self, run: BackgroundRun) -> None:
         self._runs[run.response_id] = run
         finished = [key for key, r in self._runs.items() if r.done]
@@ -90,6 +108,15 @@ class BackgroundRuns:
     async def cancel_all(self) -> None:
         for run in list(self._runs.values()):
             await run.cancel()
+
+
+def run_limits(settings: ServerSettings) -> Limits:
+    """A background response's limits: the server's n cap, and its own deadline from now
+    (ServerSettings.background_timeout_s); past it the run is aborted and ends failed."""
+    deadline = None
+    if settings.background_timeout_s is not None:
+        deadline = asyncio.get_running_loop().time() + settings.background_timeout_s
+    return Limits(settings.max_n, deadline)
 
 
 def get_runs(app: FastAPI) -> BackgroundRuns:

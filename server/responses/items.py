@@ -36,7 +36,8 @@ def stored_items(items: list[Any]) -> list[dict[str, Any]]:
 
 def resolve_references(items: list[Any], store: ResponseStore) -> list[Any]:
     """The input with each item_reference replaced by the stored item it names (an input or an
-    output of a stored response); 400 naming input[i].id when there is none."""
+    output of a stored response); 404 naming input[i].id when there is none (as for an unknown
+    previous_response_id)."""
     resolved = []
     for i, item in enumerate(items):
         if not isinstance(item, ItemReference):
@@ -44,7 +45,8 @@ def resolve_references(items: list[Any], store: ResponseStore) -> list[Any]:
             continue
         found = store.find_item(item.id)
         if found is None:
-            raise APIError(400, f"Item with id '{item.id}' not found.", param=f"input[{i}].id")
+            message = f"Item with id '{item.id}' not found."
+            raise APIError(404, message, param=f"input[{i}].id", code="item_not_found")
         try:
             resolved.append(_ITEM.validate_python(found))
         except ValidationError:

@@ -7,6 +7,7 @@ import copy
 import uuid
 from typing import Any
 
+from hearth.engine.types import FinishReason, TokenLogprob
 from hearth.server.responses.reasoning_items import (
     Reasoning,
     StreamEvent,
@@ -16,6 +17,7 @@ from hearth.server.responses.reasoning_items import (
     reasoning_item,
     with_reasoning,
 )
+from hearth.server.responses.text_logprobs import TextLogprobs
 from hearth.server.tool_parser import Event, ToolCallParser
 from hearth.server.tools import Tool, call_json
 
@@ -25,11 +27,12 @@ def output_text(text: str) -> dict[str, Any]:
 
 
 def response_usage(
-    input_tokens: int, output_tokens: int, reasoning_tokens: int = 0
+    input_tokens: int, output_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0
 ) -> dict[str, Any]:
+    """Responses' usage; `cached_tokens`: input tokens served from the prefix cache."""
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,
@@ -65,8 +68,10 @@ class OutputItems:
         parallel: bool = True,
         forced: bool = False,
         reasoning: Reasoning | None = None,
+        logprobs: TextLogprobs | None = None,
     ) -> None:
         self.items: list[dict[str, Any]] = []
+        self.logprobs = logprobs  # include message.output_text.logprobs: the text's entries
         self._parser = (
             ToolCallParser(tools, parser, parallel=parallel, forced=forced) if tools else None
         )
@@ -80,12 +85,22 @@ class OutputItems:
     def reasoning_tokens(self) -> int:
         return self.reasoning.tokens if self.reasoning else 0
 
-    def feed(self, text: str, num_tokens: int = 0) -> list[StreamEvent]:
-        """Add `text` (`num_tokens` tokens, counted as reasoning tokens when they are)."""
+    def feed(
+        self,
+        text: str,
+        num_tokens: int = 0,
+        entries: list[TokenLogprob] | None = None,
+        finish: FinishReason | None = None,
+    ) -> list[StreamEvent]:
+        """Add `text` (`num_tokens` tokens, counted as reasoning tokens when they are; `entries`
+        their logprobs, `finish` the output's finish reason)."""
+        raw = text
         if self.reasoning is not None:
             split = self.reasoning.split(text, num_tokens)
             self._reason(split.reasoning)
             text = split.content
+        if self.logprobs is not None:
+            self.logprobs.feed(raw, text, entries, finish)
         self._answer(text)
         return self._take()
 
@@ -140,6 +155,8 @@ class OutputItems:
         if event[0] == "content":
             self._text(event[1])
         elif event[0] == "call":
+            if self.logprobs is not None:
+                self.logprobs.drop()
             self._close("completed")
             call = event[2]
             item = {
@@ -164,8 +181,11 @@ class OutputItems:
             self._close("completed")
             self._open_message()
         self._open["content"][0]["text"] += text
+        logprobs = self.logprobs.take() if self.logprobs is not None else []
+        self._open["content"][0]["logprobs"] += logprobs
         where = {**self._where(), "content_index": 0}
-        self.events.append(("response.output_text.delta", {**where, "delta": text, "logprobs": []}))
+        delta = {**where, "delta": text, "logprobs": logprobs}
+        self.events.append(("response.output_text.delta", delta))
 
     def _open_message(self) -> None:
         self._add(message_item(f"msg_{uuid.uuid4().hex}", "", "in_progress"))
@@ -185,11 +205,13 @@ class OutputItems:
             return
         where = self._where()
         if item["type"] == "message":
-            text, where = item["content"][0]["text"], {**where, "content_index": 0}
+            part, where = item["content"][0], {**where, "content_index": 0}
+            text, logprobs = part["text"], part["logprobs"]
             self.events.append(
-                ("response.output_text.done", {**where, "text": text, "logprobs": []})
+                ("response.output_text.done", {**where, "text": text, "logprobs": logprobs})
             )
-            self.events.append(("response.content_part.done", {**where, "part": output_text(text)}))
+            done = {**where, "part": copy.deepcopy(part)}
+            self.events.append(("response.content_part.done", done))
         elif item["type"] == "reasoning":
             summary = self.reasoning is not None and self.reasoning.summary
             self.events += close_events(item, where["output_index"], summary)

@@ -141,6 +141,18 @@ class NamedFunction(_Model):
     name: str
 
 
+class AllowedToolsChoice(_Model):
+    """OpenAI's `allowed_tools`: calls restricted to the tools listed, in auto or required mode."""
+
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[NamedFunction] = Field(min_length=1)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tools]
+
+
 class TextFormat(_Model):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
@@ -162,6 +174,9 @@ class ReasoningConfig(_Model):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
 class ResponseRequest(_Model):
     model: str
     input: list[InputItem] = Field(min_length=1)
@@ -176,8 +191,13 @@ class ResponseRequest(_Model):
     metadata: dict[str, str] | None = None
     user: str | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | AllowedToolsChoice | None = (
+        None
+    )
     parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"  # auto: drop the oldest items to fit
+    include: list[str] | None = None  # "message.output_text.logprobs": the answer's logprobs
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     # hearth extensions (vLLM's names): a reasoning budget in tokens, more template variables
@@ -189,10 +209,17 @@ class ResponseRequest(_Model):
     def _string_input(cls, value: Any) -> Any:
         return [{"role": "user", "content": value}] if isinstance(value, str) else value
 
+    @property
+    def logprobs_k(self) -> int | None:
+        """Alternatives per token when the output text's logprobs are included (else None)."""
+        if LOGPROBS_INCLUDE not in (self.include or []):
+            return None
+        return self.top_logprobs or 0
+
     def sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
         params = {name: defaults[name] for name in DEFAULTED if name in defaults}
         params.update(self.model_dump(include={"temperature", "top_p"}, exclude_none=True))
-        return SamplingParams(max_tokens=max_tokens, **params)
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs_k, **params)
 
     def contents(self) -> list[Any]:
         """Each input item's content parts (None for items that are not messages)."""

@@ -20,6 +20,7 @@ class Reply:
     body: ResponseRequest
     sampling: SamplingParams
     prompt_tokens: int
+    cached_tokens: int = 0  # of the prompt's, served from the prefix cache (set as outputs come)
     id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -54,7 +55,8 @@ class Reply:
             "tool_choice": _tool_choice(body),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "top_p": self.sampling.top_p,
-            "truncation": "disabled",
+            "top_logprobs": body.top_logprobs,
+            "truncation": body.truncation,
             "usage": None,
             "user": body.user,
             "metadata": body.metadata or {},
@@ -85,7 +87,9 @@ class Reply:
         response = self.snapshot(
             status,
             output=items.items,
-            usage=response_usage(self.prompt_tokens, output_tokens, reasoning_tokens),
+            usage=response_usage(
+                self.prompt_tokens, output_tokens, reasoning_tokens, self.cached_tokens
+            ),
             **outcome,
         )
         return response, [] if status == "failed" else closing

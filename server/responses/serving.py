@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -14,20 +14,23 @@ from hearth.engine.types import GenerationOutput, GenerationRequest, Grammar, Mo
 from hearth.server.collect import run_to_completion
 from hearth.server.context import Context
 from hearth.server.errors import APIError
+from hearth.server.images import has_images
 from hearth.server.reasoning import count_reasoning_tokens
 from hearth.server.responses import background
 from hearth.server.responses.items import resolve_references, stored_items
 from hearth.server.responses.output import OutputItems, assistant_turn
-from hearth.server.responses.protocol import ResponseRequest
+from hearth.server.responses.protocol import AllowedToolsChoice, ResponseRequest
 from hearth.server.responses.reasoning_items import Reasoning
 from hearth.server.responses.reply import Reply
 from hearth.server.responses.store import ResponseStore
+from hearth.server.responses.text_logprobs import TextLogprobs
+from hearth.server.responses.truncation import encode_fitting
 from hearth.server.streaming import event_stream, sse
 from hearth.server.streams import open_stream
 from hearth.server.tokens import resolve_max_tokens
 from hearth.server.tool_parser import answer_watch
-from hearth.server.tools import Tool, format_grammar, plan
-from hearth.server.turn import TurnOptions, prepare_turn
+from hearth.server.tools import Tool, allowed, format_grammar, plan
+from hearth.server.turn import Turn, TurnOptions, prepare_turn
 
 log = logging.getLogger("hearth.server")
 
@@ -72,6 +75,9 @@ def constraints(body: ResponseRequest, info: ModelInfo) -> tuple[list[Tool], Gra
         for i, t in enumerate(body.tools or [])
     ]
     choice = body.tool_choice
+    if isinstance(choice, AllowedToolsChoice):
+        tools = allowed(tools, choice.names, "tool_choice.tools")
+        choice = choice.mode
     named = None if isinstance(choice, str | None) else choice.name
     fmt = body.text.format if body.text else None
     output = format_grammar(
@@ -108,11 +114,15 @@ async def response_events(
     try:
         async for output in outputs:
             tokens += len(output.token_ids)
+            reply.cached_tokens = max(reply.cached_tokens, output.num_cached_tokens)
             reason = output.finish_reason or reason
             if output.finish_reason == "error":
                 error = output.error or "engine error"
                 break
-            for kind, fields in items.feed(output.text, len(output.token_ids)):
+            fed = items.feed(
+                output.text, len(output.token_ids), output.logprobs, output.finish_reason
+            )
+            for kind, fields in fed:
                 yield event(kind, **fields)
             if items.done:  # parallel_tool_calls false: the one call is complete
                 reason = output.finish_reason or "stop"
@@ -151,25 +161,48 @@ async def serve_response(
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     history = turns[: len(turns) - len(body.turns())]  # a stored conversation keeps text only
     effort = body.reasoning.effort if body.reasoning else None
-    turn = await prepare_turn(
-        engine,
-        body.model,
-        body.contents(),
-        lambda parts: [*system, *history, *body.turns(parts)],
-        lambda: constraints(body, engine.info),
-        param="input",
-        settings=context.settings,
-        options=TurnOptions(effort, body.chat_template_kwargs, body.max_reasoning_tokens),
+
+    def prepare(kept: list[dict[str, Any]]) -> Awaitable[Turn]:
+        """The turn with `kept` of the conversation (truncation); a vision input with images
+        keeps it whole (its images' parts replace the current turns)."""
+
+        def render(parts: list[Any] | None) -> list[dict[str, Any]]:
+            if parts is None:
+                return [*system, *kept]
+            return [*system, *history, *body.turns(parts)]
+
+        return prepare_turn(
+            engine,
+            body.model,
+            body.contents(),
+            render,
+            lambda: constraints(body, engine.info),
+            param="input",
+            settings=context.settings,
+            options=TurnOptions(effort, body.chat_template_kwargs, body.max_reasoning_tokens),
+        )
+
+    truncation = None if engine.info.vision and has_images(body.contents()) else body.truncation
+    turn = await encode_fitting(
+        prepare,
+        lambda t: len(t.prompt_ids),
+        turns,
+        truncation,
+        engine.info.max_model_len,
+        body.max_output_tokens or 1,
     )
     prompt_ids, images, tools = turn.prompt_ids, turn.images, turn.tools
     thinks, opened = turn.reasoning_parser, turn.opened
     max_tokens = resolve_max_tokens(
-        engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens"
+        engine, len(prompt_ids), body.max_output_tokens, "max_output_tokens", "input"
     )
     sampling = body.sampling_params(max_tokens, engine.info.default_sampling)
     sampling.grammar = turn.grammar
     reply = Reply(body, sampling, len(prompt_ids))
-    forced = body.tool_choice == "required" or not isinstance(body.tool_choice, str | None)
+    choice = body.tool_choice
+    if isinstance(choice, AllowedToolsChoice):
+        choice = choice.mode
+    forced = choice == "required" or not isinstance(choice, str | None)
     summary = body.reasoning is not None and body.reasoning.summary is not None
     items = OutputItems(
         tools,
@@ -177,6 +210,7 @@ async def serve_response(
         parallel=body.parallel_tool_calls is not False,
         forced=forced,
         reasoning=Reasoning(thinks, opened, summary),
+        logprobs=TextLogprobs(engine) if body.logprobs_k is not None else None,
     )
     request = GenerationRequest(reply.id, prompt_ids, sampling, images)
 
@@ -184,13 +218,16 @@ async def serve_response(
         keep(store, turns, response, input_items)
 
     if body.background:
+        runs = background.get_runs(context.http.app)
+        runs.check_capacity(context.settings.max_background_runs)
 
-        async def events() -> AsyncIterator[dict[str, Any]]:  # no deadline: it runs on its own
-            outputs = await open_stream(engine, request, context.metrics)
+        async def events() -> AsyncIterator[dict[str, Any]]:  # its own deadline and cap
+            limits = background.run_limits(context.settings)
+            outputs = await open_stream(engine, request, context.metrics, limits)
             return response_events(reply, items, outputs, settle)
 
         return background.start(
-            background.get_runs(context.http.app),
+            runs,
             store,
             reply.snapshot("queued"),
             turns,
@@ -210,7 +247,8 @@ async def serve_response(
     )
     result = await run_to_completion(context, engine, reply.id, prompt_ids, sampling, watch, images)
     choice = result.choices[0]
-    items.feed(choice.text)
+    reply.cached_tokens = result.cached_tokens
+    items.feed(choice.text, 0, choice.logprobs, choice.finish_reason)
     thought = count_reasoning_tokens(engine, choice.token_ids, thinks, opened)
     response, _ = reply.finish(
         items, choice.finish_reason, len(choice.token_ids), reasoning_tokens=thought

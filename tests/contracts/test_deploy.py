@@ -276,6 +276,7 @@ def test_probes_point_at_routes_the_app_serves(
         assert app_client.get(probe["httpGet"]["path"]).status_code == 200, name
     assert probes["readinessProbe"]["httpGet"]["path"] == "/health"
     assert probes["startupProbe"]["httpGet"]["path"] == "/health"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/health/live"
     # a slow first load (weights over network storage, kernel timing) is tolerated: >= 30 min
     startup = probes["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800

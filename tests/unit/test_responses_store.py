@@ -178,7 +178,7 @@ def test_item_references_resolve_to_stored_items() -> None:
     prompt = engine.decode(engine.requests[-1].prompt_token_ids)
     assert prompt == "user: first\nassistant: first\nuser: next\n"
     unknown = [{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_gone"}]
-    error = assert_envelope(create(client, input=unknown), 400, "input[1].id")
+    error = assert_envelope(create(client, input=unknown), 404, "input[1].id")
     assert "msg_gone" in error["message"]
 
 

@@ -54,6 +54,7 @@ def test_chat_completion_shape_and_usage() -> None:
         "completion_tokens": 5,
         "total_tokens": prompt_len + 5,
         "completion_tokens_details": {"reasoning_tokens": 0},  # OpenAI's; a thinking model's
+        "prompt_tokens_details": {"cached_tokens": 0},  # always reported (the prefix cache)
     }
 
 
