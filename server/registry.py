@@ -8,11 +8,18 @@ from hearth.engine.types import EngineClient
 from hearth.server.errors import APIError
 
 State = Literal["loading", "ready", "draining", "failed"]
-Task = Literal["generate", "embed"]
-_WRONG_TASK = {  # the model's task -> why a route of the other task refuses it
-    "embed": "The model '{}' is an embedding model: it serves /v1/embeddings only.",
-    "generate": "The model '{}' is a generation model: it does not serve /v1/embeddings.",
+Task = Literal["generate", "embed", "rerank"]
+_IS = {  # the model's task -> what it is and serves
+    "embed": "an embedding model: it serves /v1/embeddings only",
+    "rerank": "a rerank model: it serves /v1/rerank and /score only",
+    "generate": "a generation model: it does not serve {route}",
 }
+_ROUTES = {"embed": "/v1/embeddings", "rerank": "/v1/rerank or /score", "generate": "that route"}
+
+
+def _wrong_task(name: str, task: str, wanted: str) -> str:
+    """Why a route of task `wanted` refuses the model `name` of task `task`."""
+    return f"The model '{name}' is {_IS[task].format(route=_ROUTES[wanted])}."
 
 
 class ModelRegistry:
@@ -91,7 +98,7 @@ class ModelRegistry:
                 503, f"The engine of model '{model_id}' has stopped.", code="engine_dead"
             )
         if task is not None and engine.info.task != task:
-            raise APIError(400, _WRONG_TASK[engine.info.task].format(name), param="model")
+            raise APIError(400, _wrong_task(name, engine.info.task, task), param="model")
         return engine
 
     def _adapter(self, name: str, task: Task | None) -> EngineClient:
@@ -99,7 +106,7 @@ class ModelRegistry:
         if not view.is_alive:
             raise APIError(503, f"The engine of model '{name}' has stopped.", code="engine_dead")
         if task is not None and task != "generate":
-            raise APIError(400, _WRONG_TASK["generate"].format(name), param="model")
+            raise APIError(400, _wrong_task(name, "generate", task), param="model")
         return view
 
     def check_serving(self) -> None:
