@@ -6,9 +6,10 @@ sentence-transformers' CrossEncoder.predict on the same model and pairs, in the 
 
 Needs sentence-transformers (the `test` or `bench` extra). The CrossEncoder side runs in its own
 process with torch's default threads and `predict`'s default batch size (32) unless
-`--st-batch-size` says otherwise, as bench/embed_bench.py --compare does for embeddings. Prints
-the best of 3 wall times as documents/s for both sides, their ratio and the largest score
-difference. Documents run from 16 to 400 tokens (seeded), the query is 12 words.
+`--st-batch-size` says otherwise, as bench/embed_bench.py --compare does for embeddings; the two
+sides take turns (`--rounds`, default 5), so both see the same load on a shared machine. Prints
+the best wall time of each as documents/s, their ratio and the largest score difference.
+Documents run from 16 to 400 tokens (seeded), the query is 13 words.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ import json, sys, time
 import torch
 from sentence_transformers import CrossEncoder
 folder, device, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-pairs = json.load(sys.stdin)
+pairs = json.loads(sys.stdin.readline())
 model = CrossEncoder(folder, device=device)
 run = lambda: model.predict(pairs, batch_size=batch_size, show_progress_bar=False)
-scores = run()  # warm-up, and the scores
-best = min((lambda t0: (run(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(3))
-print(json.dumps({"seconds": best, "threads": torch.get_num_threads(),
-                  "scores": [float(s) for s in scores]}))
+scores = [float(s) for s in run()]  # warm-up, and the scores
+print(json.dumps({"threads": torch.get_num_threads(), "scores": scores}), flush=True)
+for _ in sys.stdin:  # one timed run per line
+    start = time.perf_counter()
+    run()
+    print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 """
 
 
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--st-batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs of each, alternated")
     args = parser.parse_args()
     print(describe())
     single_threaded()
@@ -85,20 +89,31 @@ def main() -> None:
     def ours() -> list[float]:
         return asyncio.run(engine.rerank(RerankRequest("b", pairs))).scores
 
-    hearth_scores = ours()  # warm-up, and the scores
-    hearth_s = min(_timed(ours) for _ in range(3))
-    tokens = asyncio.run(engine.rerank(RerankRequest("t", pairs))).prompt_tokens
-    engine.shutdown()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
-    done = subprocess.run(
+    st_side = subprocess.Popen(
         [sys.executable, "-c", ST_SCRIPT, str(folder), args.device, str(args.st_batch_size)],
-        input=json.dumps([list(p) for p in pairs]),
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
         env=env,
-        check=True,
     )
-    st = json.loads(done.stdout.strip().splitlines()[-1])
+    assert st_side.stdin is not None and st_side.stdout is not None
+    st_side.stdin.write(json.dumps([list(p) for p in pairs]) + "\n")
+    st_side.stdin.flush()
+    st = json.loads(st_side.stdout.readline())
+    hearth_scores = ours()  # warm-up, and the scores
+    tokens = asyncio.run(engine.rerank(RerankRequest("t", pairs))).prompt_tokens
+    hearth_times, st_times = [], []
+    for _ in range(args.rounds):  # alternated, so both sides see the same machine load
+        hearth_times.append(_timed(ours))
+        st_side.stdin.write("run\n")
+        st_side.stdin.flush()
+        st_times.append(json.loads(st_side.stdout.readline())["seconds"])
+    st_side.stdin.close()
+    st_side.wait()
+    engine.shutdown()
+    hearth_s, st["seconds"] = min(hearth_times), min(st_times)
     diff = max(abs(a - b) for a, b in zip(hearth_scores, st["scores"], strict=True))
     rates = {"hearth": len(pairs) / hearth_s, "sentence-transformers": len(pairs) / st["seconds"]}
     print(
@@ -108,6 +123,8 @@ def main() -> None:
     print("| engine | documents/s | ms per request |\n|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} | {len(pairs) / rate * 1000:.0f} |")
+    rounds = ", ".join(f"{h:.1f}/{t:.1f}" for h, t in zip(hearth_times, st_times, strict=True))
+    print(f"rounds, s (hearth/sentence-transformers): {rounds}")
     ratio = rates["hearth"] / rates["sentence-transformers"]
     print(f"hearth / sentence-transformers: {ratio:.2f}x; largest score difference {diff:.2e}")
 

@@ -100,7 +100,9 @@ class RerankEngine(BatchedEngine):
     def _prompt(self, request: RerankRequest, i: int, limit: int | None) -> list[int]:
         """A decoder's prompt ids for pair i; cut (its document's last tokens) when asked."""
         text, start, end = self.scorer.render(*request.pairs[i])
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=limit)
+        encoded = self.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=limit is not None
+        )
         ids: list[int] = encoded["input_ids"]
         if limit is None or len(ids) <= limit:
             return ids
