@@ -118,13 +118,13 @@ class RerankSettings(_Strict):
 
     activation: Literal["auto", "sigmoid", "identity", "tanh"] = Field(
         "auto",
-        description="cross-encoders: auto reads config.json (sentence_transformers.activation_fn), "
-        "else sigmoid for one label, as CrossEncoder does",
+        description="cross-encoders: auto takes the activation_fn the checkpoint names "
+        "(config_sentence_transformers.json, else config.json), else sigmoid, as CrossEncoder does",
     )
     template: str | None = Field(
         None,
         description="decoder rerankers: the prompt with {query}, {document} (and {instruction}); "
-        "'qwen3': Qwen3-Reranker's; default: config.json's hearth_rerank.template",
+        "'qwen3': Qwen3-Reranker's (the default for a Qwen3 checkpoint)",
     )
     instruction: str | None = Field(None, description="what {instruction} becomes")
     answer_tokens: list[str] | None = Field(

@@ -315,7 +315,8 @@ class RerankRequest:
     """(query, document) pairs to score, texts tokenized by the engine.
 
     `truncate_prompt_tokens`: None: a pair longer than the model takes is an error; k >= 1: each
-    pair is cut to k tokens (the document's tokens first); -1: to the model's length.
+    pair is cut to k tokens (a cross-encoder's longer side first, a decoder's document from its
+    end); -1: to the model's length.
     """
 
     request_id: str
