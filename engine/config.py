@@ -107,6 +107,36 @@ class EmbeddingSettings(_Strict):
     max_inputs: int = Field(2048, ge=1, description="inputs per request at most (400 beyond)")
 
 
+class RerankSettings(_Strict):
+    """A rerank model's scoring (`task: rerank`, alias `score`; engine/rerank/scoring.py).
+
+    A `*ForSequenceClassification` checkpoint is a cross-encoder: its one logit through the
+    activation sentence-transformers' CrossEncoder uses. A `*ForCausalLM` checkpoint is a decoder
+    reranker: each pair is written into `template` and scored by the model's next-token logits of
+    `answer_tokens` (negative, positive): softmax over the two, the positive one's probability.
+    """
+
+    activation: Literal["auto", "sigmoid", "identity", "tanh"] = Field(
+        "auto",
+        description="cross-encoders: auto takes the activation_fn the checkpoint names "
+        "(config_sentence_transformers.json, else config.json), else sigmoid, as CrossEncoder does",
+    )
+    template: str | None = Field(
+        None,
+        description="decoder rerankers: the prompt with {query}, {document} (and {instruction}); "
+        "'qwen3': Qwen3-Reranker's (the default for a Qwen3 checkpoint)",
+    )
+    instruction: str | None = Field(None, description="what {instruction} becomes")
+    answer_tokens: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="decoder rerankers: [negative, positive] answer tokens; default: "
+        "config.json's classifier_from_token, else the template preset's",
+    )
+    max_inputs: int = Field(1024, ge=1, description="documents per request at most (400 beyond)")
+
+
 class ModelConfig(_Strict):
     """One served model."""
 
@@ -141,10 +171,13 @@ class ModelConfig(_Strict):
         "think_tags (<think>...</think>: DeepSeek-R1 distills, Qwen3, QwQ); auto: think_tags "
         "when the chat template knows <think> blocks, else none",
     )
-    task: Literal["generate", "embed"] = Field(
-        "generate", description="generate: chat and completions; embed: /v1/embeddings"
+    task: Literal["generate", "embed", "rerank"] = Field(
+        "generate",
+        description="generate: chat and completions; embed: /v1/embeddings; rerank (alias "
+        "score): /v1/rerank and /score",
     )
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    rerank: RerankSettings = Field(default_factory=RerankSettings)
     revision: str | None = None
     trust_remote_code: bool = False
     tensor_parallel_size: int = Field(
@@ -155,9 +188,11 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _dtype_aliases(cls, data: Any) -> Any:
+    def _aliases(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("dtype"), str):
             data = {**data, "dtype": _DTYPE_ALIASES.get(data["dtype"], data["dtype"])}
+        if isinstance(data, dict) and data.get("task") == "score":  # vLLM's name for it
+            data = {**data, "task": "rerank"}
         return data
 
     @model_validator(mode="after")

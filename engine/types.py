@@ -230,7 +230,8 @@ class ModelInfo:
     tool_parser: str = "hermes"  # how the model writes tool calls: hermes | llama3_json
     template_tools: bool = False  # the chat template renders `tools` itself
     reasoning_parser: str = "none"  # how the model's thinking is told apart: none | think_tags
-    task: Literal["generate", "embed"] = "generate"  # embed: an EmbeddingClient
+    task: Literal["generate", "embed", "rerank"] = "generate"  # embed: an EmbeddingClient,
+    # rerank: a RerankClient
     vision: bool = False  # an image-text-to-text model: chat accepts image parts (encode_chat_mm)
     parent: str | None = None  # a LoRA adapter's base model id (None: a base model)
     # the token a document starts after (BOS, else EOS as in GPT-2): an empty completions
@@ -313,3 +314,36 @@ class EmbeddingClient(EngineClient, Protocol):
     max_inputs: int  # inputs per request at most
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+
+@dataclass
+class RerankRequest:
+    """(query, document) pairs to score, texts tokenized by the engine.
+
+    `truncate_prompt_tokens`: None: a pair longer than the model takes is an error; k >= 1: each
+    pair is cut to k tokens (a cross-encoder's longer side first, a decoder's document from its
+    end); -1: to the model's length.
+    """
+
+    request_id: str
+    pairs: list[tuple[str, str]]
+    truncate_prompt_tokens: int | None = None
+    field: str = "documents"  # the request field errors about one pair name (`documents[i]`)
+
+
+@dataclass
+class RerankResult:
+    """One relevance score per pair, in pair order, and the tokens they took."""
+
+    scores: list[float]
+    prompt_tokens: int
+
+
+class RerankClient(EngineClient, Protocol):
+    """A rerank model's engine (ModelInfo.task == "rerank"): a cross-encoder or a decoder that
+    scores with its answer tokens; batches pairs from every request on its own thread. An
+    InvalidRequestError about one pair names `documents[i]` (the server maps the field)."""
+
+    max_inputs: int  # pairs per request at most
+
+    async def rerank(self, request: RerankRequest) -> RerankResult: ...

@@ -266,6 +266,11 @@ class ModelLoader(threading.Thread):
 
                     registry.add(build_embedding_engine(config, source, selection.base_dir))
                     continue
+                if config.task == "rerank":  # cross-encoders and decoder rerankers
+                    from hearth.engine.rerank.loader import build_rerank_engine
+
+                    registry.add(build_rerank_engine(config, source, selection.base_dir))
+                    continue
                 loaded = load_model(config, source, base_dir=selection.base_dir)
                 if loaded.device.type == "cpu":
                     log.info("CPU: %d torch threads, %s", cpu_thread_count(), str(loaded.dtype)[6:])

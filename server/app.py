@@ -19,6 +19,7 @@ from hearth.server.lora_route import router as lora_router
 from hearth.server.metrics import Metrics, RequestCounter
 from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
+from hearth.server.rerank.route import router as rerank_router
 from hearth.server.responses.background import get_runs
 from hearth.server.responses.route import router as responses_router
 from hearth.server.responses.store import open_store
@@ -70,6 +71,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(responses_router)
     app.include_router(tokenize_router)
     app.include_router(embeddings_router)
+    app.include_router(rerank_router)
     app.include_router(lora_router)
     if settings.ui:
         app.include_router(ui_router)  # the chat page at /

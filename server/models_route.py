@@ -39,7 +39,7 @@ def model_card(engine: EngineClient) -> dict[str, Any]:
         "created": info.created,
         "owned_by": "hearth",
         "max_model_len": info.max_model_len,
-        "task": info.task,  # generate | embed
+        "task": info.task,  # generate | embed | rerank
         **({"parent": info.parent} if info.parent else {}),  # a LoRA adapter's base model
     }
 

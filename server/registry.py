@@ -8,11 +8,18 @@ from hearth.engine.types import EngineClient
 from hearth.server.errors import APIError, engine_dead
 
 State = Literal["loading", "ready", "draining", "failed"]
-Task = Literal["generate", "embed"]
-_WRONG_TASK = {  # the model's task -> why a route of the other task refuses it
-    "embed": "The model '{}' is an embedding model: it serves /v1/embeddings only.",
-    "generate": "The model '{}' is a generation model: it does not serve /v1/embeddings.",
+Task = Literal["generate", "embed", "rerank"]
+_IS = {  # the model's task -> what it is and serves
+    "embed": "an embedding model: it serves /v1/embeddings only",
+    "rerank": "a rerank model: it serves /v1/rerank and /score only",
+    "generate": "a generation model: it does not serve {route}",
 }
+_ROUTES = {"embed": "/v1/embeddings", "rerank": "/v1/rerank or /score", "generate": "that route"}
+
+
+def _wrong_task(name: str, task: str, wanted: str) -> str:
+    """Why a route of task `wanted` refuses the model `name` of task `task`."""
+    return f"The model '{name}' is {_IS[task].format(route=_ROUTES[wanted])}."
 
 
 class ModelRegistry:
@@ -89,7 +96,7 @@ class ModelRegistry:
         if not engine.is_alive:
             raise engine_dead(model_id)
         if task is not None and engine.info.task != task:
-            raise APIError(400, _WRONG_TASK[engine.info.task].format(name), param="model")
+            raise APIError(400, _wrong_task(name, engine.info.task, task), param="model")
         return engine
 
     def _adapter(self, name: str, task: Task | None) -> EngineClient:
@@ -97,7 +104,7 @@ class ModelRegistry:
         if not view.is_alive:
             raise engine_dead(name)
         if task is not None and task != "generate":
-            raise APIError(400, _WRONG_TASK["generate"].format(name), param="model")
+            raise APIError(400, _wrong_task(name, "generate", task), param="model")
         return view
 
     def check_serving(self) -> None:

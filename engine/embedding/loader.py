@@ -8,23 +8,16 @@ its pooling read the sentence-transformers way (engine/embedding/pooling.py).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from hearth.engine.batched.loading import context_length, load_error, model_info, open_checkpoint
 from hearth.engine.config import ModelConfig
 from hearth.engine.embedding.engine import EmbeddingEngine
 from hearth.engine.embedding.pooling import PoolingConfigError, read_pooling_config
-from hearth.engine.loading.loader import (
-    LoadError,
-    checkpoint_dir,
-    cpu_thread_count,
-    pick_device,
-    pick_dtype,
-)
+from hearth.engine.loading.loader import LoadError, cpu_thread_count
 from hearth.engine.loading.sources import Source
-from hearth.engine.types import ModelInfo
 
 log = logging.getLogger("hearth.engine")
 
@@ -33,15 +26,7 @@ def build_embedding_engine(
     config: ModelConfig, source: Source, base_dir: Path | None = None
 ) -> EmbeddingEngine:
     """Load the weights, tokenizer and pooling of `config` and start its embedding thread."""
-    if source.kind not in ("dir", "hub"):
-        raise LoadError(f"{config.id}: task embed needs a checkpoint directory or hub id")
-    if config.tensor_parallel_size > 1 or config.load_format != "auto":
-        raise LoadError(f"{config.id}: task embed: one device, real weights only")
-    if config.quantization not in ("auto", "none"):
-        raise LoadError(f"{config.id}: task embed: quantization {config.quantization}")
-    device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
-    path = checkpoint_dir(source, config, dtype)
+    device, dtype, path = open_checkpoint(config, source)
     trust = config.trust_remote_code
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
@@ -53,10 +38,9 @@ def build_embedding_engine(
     except PoolingConfigError as exc:
         raise LoadError(f"{config.id}: {exc}") from None
     except (OSError, ValueError, KeyError) as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise LoadError(f"{config.source}: {type(exc).__name__}: {detail}") from None
+        raise load_error(config, exc) from None
     model.eval()
-    context = getattr(hf_config, "max_position_embeddings", None) or 512
+    context = context_length(hf_config)
     max_len = min(config.max_model_len or pooling.max_seq_length or context, context)
     first_device = next(model.parameters()).device
     on_cpu = first_device.type == "cpu"
@@ -70,17 +54,7 @@ def build_embedding_engine(
         threads=cpu_thread_count() if on_cpu else 0,
         max_inputs=config.embedding.max_inputs,
     )
-    engine.info = ModelInfo(
-        model_id=config.id,
-        source=config.source,
-        max_model_len=max_len,
-        device=str(first_device),
-        dtype=str(dtype).removeprefix("torch."),
-        kv_capacity_tokens=0,
-        created=int(time.time()),
-        aliases=list(config.aliases),
-        task="embed",
-    )
+    engine.info = model_info(config, max_len, first_device, dtype)
     engine.start()
     log.info(
         "%s: embedding model, %s pooling%s, max input %d tokens, up to %d inputs per forward",

@@ -172,10 +172,10 @@ def test_token_id_inputs_and_concurrent_requests(bert: EmbeddingEngine, bert_dir
 
 
 def test_buckets_by_length_within_the_token_budget(decoder: EmbeddingEngine) -> None:
-    from hearth.engine.embedding.engine import _Job
+    from hearth.engine.batched.thread import Job
 
     lengths = [3, 50, 4, 5, 120, 6, 48, 7, 900, 700, 800, 600]  # max_num_batched_tokens 2048
-    job = _Job([[1] * n for n in lengths], None, None, None)  # type: ignore[arg-type]
+    job = Job([[1] * n for n in lengths], None, None, None)  # type: ignore[arg-type]
     buckets = decoder._buckets([(job, i) for i in range(len(lengths))])
     assert [[lengths[i] for _, i in b] for b in buckets] == [
         [3, 4, 5, 6, 7],

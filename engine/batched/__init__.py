@@ -1,0 +1,1 @@
+"""Models served without a KV cache by one batching thread (embedding and rerank models)."""
