@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hearth.engine.types import GenerationRequest
-from hearth.server.errors import APIError, error_body
+from hearth.server.errors import APIError, envelope
 from hearth.server.registry import ModelRegistry
 from hearth.server.streaming import dumps
 
@@ -76,7 +76,7 @@ class RequestGuard:
         try:
             body = await self._read_body(scope, receive)
             if body is None:
-                await _too_large(send, self.max_body_bytes)
+                await _too_large(send, self.max_body_bytes, scope["path"])
                 return
             deadline = None
             if self.request_timeout_s is not None:
@@ -132,12 +132,13 @@ async def _drain(receive: Receive, budget: int) -> None:
         budget -= len(message.get("body", b""))
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    payload = error_body(
+async def _too_large(send: Send, limit: int, path: str) -> None:
+    error = APIError(
+        413,
         f"The request body is larger than the server's limit of {limit} bytes.",
-        "invalid_request_error",
         code="request_too_large",
     )
+    _, payload = envelope(path, error)
     data = dumps(payload).encode()
     await send(
         {
