@@ -346,3 +346,30 @@ def test_the_anthropic_sdk_in_process() -> None:
         await http.aclose()
 
     asyncio.run(run())
+
+
+def test_disconnects_abort_and_metrics_count_the_route(caplog) -> None:
+    """As on the OpenAI routes (tests/unit/test_wire.py): a client that leaves is a quiet 499
+    that aborts its request, streamed or not; /metrics counts the route."""
+    from tests.unit.test_wire import _leave_early
+
+    client, engine = make_client()
+    engine.delay = 0.02
+    long = "a long answer that takes a while to generate, one token at a time"
+    for stream in (False, True):
+        body = {
+            "model": "fake-model",
+            "max_tokens": 100,
+            "stream": stream,
+            "messages": [{"role": "user", "content": long}],
+        }
+        sent = asyncio.run(_leave_early(client.app, "/v1/messages", body))
+        statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+        assert statuses in ([], [499], [200]), (stream, statuses)
+    assert len(set(engine.aborted)) == 2
+    engine.delay = 0.0
+    assert post(client).status_code == 200
+    page = client.get("/metrics").text
+    assert 'hearth_http_requests_total{route="/v1/messages",status="499"} 2.0' in page
+    assert 'hearth_http_requests_total{route="/v1/messages",status="200"} 1.0' in page
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
