@@ -57,6 +57,15 @@ def contents(messages: list[Message]) -> list[Any]:
     return out
 
 
+def block_names(error: APIError) -> APIError:
+    """An image error from the shared turn preparation, in this API's names: an image block's
+    data is its `source` (chat's part calls it `image_url`), and the part is an `image`."""
+    if error.param:
+        error.param = error.param.replace(".image_url", ".source")
+    error.message = error.message.replace("'image_url'", "'image'")
+    return error
+
+
 def _refuse_result_images(block: Any, where: str) -> None:
     if isinstance(block, ToolResultBlock) and not isinstance(block.content, str):
         for k, part in enumerate(block.content):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -40,21 +40,25 @@ from hearth.server.turn import Turn, prepare_turn
 
 log = logging.getLogger("hearth.server")
 PING_EVERY_S = 10.0  # a `ping` event after this long without output
+Parsers = tuple[ReasoningParser, ToolCallParser]  # one sample's: thinking split off, then calls
 
 
 async def prepare(body: Conversation, context: Context) -> tuple[EngineClient, Turn]:
     """The engine serving `body.model` and the turn ready for it (errors name the field)."""
     engine = context.registry.get(body.model)
-    turn = await prepare_turn(
-        engine,
-        body.model,
-        convert.contents(body.messages),
-        partial(convert.template_messages, body),
-        lambda: convert.constraints(body, engine.info),
-        param="messages",
-        settings=context.settings,
-        options=convert.options(body),
-    )
+    try:
+        turn = await prepare_turn(
+            engine,
+            body.model,
+            convert.contents(body.messages),
+            partial(convert.template_messages, body),
+            lambda: convert.constraints(body, engine.info),
+            param="messages",
+            settings=context.settings,
+            options=convert.options(body),
+        )
+    except APIError as exc:
+        raise convert.block_names(exc) from None
     return engine, turn
 
 
@@ -71,7 +75,7 @@ class _Reply:
     engine: EngineClient
     turn: Turn
 
-    def parsers(self) -> tuple[ReasoningParser, ToolCallParser]:
+    def parsers(self) -> Parsers:
         tool_parser = self.engine.info.tool_parser
         calls = ToolCallParser(
             self.turn.tools,
@@ -81,14 +85,14 @@ class _Reply:
         )
         return ReasoningParser(self.turn.reasoning_parser, self.turn.opened), calls
 
-    def watch(self) -> Any:
+    def watch(self) -> Callable[[str], bool]:
         """disable_parallel_tool_use: ends the sample once its one call is complete."""
         tool_parser = self.engine.info.tool_parser
         turn = self.turn
         forced = convert.forced(self.body)
         return answer_watch(turn.tools, tool_parser, forced, turn.reasoning_parser, turn.opened)
 
-    def feed(self, blocks: Blocks, parsers: tuple, text: str, finish: str | None) -> list[dict]:
+    def feed(self, blocks: Blocks, parsers: Parsers, text: str, finish: str | None) -> list[dict]:
         """One piece of output through the parsers into the blocks; the events it made."""
         thinker, calls = parsers
         split = thinker.feed(text)
@@ -102,8 +106,10 @@ class _Reply:
             answer += calls.finish(finish)
         return events + blocks.answer(answer)
 
-    def ending(self, blocks: Blocks, text: str, token_ids: list[int], finish: str | None) -> dict:
-        """stop_reason and stop_sequence."""
+    def stop_fields(
+        self, blocks: Blocks, text: str, token_ids: list[int], finish: str | None
+    ) -> dict[str, Any]:
+        """stop_reason and stop_sequence of a sample's whole output."""
         stop = None
         if finish == "stop" and not blocks.calls:
             stop = matched_stop(self.engine, text, token_ids, self.body.stop_sequences or [])
@@ -153,7 +159,7 @@ async def serve_messages(
     reply.feed(blocks, reply.parsers(), choice.text, choice.finish_reason or "stop")
     blocks.close()
     cached = getattr(choice, "cached_tokens", 0)  # issue 28's count, once the engine has it
-    ending = reply.ending(blocks, choice.text, choice.token_ids, choice.finish_reason)
+    ending = reply.stop_fields(blocks, choice.text, choice.token_ids, choice.finish_reason)
     return reply.message(blocks.content, ending, reply.usage(len(choice.token_ids), cached))
 
 
@@ -197,7 +203,7 @@ async def _events(reply: _Reply, outputs: AsyncIterator[GenerationOutput]) -> As
     for event in blocks.close():
         yield event
     usage = reply.usage(len(token_ids), cached)
-    delta = reply.ending(blocks, text, token_ids, finish)
+    delta = reply.stop_fields(blocks, text, token_ids, finish)
     yield {"type": "message_delta", "delta": delta, "usage": usage}
     yield {"type": "message_stop"}
 

@@ -65,7 +65,7 @@ def test_a_message_in_anthropic_shape() -> None:
             "messages": [{"role": "user", "content": "Hello there"}],
         },
     ).json()
-    assert counted == {"input_tokens": usage["input_tokens"]}
+    assert counted == {"input_tokens": usage["input_tokens"] + usage["cache_read_input_tokens"]}
     cut = post(client, max_tokens=3).json()
     assert cut["stop_reason"] == "max_tokens" and cut["content"][0]["text"] == "Hel"
 
@@ -252,7 +252,16 @@ def test_errors_in_anthropic_envelope_only_on_its_routes() -> None:
         {"type": "text", "text": "see"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
     ]
-    assert_anthropic(post(client, image), 400, "invalid_request_error", "messages[0].content[1]")
+    text_only = assert_anthropic(post(client, image), 400, "invalid_request_error", "content[1]")
+    assert "'image'" in text_only and "messages[0].content[1]:" in text_only
+    seeing, _ = make_client(FakeEngine())
+    seeing.app.state.registry.get("fake-model").info.vision = True
+    image[1]["source"]["data"] = "not base64!"
+    unreadable = post(seeing, image)
+    assert_anthropic(unreadable, 400, "invalid_request_error", "messages[0].content[1].source")
+    url = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    refused = post(seeing, [url])  # image URLs are off unless --allow-image-urls
+    assert_anthropic(refused, 400, "invalid_request_error", "messages[0].content[0].source")
     bad_schema = post(client, tools=[{"name": "f", "input_schema": {"type": "nonsense"}}])
     assert_anthropic(bad_schema, 400, "invalid_request_error", "tools[0].input_schema")
     server_tool = post(client, tools=[{"type": "web_search_20250305", "name": "web_search"}])
