@@ -9,8 +9,9 @@ Mapping (the template sees what an OpenAI chat with the same turns would give it
   `tool_use` a tool call (`input` as JSON arguments); `redacted_thinking` is dropped;
 - `tool_choice` auto / any / tool / none is chat's auto / required / named / none, and
   `disable_parallel_tool_use` chat's `parallel_tool_calls: false`;
-- `thinking: enabled` is `enable_thinking: true` with `budget_tokens` as the reasoning budget;
-  `disabled` is reasoning effort "none" (`enable_thinking: false`, a budget of 0).
+- `thinking: enabled` is `enable_thinking: true` with `budget_tokens` as the reasoning budget
+  (`adaptive`, `between_tools`: without a budget); `disabled` is reasoning effort "none"
+  (`enable_thinking: false`, a budget of 0).
 """
 
 from __future__ import annotations
@@ -161,4 +162,5 @@ def options(body: Conversation) -> TurnOptions:
         return TurnOptions()
     if body.thinking.type == "disabled":
         return TurnOptions(effort="none")
-    return TurnOptions(None, {"enable_thinking": True}, body.thinking.budget_tokens)
+    budget = body.thinking.budget_tokens if body.thinking.type == "enabled" else None
+    return TurnOptions(None, {"enable_thinking": True}, budget)

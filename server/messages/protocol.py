@@ -148,7 +148,10 @@ class ToolChoice(WireModel):
 
 
 class Thinking(WireModel):
-    type: Literal["enabled", "disabled"]
+    """`enabled` with a budget; `adaptive` and `between_tools` (the model decides how much):
+    thinking on, no budget; `disabled`."""
+
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")

@@ -222,6 +222,9 @@ def test_thinking_blocks_and_controls() -> None:
     post(client, thinking={"type": "enabled", "budget_tokens": 9})
     assert engine.seen_kwargs[-1] == {"enable_thinking": True}
     assert engine.requests[-1].sampling.grammar.think == ThinkBlock(opened=False, max_tokens=9)
+    post(client, thinking={"type": "adaptive"})
+    assert engine.seen_kwargs[-1] == {"enable_thinking": True}
+    assert engine.requests[-1].sampling.grammar is None  # no budget: nothing constrained
     post(client, thinking={"type": "disabled"})
     assert engine.seen_kwargs[-1]["enable_thinking"] is False
     missing = post(client, thinking={"type": "enabled"})
