@@ -276,6 +276,8 @@ def test_errors_in_anthropic_envelope_only_on_its_routes() -> None:
     assert_anthropic(too_long, 400, "invalid_request_error", "max_tokens")
     huge = post(client, "x" * 5000)
     assert_anthropic(huge, 413, "request_too_large")
+    client.app.state.registry.get("fake-model").alive = False  # the engine has stopped
+    assert_anthropic(post(client), 529, "overloaded_error", "fake-model")
     openai_route = client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     assert openai_route.status_code == 400 and openai_route.json()["error"]["param"] == "messages"
 
