@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -166,8 +166,9 @@ async def serve_messages(
 async def _sse(reply: _Reply, outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[str]:
     """The events as SSE; a failure once streaming is an `error` event (the status is sent)."""
     try:
-        async for event in _events(reply, outputs):
-            yield sse(event, event["type"])
+        async with contextlib.aclosing(_events(reply, outputs)) as events:
+            async for event in events:
+                yield sse(event, event["type"])
     except Exception as exc:
         if not isinstance(exc, APIError):
             log.exception("stream failed")
@@ -176,30 +177,35 @@ async def _sse(reply: _Reply, outputs: AsyncIterator[GenerationOutput]) -> Async
 
 
 async def _events(reply: _Reply, outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[dict]:
-    """message_start, ping, the blocks' events, message_delta, message_stop (Anthropic's order)."""
-    first = await anext(outputs, None)  # already read by open_stream: no wait
-    cached = getattr(first, "num_cached_tokens", 0) if first is not None else 0
-    start = reply.message([], ending(None, 0, None) | {"stop_reason": None}, reply.usage(0, cached))
-    yield {"type": "message_start", "message": start}
-    yield {"type": "ping"}
-    blocks, parsers = Blocks(), reply.parsers()
-    text, token_ids, finish = "", [], None
-    async with contextlib.aclosing(with_pings(_chain(first, outputs), PING_EVERY_S)) as stream:
-        async for output in stream:
-            if output is None:
-                yield {"type": "ping"}
-                continue
-            raise_for_output(output)
-            text += output.text
-            token_ids += output.token_ids
-            for event in reply.feed(blocks, parsers, output.text, output.finish_reason):
-                yield event
-            if output.finish_reason is not None:
-                finish = output.finish_reason
-                break
-            if reply.turn.tools and parsers[1].done:  # its one call is complete: stop here
-                finish = "stop"
-                break
+    """message_start, ping, the blocks' events, message_delta, message_stop (Anthropic's order).
+    However it ends, `outputs` is closed (which aborts a request still running)."""
+    try:
+        first = await anext(outputs, None)  # already read by open_stream: no wait
+        cached = getattr(first, "num_cached_tokens", 0) if first is not None else 0
+        stop = ending(None, 0, None) | {"stop_reason": None}
+        yield {"type": "message_start", "message": reply.message([], stop, reply.usage(0, cached))}
+        yield {"type": "ping"}
+        blocks, parsers = Blocks(), reply.parsers()
+        text, token_ids, finish = "", [], None
+        pinged = with_pings(_chain(first, outputs), PING_EVERY_S)
+        async with contextlib.aclosing(pinged) as stream:
+            async for output in stream:
+                if output is None:
+                    yield {"type": "ping"}
+                    continue
+                raise_for_output(output)
+                text += output.text
+                token_ids += output.token_ids
+                for event in reply.feed(blocks, parsers, output.text, output.finish_reason):
+                    yield event
+                if output.finish_reason is not None:
+                    finish = output.finish_reason
+                    break
+                if reply.turn.tools and parsers[1].done:  # its one call is complete: stop here
+                    finish = "stop"
+                    break
+    finally:
+        await outputs.aclose()
     for event in blocks.close():
         yield event
     usage = reply.usage(len(token_ids), cached)
@@ -209,8 +215,8 @@ async def _events(reply: _Reply, outputs: AsyncIterator[GenerationOutput]) -> As
 
 
 async def _chain(
-    first: GenerationOutput | None, outputs: AsyncIterator[GenerationOutput]
-) -> AsyncIterator[GenerationOutput]:
+    first: GenerationOutput | None, outputs: AsyncGenerator[GenerationOutput, None]
+) -> AsyncGenerator[GenerationOutput, None]:
     """`first`, then the rest of `outputs`; closing this closes them (aborting the request)."""
     try:
         if first is not None:
@@ -222,7 +228,7 @@ async def _chain(
 
 
 async def with_pings(
-    source: AsyncIterator[GenerationOutput], every: float
+    source: AsyncGenerator[GenerationOutput, None], every: float
 ) -> AsyncIterator[GenerationOutput | None]:
     """`source`'s items, with a None after each `every` seconds that brought none (a ping is
     due). Closing this cancels the pending read and closes `source`."""
