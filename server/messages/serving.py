@@ -227,29 +227,46 @@ async def _chain(
         await outputs.aclose()
 
 
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+_END = object()
+
+
 async def with_pings(
     source: AsyncGenerator[GenerationOutput, None], every: float
 ) -> AsyncIterator[GenerationOutput | None]:
     """`source`'s items, with a None after each `every` seconds that brought none (a ping is
-    due). Closing this cancels the pending read and closes `source`."""
-    pending: asyncio.Future | None = None
+    due). One task reads `source` into a queue (no task per item); closing this cancels it,
+    which closes `source`."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                queue.put_nowait(item)
+            queue.put_nowait(_END)
+        except Exception as exc:  # raised to the reader, in order
+            queue.put_nowait(_Failed(exc))
+
+    reader = asyncio.ensure_future(pump())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait({pending}, timeout=every)
-            if not done:
+            try:
+                async with asyncio.timeout(every):
+                    item = await queue.get()
+            except TimeoutError:
                 yield None
                 continue
-            task, pending = pending, None
-            try:
-                output = task.result()
-            except StopAsyncIteration:
+            if item is _END:
                 return
-            yield output
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
         await source.aclose()
