@@ -152,7 +152,7 @@ def _validation_message(error: dict[str, Any], param: str | None) -> str:
 # -- Anthropic's envelope (docs.anthropic.com/en/api/errors) -------------------------------------
 
 ANTHROPIC_PATHS = ("/v1/messages",)  # routes whose errors are in Anthropic's envelope
-# status -> Anthropic's error type; 503 (busy, draining, engine gone) leaves as 529 overloaded
+# status -> Anthropic's error type; 503 (loading, draining, engine gone) leaves as 529 overloaded
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
