@@ -16,6 +16,7 @@ from hearth.server.embeddings.route import router as embeddings_router
 from hearth.server.errors import install_error_handlers
 from hearth.server.limits import RequestGuard
 from hearth.server.lora_route import router as lora_router
+from hearth.server.messages.route import router as messages_router
 from hearth.server.metrics import Metrics, RequestCounter
 from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
@@ -69,6 +70,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(chat_router)
     app.include_router(completions_router)
     app.include_router(responses_router)
+    app.include_router(messages_router)
     app.include_router(tokenize_router)
     app.include_router(embeddings_router)
     app.include_router(rerank_router)

@@ -1,4 +1,7 @@
-"""Optional Bearer API keys, compared in constant time; keys are never logged."""
+"""Optional API keys, compared in constant time; keys are never logged.
+
+A key is sent as `Authorization: Bearer <key>` (OpenAI's clients) or as `x-api-key: <key>`
+(Anthropic's); either is accepted on every route."""
 
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ async def require_api_key(request: Request) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
+        token = request.headers.get("x-api-key", "")
+    if not token.strip():
         raise APIError(
             401,
-            "You didn't provide an API key. Send 'Authorization: Bearer <key>'.",
+            "You didn't provide an API key. Send 'Authorization: Bearer <key>' or "
+            "'x-api-key: <key>'.",
             code="invalid_api_key",
         )
     if not _matches(token.strip(), keys):

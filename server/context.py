@@ -51,7 +51,7 @@ class Context:
 
 
 def new_id(prefix: str) -> str:
-    sep = "_" if prefix == "resp" else "-"
+    sep = "_" if prefix in ("resp", "msg") else "-"
     return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 

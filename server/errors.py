@@ -1,4 +1,6 @@
-"""Every error leaves as OpenAI's envelope: {"error": {message, type, param, code}} + status.
+"""Every error leaves as OpenAI's envelope: {"error": {message, type, param, code}} + status, except
+on Anthropic's routes (`/v1/messages…`), where it is Anthropic's: {"type": "error", "error":
+{type, message}} with Anthropic's status and type (`envelope`, keyed on the path).
 
 The one table from failure to HTTP status: `APIError` for the server's own checks, the builders
 below for each kind of failure found on the way (context length, engine refusals, a failed
@@ -147,8 +149,48 @@ def _validation_message(error: dict[str, Any], param: str | None) -> str:
     return f"Invalid value for '{param}': {message}" if param else message
 
 
-async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+# -- Anthropic's envelope (docs.anthropic.com/en/api/errors) -------------------------------------
+
+ANTHROPIC_PATHS = ("/v1/messages",)  # routes whose errors are in Anthropic's envelope
+# status -> Anthropic's error type; 503 (loading, draining, engine gone) leaves as 529 overloaded
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_ANTHROPIC_STATUS = {503: 529}
+
+
+def anthropic_error(error: APIError) -> tuple[int, dict[str, Any]]:
+    """`error` as Anthropic's status and body; the message names the offending field."""
+    status = _ANTHROPIC_STATUS.get(error.status, error.status)
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    message = error.message
+    if error.param and error.param not in message:
+        message = f"{error.param}: {message}"
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def envelope(path: str, error: APIError) -> tuple[int, dict[str, Any]]:
+    """The status and body `error` leaves with on the route at `path`."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return anthropic_error(error)
+    return error.status, error.body()
+
+
+def _respond(request: Request, error: APIError) -> JSONResponse:
+    status, body = envelope(request.url.path, error)
+    return JSONResponse(body, status_code=status, headers=error.headers)
+
+
+async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _respond(request, exc)
 
 
 def _cross_field_param(error: dict[str, Any], param: str | None) -> str | None:
@@ -174,7 +216,7 @@ def _deepest(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return max(same_field or [first], key=lambda e: len(_param(tuple(e.get("loc", ()))) or ""))
 
 
-async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = _deepest(errors) if errors else {"type": "value_error", "msg": "", "loc": ()}
     param = None if first["type"] == "json_invalid" else _param(tuple(first.get("loc", ())))
@@ -182,25 +224,22 @@ async def _on_validation(_: Request, exc: RequestValidationError) -> JSONRespons
     message = _validation_message(first, param)
     if first["type"] == "model_attributes_type" and not param:  # no JSON body, or not an object
         param, message = None, "The request body must be a JSON object."
-    return JSONResponse(
-        error_body(message, "invalid_request_error", param),
-        status_code=400,
-    )
+    return _respond(request, APIError(400, message, param=param))
 
 
-async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    error = APIError(exc.status_code, str(exc.detail))
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = APIError(exc.status_code, str(exc.detail), headers=exc.headers)
+    return _respond(request, error)
 
 
-async def _on_invalid_request(_: Request, exc: InvalidRequestError) -> JSONResponse:
+async def _on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
     """The client's to fix, wherever it surfaced (the routes catch most of them closer)."""
-    return JSONResponse(error_body(str(exc), "invalid_request_error", exc.param), status_code=400)
+    return _respond(request, APIError(400, str(exc), param=exc.param))
 
 
-async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error")
-    return JSONResponse(error_body(f"internal error: {type(exc).__name__}"), status_code=500)
+    return _respond(request, APIError(500, f"internal error: {type(exc).__name__}"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from hearth.engine.types import GenerationRequest
 from hearth.server.body_text import invalid_text_param
-from hearth.server.errors import APIError, error_body
+from hearth.server.errors import APIError, envelope
 from hearth.server.registry import ModelRegistry
 from hearth.server.streaming import dumps
 
@@ -77,12 +77,12 @@ class RequestGuard:
         try:
             body = await self._read_body(scope, receive)
             if body is None:
-                await _too_large(send, self.max_body_bytes)
+                await _too_large(send, self.max_body_bytes, scope["path"])
                 return
             bad_text = invalid_text_param(body)
             if bad_text is not None:  # decided here once, for every route (server/body_text.py)
                 param, message = bad_text
-                await _send_json(send, 400, error_body(message, "invalid_request_error", param))
+                await _send_error(send, scope["path"], APIError(400, message, param=param))
                 return
             deadline = None
             if self.request_timeout_s is not None:
@@ -138,17 +138,19 @@ async def _drain(receive: Receive, budget: int) -> None:
         budget -= len(message.get("body", b""))
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    payload = error_body(
+async def _too_large(send: Send, limit: int, path: str) -> None:
+    error = APIError(
+        413,
         f"The request body is larger than the server's limit of {limit} bytes.",
-        "invalid_request_error",
         code="request_too_large",
     )
-    await _send_json(send, 413, payload, close=True)
+    await _send_error(send, path, error, close=True)
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any], close: bool = False) -> None:
-    """A whole JSON response; `close` ends the connection (a body left unread)."""
+async def _send_error(send: Send, path: str, error: APIError, close: bool = False) -> None:
+    """`error` as a whole JSON response in the envelope of the route at `path` (errors.envelope);
+    `close` ends the connection (a body left unread)."""
+    status, payload = envelope(path, error)
     data = dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     if close:
