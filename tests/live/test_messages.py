@@ -49,7 +49,7 @@ def server(
             "aliases": ["default"],
             "device": "cpu",
             "max_model_len": 8192,
-            "engine": {"kv_cache_memory": "256MiB"},
+            "engine": {"kv_cache_memory": "384MiB"},
         },
         {"id": "vision", "source": str(llava), "device": "cpu", "engine": small},
         {
