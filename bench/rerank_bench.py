@@ -21,7 +21,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -58,6 +60,23 @@ def build_minilm_cross_encoder(out: Path) -> Path:
     )
 
 
+def load_as_the_server_does(config: ModelConfig) -> Any:
+    """The engine loaded on a thread of its own kept at one torch thread, as `hearth serve`'s
+    ModelLoader does; this (the event loop's) thread keeps torch's default. Measured on a loaded
+    2-vCPU EPYC: with this thread at one torch thread instead, the engine thread's forwards took
+    about 3x the time (docs/benchmarks.md)."""
+    loaded: list[Any] = []
+
+    def load() -> None:
+        single_threaded()
+        loaded.append(build_rerank_engine(config, resolve_source(config.source)))
+
+    loader = threading.Thread(target=load, name="loader")
+    loader.start()
+    loader.join()
+    return loaded[0]
+
+
 def documents_of(tokenizer: object, count: int) -> list[str]:
     """`count` documents of 16 to 400 tokens, spread evenly (seeded)."""
     lengths = [16 + (i * 97) % 385 for i in range(count)]
@@ -79,10 +98,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed runs of each, alternated")
     args = parser.parse_args()
     print(describe())
-    single_threaded()
     folder = build_minilm_cross_encoder(Path(tempfile.mkdtemp()))
     config = ModelConfig(id="minilm-ce", source=str(folder), device=args.device, task="rerank")
-    engine = build_rerank_engine(config, resolve_source(str(folder)))
+    engine = load_as_the_server_does(config)
     query = "which passage says how the hearth fire model embeds a search query for documents"
     pairs = [(query, d) for d in documents_of(engine.tokenizer, args.documents)]
 
