@@ -17,6 +17,7 @@ from hearth.server.errors import install_error_handlers
 from hearth.server.limits import RequestGuard
 from hearth.server.lora_route import router as lora_router
 from hearth.server.metrics import Metrics, RequestCounter
+from hearth.server.model_admin_route import router as model_admin_router
 from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
 from hearth.server.responses.background import get_runs
@@ -47,7 +48,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.state.registry = registry
     app.state.settings = settings
     app.state.response_store = store
-    app.state.metrics = Metrics(lambda: registry.engines)
+    app.state.metrics = Metrics(lambda: registry.engines, registry.model_slots)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -71,6 +72,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(tokenize_router)
     app.include_router(embeddings_router)
     app.include_router(lora_router)
+    app.include_router(model_admin_router)
     if settings.ui:
         app.include_router(ui_router)  # the chat page at /
 

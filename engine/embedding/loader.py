@@ -2,7 +2,9 @@
 
 The checkpoint's base model is loaded with `AutoModel` (an encoder such as BertModel, or a
 decoder's base model such as Qwen2Model / LlamaModel, also from a `*ForCausalLM` checkpoint),
-its pooling read the sentence-transformers way (engine/embedding/pooling.py).
+its pooling read the sentence-transformers way (engine/embedding/pooling.py). A GGUF source is
+converted once to a safetensors checkpoint (engine/loading/gguf_cache.py), as for generation, and
+then pooled as a decoder without sentence-transformers files: last token, normalised.
 """
 
 from __future__ import annotations
@@ -33,15 +35,13 @@ def build_embedding_engine(
     config: ModelConfig, source: Source, base_dir: Path | None = None
 ) -> EmbeddingEngine:
     """Load the weights, tokenizer and pooling of `config` and start its embedding thread."""
-    if source.kind not in ("dir", "hub"):
-        raise LoadError(f"{config.id}: task embed needs a checkpoint directory or hub id")
     if config.tensor_parallel_size > 1 or config.load_format != "auto":
         raise LoadError(f"{config.id}: task embed: one device, real weights only")
     if config.quantization not in ("auto", "none"):
         raise LoadError(f"{config.id}: task embed: quantization {config.quantization}")
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
-    path = checkpoint_dir(source, config, dtype)
+    path = checkpoint_dir(source, config, dtype)  # a GGUF file: its cached conversion
     trust = config.trust_remote_code
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
