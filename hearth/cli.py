@@ -291,7 +291,8 @@ def select_models(args: argparse.Namespace) -> launch.Selection:
         if value is not None
     }
     loras, budgets = getattr(args, "lora", []), getattr(args, "memory_budget", [])
-    return launch.select_models(args.config, args.model, overrides, engine_overrides, loras, budgets)
+    models, config = args.model, args.config
+    return launch.select_models(config, models, overrides, engine_overrides, loras, budgets)
 
 
 def server_settings(
