@@ -266,3 +266,38 @@ def test_no_room_is_a_503_with_retry_after(client: TestClient) -> None:
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert "over the whole budget" in response.json()["error"]["message"]
     assert client.get("/health").status_code == 200
+
+
+def test_estimate_counts_weights_kv_and_workspace(tmp_path) -> None:
+    """Before loading: the checkpoint's weight files scaled to the dtype it loads in (twice on
+    CPU for the packed matmul copy), the KV budget, a step's logits and activations; `memory:`
+    replaces it all."""
+    from hearth.engine.loading.sources import resolve_source
+    from hearth.on_demand import estimate_bytes, plan_models
+
+    (tmp_path / "config.json").write_text(
+        '{"hidden_size": 64, "vocab_size": 1000, "dtype": "bfloat16"}'
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    source = resolve_source(str(tmp_path))
+    engine = {"kv_cache_memory": "8MiB", "max_num_batched_tokens": 16}
+    config = ModelConfig(id="m", source=str(tmp_path), device="cpu", engine=engine)
+    workspace = 16 * 4 * (1000 + 16 * 64) + 64 * MB
+    assert estimate_bytes(config, source, "cpu") == 2 * 2000 + 8 * MB + workspace
+    no_pack = config.model_copy(
+        update={"engine": config.engine.model_copy(update={"cpu_matmul": False})}
+    )
+    assert estimate_bytes(no_pack, source, "cpu") == 2000 + 8 * MB + workspace
+    embed = config.model_copy(update={"task": "embed"})
+    assert estimate_bytes(embed, source, "cpu") == 2000 + workspace  # no KV, no packed copy
+    fixed = ModelConfig(id="m", source=str(tmp_path), memory="1GiB")
+    assert estimate_bytes(fixed, source, "cpu") == 1 << 30
+    one, several = (
+        plan_models([config], {"m": source}, set()),
+        plan_models(
+            [config, config.model_copy(update={"id": "n"})], {"m": source, "n": source}, {"n"}
+        ),
+    )
+    assert (one[0].on_demand, one[0].keep_alive_s) == (False, None)  # one model: at start
+    assert (several[0].on_demand, several[0].keep_alive_s) == (True, 300.0)  # several: on demand
+    assert (several[1].on_demand, several[1].pinned) == (False, True)  # a LoRA base stays
