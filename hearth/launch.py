@@ -262,7 +262,9 @@ class ModelLoader(threading.Thread):
             for config in tqdm(
                 at_start, desc="Loading models", unit="model", disable=len(at_start) < 2
             ):
-                manager.loaded(self._load(config.id))
+                started = time.monotonic()
+                engine = self._load(config.id)
+                manager.loaded(engine, time.monotonic() - started)
             self._load_loras()
             registry.mark_ready()
             for engine in registry.engines:

@@ -175,11 +175,11 @@ class ModelManager:
     def state(self, model_id: str) -> SlotState:
         return self.slots[model_id].state
 
-    def loaded(self, engine: EngineClient) -> None:
-        """Record a model loaded outside `ensure` (at start)."""
+    def loaded(self, engine: EngineClient, seconds: float = 0.0) -> None:
+        """Record a model loaded outside `ensure` (at start) in `seconds`."""
         slot = self.slots[engine.info.model_id]
         slot.state, slot.engine, slot.last_used = "loaded", engine, self.clock()
-        slot.loads += 1
+        slot.loads, slot.load_seconds = slot.loads + 1, seconds
         self.on_loaded(engine)
         self._arm(slot)
 
