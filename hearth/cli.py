@@ -16,6 +16,7 @@ from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
 
 from hearth import __version__, launch
 from hearth.engine.config import ConfigError, EngineSettings, ModelConfig
+from hearth.on_demand import add_on_demand_flags
 from hearth.paths import default_responses_db
 from hearth.server.settings import ServerSettings
 
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override every model's engine.max_lora_rank "
         f"(default {_engine_default('max_lora_rank')})",
     )
+    add_on_demand_flags(serve)
     serve.add_argument(
         "--no-ui",
         dest="ui",
@@ -272,6 +274,8 @@ def select_models(args: argparse.Namespace) -> launch.Selection:
             ("dtype", args.dtype),
             ("quantization", args.quantization),
             ("load_format", args.load_format),
+            ("load", getattr(args, "load", None)),
+            ("keep_alive", getattr(args, "keep_alive", None)),
         )
         if value
     }
@@ -286,9 +290,9 @@ def select_models(args: argparse.Namespace) -> launch.Selection:
         )
         if value is not None
     }
-    return launch.select_models(
-        args.config, args.model, overrides, engine_overrides, getattr(args, "lora", [])
-    )
+    loras, budgets = getattr(args, "lora", []), getattr(args, "memory_budget", [])
+    models, config = args.model, args.config
+    return launch.select_models(config, models, overrides, engine_overrides, loras, budgets)
 
 
 def server_settings(

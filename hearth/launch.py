@@ -30,10 +30,12 @@ from hearth.engine.config import (
     resolve_sources,
 )
 from hearth.engine.loading.sources import Source, looks_like_hub_id
-from hearth.engine.types import InvalidRequestError
+from hearth.engine.types import EngineClient, InvalidRequestError
 from hearth.lora_select import absolute, select_loras
+from hearth.on_demand import parse_budget_flags
 from hearth.server.app import create_app
 from hearth.server.lifecycle import DrainingServer
+from hearth.server.model_manager import ModelManager
 from hearth.server.registry import ModelRegistry
 from hearth.server.responses.store import StoreError
 from hearth.server.settings import ServerSettings
@@ -56,6 +58,7 @@ class Selection:
     base_dir: Path
     loras: list[tuple[LoraConfig, str]] = field(default_factory=list)  # (adapter, base id)
     allow_runtime_lora: bool = False  # models.yaml's allow_runtime_lora
+    memory_budget: dict[str, int] = field(default_factory=dict)  # device -> bytes (on_demand.py)
 
 
 def select_models(
@@ -64,11 +67,13 @@ def select_models(
     overrides: dict[str, Any] | None = None,
     engine_overrides: dict[str, Any] | None = None,
     lora_flags: list[str] | None = None,
+    budget_flags: list[str] | None = None,
 ) -> Selection:
     """The models of `config`, or the one `model` names (an id or alias there, else a source),
     with `overrides` (ModelConfig fields) and `engine_overrides` (EngineSettings fields) applied
     to every one, and the LoRA adapters of the config (those of served models) and of
-    `lora_flags` ("ID=PATH"); ConfigError if anything is invalid."""
+    `lora_flags` ("ID=PATH"), and the memory budgets of the config and of `budget_flags`
+    ("DEVICE=SIZE"); ConfigError if anything is invalid."""
     config_path = Path(config)
     explicit_config = config != DEFAULT_CONFIG
     if not explicit_config and not config_path.exists() and PACKAGED_CONFIG.exists():
@@ -80,8 +85,10 @@ def select_models(
     name = str(config_path)
     config_loras: list[LoraConfig] = []
     runtime_lora = False
+    budget: dict[str, int] = {}
     if config_path.exists() or explicit_config or model is None:
         loaded = load_config(config_path)
+        budget = {device: int(size) for device, size in loaded.memory_budget.items()}
         models = list(loaded.models)
         base_dir = config_path.resolve().parent
         config_loras = [absolute(a, base_dir) for a in loaded.loras]
@@ -102,7 +109,8 @@ def select_models(
             raise ConfigError(f"--device/--dtype/...: {exc.errors()[0]['msg']}") from None
     sources = resolve_sources(HearthConfig(models=models), name, base_dir)
     loras = select_loras(models, config_loras, lora_flags or [], name)
-    return Selection(models, sources, base_dir, loras, runtime_lora)
+    budget |= parse_budget_flags(budget_flags or [])
+    return Selection(models, sources, base_dir, loras, runtime_lora, budget)
 
 
 def _id_for_source(source: str) -> str:
@@ -226,8 +234,10 @@ def follow_rank0(selection: Selection) -> int:
 
 
 class ModelLoader(threading.Thread):
-    """Loads every model (progress bar), registers its engine, then logs one ready line per
-    model; if loading fails, logs why, sets `exit_code` to 1 and stops the server."""
+    """Plans every model (server/model_manager.py), loads those loaded at start (progress bar),
+    registers their engines, then logs one line per model; models loaded on demand load on
+    their first request. If loading at start fails: logs why, sets `exit_code` to 1 and stops
+    the server."""
 
     def __init__(
         self, selection: Selection, registry: ModelRegistry, server: DrainingServer, base_url: str
@@ -244,37 +254,17 @@ class ModelLoader(threading.Thread):
         try:
             from tqdm import tqdm
 
-            from hearth.engine.builder import build_engine
-            from hearth.engine.loading.loader import (
-                LoadError,
-                cpu_thread_count,
-                load_model,
-                single_threaded,
-            )
+            from hearth.engine.loading.loader import LoadError
 
             tqdm.monitor_interval = 0  # progress bars: no monitor thread left waking up
-            single_threaded()  # the engine threads alone run torch multi-threaded
+            manager = self._manager()
+            at_start = [c for c in selection.models if not manager.slots[c.id].plan.on_demand]
             for config in tqdm(
-                selection.models,
-                desc="Loading models",
-                unit="model",
-                disable=len(selection.models) < 2,
+                at_start, desc="Loading models", unit="model", disable=len(at_start) < 2
             ):
-                source = selection.sources[config.id]
-                if config.task == "embed":  # no KV cache, no generation (engine/embedding/)
-                    from hearth.engine.embedding.loader import build_embedding_engine
-
-                    registry.add(build_embedding_engine(config, source, selection.base_dir))
-                    continue
-                if config.task == "rerank":  # cross-encoders and decoder rerankers
-                    from hearth.engine.rerank.loader import build_rerank_engine
-
-                    registry.add(build_rerank_engine(config, source, selection.base_dir))
-                    continue
-                loaded = load_model(config, source, base_dir=selection.base_dir)
-                if loaded.device.type == "cpu":
-                    log.info("CPU: %d torch threads, %s", cpu_thread_count(), str(loaded.dtype)[6:])
-                registry.add(build_engine(loaded))
+                started = time.monotonic()
+                engine = self._load(config.id)
+                manager.loaded(engine, time.monotonic() - started)
             self._load_loras()
             registry.mark_ready()
             for engine in registry.engines:
@@ -290,7 +280,7 @@ class ModelLoader(threading.Thread):
                 )
             log.info(
                 "serving %d model(s) at %s (ready %.1f s after start)",
-                len(registry.engines),
+                len(selection.models),
                 self.base_url,
                 time.monotonic() - STARTED,
             )
@@ -300,6 +290,27 @@ class ModelLoader(threading.Thread):
         except Exception:
             log.exception("loading failed")
             self._failed()
+
+    def _manager(self) -> ModelManager:
+        """The models' plans and budgets (hearth/on_demand.py), handed to the registry."""
+        from hearth.on_demand import build_manager
+
+        selection = self.selection
+        pinned = {base for _, base in selection.loras}
+        if selection.allow_runtime_lora:  # adapters may be loaded into any generation model
+            pinned |= {c.id for c in selection.models if c.task == "generate"}
+        manager = build_manager(
+            selection.models, selection.sources, selection.memory_budget, pinned, self._load
+        )
+        self.registry.manage(manager)
+        return manager
+
+    def _load(self, model_id: str) -> EngineClient:
+        from hearth.on_demand import load_engine
+
+        config = next(c for c in self.selection.models if c.id == model_id)
+        source = self.selection.sources[model_id]
+        return load_engine(config, source, self.selection.base_dir)
 
     def _load_loras(self) -> None:
         """Load the selection's LoRA adapters into their base engines and serve each under its

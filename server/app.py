@@ -18,6 +18,7 @@ from hearth.server.limits import RequestGuard
 from hearth.server.lora_route import router as lora_router
 from hearth.server.messages.route import router as messages_router
 from hearth.server.metrics import Metrics, RequestCounter
+from hearth.server.model_admin_route import router as model_admin_router
 from hearth.server.models_route import router as models_router
 from hearth.server.registry import ModelRegistry
 from hearth.server.rerank.route import router as rerank_router
@@ -49,7 +50,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.state.registry = registry
     app.state.settings = settings
     app.state.response_store = store
-    app.state.metrics = Metrics(lambda: registry.engines)
+    app.state.metrics = Metrics(lambda: registry.engines, registry.model_slots)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -75,6 +76,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(embeddings_router)
     app.include_router(rerank_router)
     app.include_router(lora_router)
+    app.include_router(model_admin_router)
     if settings.ui:
         app.include_router(ui_router)  # the chat page at /
 

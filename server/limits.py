@@ -14,6 +14,7 @@ from typing import Any
 from hearth.engine.types import GenerationRequest
 from hearth.server.body_text import invalid_text_param
 from hearth.server.errors import APIError, envelope
+from hearth.server.model_manager import request_leases
 from hearth.server.registry import ModelRegistry
 from hearth.server.streaming import dumps
 
@@ -88,7 +89,8 @@ class RequestGuard:
             if self.request_timeout_s is not None:
                 deadline = asyncio.get_running_loop().time() + self.request_timeout_s
             scope.setdefault("state", {})["limits"] = Limits(self.max_n, deadline)
-            await self.app(scope, _replay(body, receive), send)
+            with request_leases():  # models it acquires stay loaded until it ends
+                await self.app(scope, _replay(body, receive), send)
         finally:
             self.registry.in_flight -= 1
 

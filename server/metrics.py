@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from hearth.engine.types import EngineClient
+from hearth.server.model_manager import Slot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # The engine-load gauges a client polls to see a model idle (soak runs, tests).
@@ -64,8 +65,37 @@ class _EngineCollector:
         yield from families.values()
 
 
+class _ModelStateCollector:
+    """Per configured model: loaded (1/0), the last load's seconds, loads and evictions
+    (server/model_manager.py's slots, read at scrape time)."""
+
+    def __init__(self, slots: Callable[[], Iterable[Slot]]) -> None:
+        self.slots = slots
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        loaded = GaugeMetricFamily("hearth_model_loaded", "1: loaded now", labels=["model"])
+        seconds = GaugeMetricFamily(
+            "hearth_model_load_seconds", "Duration of the last load", labels=["model"]
+        )
+        loads = CounterMetricFamily("hearth_model_loads", "Loads (first use)", labels=["model"])
+        evictions = CounterMetricFamily(
+            "hearth_model_evictions", "Unloads to make room for another model", labels=["model"]
+        )
+        for slot in self.slots():
+            model = slot.plan.model_id
+            loaded.add_metric([model], 1 if slot.state == "loaded" else 0)
+            seconds.add_metric([model], slot.load_seconds)
+            loads.add_metric([model], slot.loads)
+            evictions.add_metric([model], slot.evictions)
+        yield from (loaded, seconds, loads, evictions)
+
+
 class Metrics:
-    def __init__(self, engines: Callable[[], list[EngineClient]]) -> None:
+    def __init__(
+        self,
+        engines: Callable[[], list[EngineClient]],
+        models: Callable[[], Iterable[Slot]] = lambda: (),
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hearth_http_requests",
@@ -97,6 +127,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(engines))
+        self.registry.register(_ModelStateCollector(models))
 
     def request_started(self, model: str, prompt_tokens: int) -> None:
         self.prompt_tokens.labels(model).inc(prompt_tokens)

@@ -16,10 +16,11 @@ from hearth.engine.types import ModelInfo
 
 
 def open_checkpoint(config: ModelConfig, source: Source) -> tuple[torch.device, torch.dtype, Path]:
-    """The device, dtype and checkpoint folder of a `task: embed | rerank` model; LoadError for
-    what such models do not support (GGUF, tensor parallelism, dummy weights, quantization)."""
+    """The device, dtype and checkpoint folder of a `task: embed | rerank` model (an embedder's
+    GGUF file: its cached conversion, engine/loading/gguf_cache.py); LoadError for what such
+    models do not support (GGUF rerankers, tensor parallelism, dummy weights, quantization)."""
     task = config.task
-    if source.kind not in ("dir", "hub"):
+    if source.kind not in ("dir", "hub", "gguf") or (source.kind == "gguf" and task != "embed"):
         raise LoadError(f"{config.id}: task {task} needs a checkpoint directory or hub id")
     if config.tensor_parallel_size > 1 or config.load_format != "auto":
         raise LoadError(f"{config.id}: task {task}: one device, real weights only")

@@ -2,7 +2,9 @@
 
 The checkpoint's base model is loaded with `AutoModel` (an encoder such as BertModel, or a
 decoder's base model such as Qwen2Model / LlamaModel, also from a `*ForCausalLM` checkpoint),
-its pooling read the sentence-transformers way (engine/embedding/pooling.py).
+its pooling read the sentence-transformers way (engine/embedding/pooling.py). A GGUF source is
+converted once to a safetensors checkpoint (engine/loading/gguf_cache.py), as for generation, and
+then pooled as a decoder without sentence-transformers files: last token, normalised.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ async def serve_chat(
     body: ChatCompletionRequest, context: Context
 ) -> dict[str, Any] | StreamingResponse:
     """The chat.completion object, or the stream of its chunks."""
-    engine = context.registry.get(body.model)
+    engine = await context.registry.acquire(body.model)
     turn = await prepare_turn(
         engine,
         body.model,

@@ -55,7 +55,7 @@ async def serve_completion(
     """The text_completion object, or the stream of its chunks."""
     if body.suffix:
         raise APIError(400, "suffix is not supported by this server.", param="suffix")
-    engine = context.registry.get(body.model)
+    engine = await context.registry.acquire(body.model)
     prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
     request_id = new_id("cmpl")
     requests = []

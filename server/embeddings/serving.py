@@ -18,7 +18,7 @@ from hearth.server.errors import APIError
 
 async def serve_embeddings(body: EmbeddingRequest, context: Context) -> dict[str, Any]:
     """OpenAI's CreateEmbeddingResponse for the request."""
-    engine = cast(EmbeddingClient, context.registry.get(body.model, task="embed"))
+    engine = cast(EmbeddingClient, await context.registry.acquire(body.model, task="embed"))
     inputs = body.inputs()
     limit = engine.max_inputs
     if len(inputs) > limit:

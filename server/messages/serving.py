@@ -45,7 +45,7 @@ Parsers = tuple[ReasoningParser, ToolCallParser]  # one sample's: thinking split
 
 async def prepare(body: Conversation, context: Context) -> tuple[EngineClient, Turn]:
     """The engine serving `body.model` and the turn ready for it (errors name the field)."""
-    engine = context.registry.get(body.model)
+    engine = await context.registry.acquire(body.model)
     try:
         turn = await prepare_turn(
             engine,

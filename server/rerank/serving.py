@@ -75,7 +75,7 @@ async def _score(
     field: str,
     body: RerankRequest | ScoreRequest,
 ) -> RerankResult:
-    engine = cast(RerankClient, context.registry.get(model, task="rerank"))
+    engine = cast(RerankClient, await context.registry.acquire(model, task="rerank"))
     if len(pairs) > engine.max_inputs:
         raise APIError(
             400,

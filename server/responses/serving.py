@@ -156,7 +156,7 @@ async def serve_response(
         raise APIError(400, message, param="background")
     body.input = resolve_references(body.input, store)
     input_items = stored_items(body.input)
-    engine = context.registry.get(body.model)
+    engine = await context.registry.acquire(body.model)
     turns = conversation(body, store)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     history = turns[: len(turns) - len(body.turns())]  # a stored conversation keeps text only

@@ -29,7 +29,7 @@ _PROBE = "a"
 
 async def serve_tokenize(body: TokenizeRequest, context: Context) -> dict[str, Any]:
     """{count, max_model_len, tokens, token_strs}: vLLM's TokenizeResponse."""
-    engine = context.registry.get(body.model, task=None)
+    engine = await context.registry.acquire(body.model, task=None)
     if body.messages is None:
         assert body.prompt is not None  # the protocol holds exactly one of the two
         check_text_length(engine, len(body.prompt), "prompt")
@@ -50,7 +50,7 @@ async def serve_tokenize(body: TokenizeRequest, context: Context) -> dict[str, A
 
 async def serve_detokenize(body: DetokenizeRequest, context: Context) -> dict[str, str]:
     """{prompt}: vLLM's DetokenizeResponse. Special tokens are kept (vLLM's decoding)."""
-    engine = context.registry.get(body.model, task=None)
+    engine = await context.registry.acquire(body.model, task=None)
     _check_ids(body.tokens)
     try:
         pieces = await tokenize(engine.token_pieces, body.tokens, param="tokens")

@@ -64,8 +64,11 @@ async function loadModels() {
     problem.hidden = false;
     return;
   }
-  const ids = (await response.json()).data.map((m) => m.id);
-  select.replaceChildren(...ids.map((id) => new Option(id, id)));
+  const models = (await response.json()).data;
+  const ids = models.map((m) => m.id);
+  // a model loaded on demand shows its state (loaded, loading, unloaded: loads on first use)
+  const label = (m) => (m.state && m.state !== "loaded" ? `${m.id} (${m.state})` : m.id);
+  select.replaceChildren(...models.map((m) => new Option(label(m), m.id)));
   if (ids.includes(state.model)) select.value = state.model;
   state.model = select.value;
   updateButtons();
@@ -263,6 +266,7 @@ async function send(text) {
     save();
     updateMessage(el, answer);
     updateButtons();
+    loadModels(); // the models' states changed (a first use loads, a load may evict)
   }
 }
 

@@ -311,3 +311,22 @@ def test_models_yaml_embedding_keys_are_validated() -> None:
     ]:
         with pytest.raises(ConfigError, match=key):
             parse_config({"models": [bad]}, "models.yaml")
+
+
+def test_gguf_source_embeds_like_its_conversion(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+    """`task: embed` takes a GGUF file as generation does: converted once (engine/loading/), then
+    the decoder's last token pooled and normalised, equal to transformers on the conversion."""
+    from hearth.engine.loading.gguf_cache import converted_checkpoint
+    from tests.fixtures.gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", smollm_tokenizer_dir)
+    engine = start(gguf, "gguf-embed", dtype="float32", max_model_len=64)
+    try:
+        assert engine.info.task == "embed"
+        request = EmbeddingRequest("g", TEXTS[:3])
+        got = asyncio.run(engine.embed(request)).embeddings
+    finally:
+        engine.shutdown()
+    folder = converted_checkpoint(gguf, "float32")
+    want = reference_vectors(folder, TEXTS[:3], "last")
+    assert all(cosine(a, b) > 0.9999 for a, b in zip(got, want, strict=True))
