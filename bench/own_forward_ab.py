@@ -45,11 +45,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--kernels", default="auto", help="auto (autotune or its cache) or served (fixed)"
+    )
     args = parser.parse_args()
     configure_cpu_threads(args.threads)
     config = ModelConfig(id="m", source=args.source)
     loaded = load_model(config, resolve_source(args.source))
-    runner = ModelRunner(loaded.model, 480, torch.float32, EngineSettings(), 4096)
+    settings = EngineSettings()
+    if args.kernels == "served":  # what autotune picks on a quiet 2-vCPU EPYC, without timing
+        settings = EngineSettings(autotune="off", decode_kernel="cpu", cpu_matmul=True)
+    runner = ModelRunner(loaded.model, 480, torch.float32, settings, 4096)
     own = runner.own
     assert own is not None, "this model runs transformers' forward only"
     print(describe())

@@ -39,7 +39,10 @@ def problem(model: nn.Module, tp_size: int = 1) -> str | None:
         return "weights placed by device_map"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "an MLP other than SiLU-gated without bias"
-    rope = getattr(inner.rotary_emb, "rope_type", "default")
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None:
+        return "no shared rotary module"
+    rope = getattr(rotary, "rope_type", "default")
     if rope not in ROPE_TYPES:
         return f"rope type {rope!r}"
     if type(inner.embed_tokens) is not nn.Embedding:
