@@ -91,7 +91,7 @@ def attend(
     hearth's own forwards (engine/models/)."""
     k_blocks, v_blocks = batch.k_cache[layer], batch.v_cache[layer]  # [N, bs, Hkv, D]
     k_cache, v_cache = k_blocks.flatten(0, 1), v_blocks.flatten(0, 1)  # [N * bs, Hkv, D] views
-    slot_mapping = batch.slot_mapping.to(k_cache.device)  # a no-op unless under device_map
+    slot_mapping = _on(batch.slot_mapping, k_cache.device)  # moves only under device_map
     k_cache.index_copy_(0, slot_mapping, new_k)
     v_cache.index_copy_(0, slot_mapping, new_v)
 
@@ -131,7 +131,7 @@ def _decode_attention(
     scaling: float | None,
 ) -> torch.Tensor:
     """Every single-token decode of the step in one call. Returns [Bd, H, D]."""
-    rows = batch.decode_rows.to(q.device)
+    rows = _on(batch.decode_rows, q.device)
     if batch.decode_kernel in ("triton", "cpu"):
         if batch.decode_kernel == "triton":
             from hearth.engine.kernels.triton_attention import paged_decode
@@ -140,7 +140,7 @@ def _decode_attention(
 
         qd = q if len(rows) == len(q) else q[rows]  # [Bd, H, D]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        tables, lens = batch.decode_tables.to(q.device), batch.decode_lens.to(q.device)
+        tables, lens = _on(batch.decode_tables, q.device), _on(batch.decode_lens, q.device)
         if batch.cpu_variant is not None:  # the C++ kernels' ISA build chosen by autotune
             return paged_decode(qd, k_blocks, v_blocks, tables, lens, scale, batch.cpu_variant)
         return paged_decode(qd, k_blocks, v_blocks, tables, lens, scale)
@@ -153,6 +153,12 @@ def _decode_attention(
     qd = (q if len(rows) == len(q) else q[rows]).view(-1, kv_heads, heads // kv_heads, dim)
     od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
     return od.reshape(-1, heads, dim)
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; no dispatch when it is there already (a decode step asks ~6 times
+    per layer)."""
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def register() -> str:
