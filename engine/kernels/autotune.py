@@ -50,8 +50,8 @@ class Workload:
 class Result:
     kernels: Kernels
     times: dict[str, float] = field(default_factory=dict)  # workload name -> seconds (best rep)
-    samples: dict[str, list[float]] = field(default_factory=dict)  # every timed repeat
     error: str | None = None  # why the candidate is out (an exception, logits that differ)
+    samples: dict[str, list[float]] = field(default_factory=dict)  # every timed repeat
 
 
 def workloads(
@@ -115,7 +115,7 @@ def _best(passes: tuple[Result, ...]) -> Result:
         return Result(first.kernels, {}, errors[0])
     times = {name: min(p.times[name] for p in passes) for name in first.times}
     samples = {name: [t for p in passes for t in p.samples.get(name, [])] for name in first.times}
-    return Result(first.kernels, times, samples)
+    return Result(first.kernels, times, samples=samples)
 
 
 def summary(winner: Result, results: list[Result]) -> str:

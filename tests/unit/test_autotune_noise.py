@@ -92,3 +92,10 @@ def test_busy_start_is_cached_provisional_and_remeasured_at_a_quiet_start(
     stored = decision(tmp_path)
     assert stored["load"] == 0.0
     assert stored["provisional"] in (None, "the passes chose different winners")
+
+
+def test_a_candidate_failing_in_one_pass_stays_out() -> None:
+    ok = autotune.Result(SDPA, {"decode x1": 1.0}, samples={"decode x1": [1.0]})
+    failed = autotune.Result(SDPA, {}, "RuntimeError: launch failed")
+    best = autotune._best((ok, failed))
+    assert best.error == "RuntimeError: launch failed" and best.times == {}
