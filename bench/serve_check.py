@@ -60,6 +60,17 @@ def chat(url: str, timeout: float) -> dict:
         return json.loads(reply.read())
 
 
+def rss_mib(pid: int) -> int | str:
+    """The process's resident set (VmRSS) in MiB, where Linux says."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) >> 10
+    except (OSError, ValueError):
+        pass
+    return "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="serve")
@@ -84,6 +95,8 @@ def main() -> int:
                 reply = chat(url, timeout=120)
                 results["chat completion tokens"] = reply["usage"]["completion_tokens"]
                 results["chat reply"] = repr(reply["choices"][0]["message"]["content"][:40])
+                time.sleep(2)  # idle
+                results["RSS at idle MiB"] = rss_mib(server.pid)
             else:
                 results["ready s"] = "not ready"
         except Exception as exc:  # reported in the table

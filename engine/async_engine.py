@@ -202,10 +202,15 @@ class AsyncEngine:
             while True:
                 with self._wake:
                     while not (self._inbox or self._stopping or self.core.has_unfinished()):
+                        if self.core.runner.retune_due:  # re-measure outside the lock
+                            break
                         self._wake.wait()
                     if self._stopping:
                         break
                     commands, self._inbox = self._inbox, []
+                if not commands and not self.core.has_unfinished():
+                    self.core.idle()  # the only way here without work: a re-measure is due
+                    continue
                 outputs = self._apply(commands)
                 if self.core.has_unfinished():
                     try:

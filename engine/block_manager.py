@@ -136,6 +136,11 @@ class BlockManager:
                 self.keys[block] = key
                 self.cached.setdefault(key, block)
 
+    def forget_cached(self) -> None:
+        """Drop every cached prefix (the blocks' contents were overwritten, e.g. by autotune)."""
+        self.cached.clear()
+        self.keys = [None] * self.num_blocks
+
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; unreferenced blocks become free (tail first)."""
         for block in reversed(seq.block_table):

@@ -97,6 +97,14 @@ class EngineCore:
     def kv_capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size
 
+    def idle(self) -> None:
+        """At an idle moment (nothing unfinished): re-measure the kernels when the served
+        steps ran far slower than the autotune decision's figures (engine/kernels/
+        autotune_noise.py); that writes the KV cache, so the cached prefixes are dropped."""
+        if self.runner.retune_due and not self.has_unfinished():
+            self.runner.retune()
+            self.blocks.forget_cached()
+
     # -- requests -------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
         """Raise InvalidRequestError for a request this engine can never serve."""

@@ -6,6 +6,8 @@ Start-up is `ModelRunner.__init__`'s named steps; the kernels package does the w
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -16,6 +18,7 @@ from hearth.engine import distributed
 from hearth.engine.config import EngineSettings
 from hearth.engine.kernels import autotune, selection
 from hearth.engine.kernels.attention import PagedBatch, Prefill
+from hearth.engine.kernels.autotune_noise import SlowWatch
 from hearth.engine.kernels.cuda_graphs import DecodeGraphs
 from hearth.engine.kernels.patching import (
     capture_decode_graphs,
@@ -26,11 +29,14 @@ from hearth.engine.kernels.patching import (
 from hearth.engine.kernels.selection import Kernels
 from hearth.engine.kv_cache import KVCache, KVCacheSpec, layer_devices
 from hearth.engine.lora import LoraManager
+from hearth.engine.models import LlamaForward, own_forward
 from hearth.engine.multimodal.encoder import MMStep, VisionEncoder, is_vision_model
 from hearth.engine.scheduler import Scheduled
 from hearth.engine.sequence import Sequence
 
 __all__ = ["ModelRunner", "PromptRows", "StepInputs"]
+
+log = logging.getLogger("hearth.engine")
 
 
 @dataclass
@@ -80,6 +86,8 @@ class ModelRunner:
         autotune (unless off or under tensor parallelism), apply the kernels (patch forwards,
         pack weights, capture CUDA graphs). Raises ValueError for settings that cannot run."""
         prepare_model(model, tp_size)
+        # hearth's own forward for the Llama family (engine/models/), else transformers'
+        self.own: LlamaForward | None = own_forward(model, tp_size, max_model_len)
         self.model, self.dtype, self.settings = model, dtype, settings
         self.tp_size, self.max_model_len = tp_size, max_model_len
         self.block_size = settings.block_size
@@ -93,10 +101,35 @@ class ModelRunner:
         devices = layer_devices(model, spec.num_layers)
         kernels = selection.startup_kernels(model, settings, devices, spec, tp_size)
         self.kv_cache = KVCache(spec, num_blocks, self.block_size, devices)
+        self.candidates: list[Kernels] | None = None  # what autotune chose among, if it ran
+        self.tuned_times: dict[str, float] | None = None  # the decision's step times (autotune)
         if settings.autotune != "off" and tp_size == 1:
-            cands = selection.tuning_candidates(settings, devices, spec, kernels.gguf)
-            kernels = autotune.select(self, settings, cands, max_model_len)
+            self.candidates = selection.tuning_candidates(settings, devices, spec, kernels.gguf)
+            kernels = autotune.select(self, settings, self.candidates, max_model_len)
         self.kernels = self.apply(kernels, log_packing=True)
+        # served batch-1 decode steps far slower than the decision's: re-measure when idle
+        self.slow = SlowWatch(self._expected_step() if self.device.type == "cpu" else None)
+
+    def _expected_step(self) -> float | None:
+        """The decision's batch-1 decode step time (seconds), if autotune measured one."""
+        return (self.tuned_times or {}).get("decode x1")
+
+    @property
+    def retune_due(self) -> bool:
+        """Served batch-1 steps ran far slower than the decision's figure (SlowWatch)."""
+        return self.slow.fired and self.candidates is not None
+
+    def retune(self) -> None:
+        """Re-measure the kernel choice and apply it (at an idle moment: it writes the KV
+        cache, whose cached prefixes the caller must forget). A failure keeps the kernels."""
+        log.info("autotune: served steps run far slower than measured: re-measuring")
+        settings = self.settings.model_copy(update={"autotune": "remeasure"})
+        try:
+            kernels = autotune.select(self, settings, self.candidates, self.max_model_len)
+            self.apply(kernels)
+        except Exception:
+            log.exception("autotune: re-measuring failed; the kernels stay as they were")
+        self.slow.reset(self._expected_step())
 
     def apply(
         self, kernels: Kernels, graph_sizes: list[int] | None = None, log_packing: bool = False
@@ -158,7 +191,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _run_model(self, kwargs: dict) -> torch.Tensor:
-        """The model's logits [n, V] of the rows in kwargs' logits_to_keep."""
+        """The model's logits [n, V] of the rows in kwargs' logits_to_keep: hearth's own
+        forward where the model has one, except for steps with LoRA rows (their hooks sit on
+        transformers' modules: engine/lora/linear.py) and image rows."""
+        own = self.own
+        lora_rows = self.loras is not None and self.loras.current is not None
+        if own is not None and not lora_rows and "input_ids" in kwargs:
+            ids, positions = kwargs["input_ids"][0], kwargs["position_ids"][0]  # [T] each
+            return own(ids, positions, kwargs["hearth_batch"], kwargs["logits_to_keep"])
         return self.model(**kwargs).logits[0]  # [n, V]
 
     def _slots(self, table: list[int], start: int, stop: int) -> list[int]:
@@ -173,8 +213,12 @@ class ModelRunner:
         inputs = self.prepare(scheduled)
         if self.tp_size > 1:
             distributed.broadcast(inputs)
+        started = time.perf_counter()
         with nullcontext() if self.loras is None else self.loras.step(self, scheduled):
             logits = self.forward(inputs)
+        single = len(inputs.input_ids) == 1 and bool(inputs.decode_rows)  # batch-1 decode
+        if single and inputs.decode_lens[0] <= 2 * autotune.DECODE_CONTEXT:  # ~ the timed one
+            self.slow.observe(time.perf_counter() - started)
         n, parts, row = len(inputs.sample_rows), [], len(inputs.sample_rows)
         for item in scheduled:
             count = self._prompt_rows(item)
@@ -261,28 +305,39 @@ class ModelRunner:
             if logits is not None:
                 return logits
         dev = self.device
-
-        def longs(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=dev)
-
+        # Every integer input of the step in one tensor: one host-to-device copy, then views.
+        keep = step.sample_rows + step.prompt_rows
+        values = step.input_ids + step.positions + step.slot_mapping + keep
+        sizes = [len(step.input_ids), len(step.positions), len(step.slot_mapping), len(keep)]
+        for _, _, _, slots in step.prefills:
+            values += slots or []
+            sizes.append(len(slots or []))
+        width = 0
+        if step.decode_rows:
+            width = max(len(t) for t in step.decode_tables)
+            values += step.decode_rows + step.decode_lens
+            for table in step.decode_tables:
+                values += table + [0] * (width - len(table))
+            sizes += [len(step.decode_rows)] * 2 + [len(step.decode_rows) * width]
+        parts = torch.tensor(values, dtype=torch.long, device=dev).split(sizes)
+        ids, positions, slot_mapping, kept = parts[:4]  # [T], [T], [T], [n]
         prefills = [
-            Prefill(r, n, c, None if s is None else longs(s)) for r, n, c, s in step.prefills
+            Prefill(r, n, c, None if s is None else parts[4 + i])
+            for i, (r, n, c, s) in enumerate(step.prefills)
         ]
         batch = PagedBatch(
             k_cache=self.kv_cache.k_cache,
             v_cache=self.kv_cache.v_cache,
-            slot_mapping=longs(step.slot_mapping),
+            slot_mapping=slot_mapping,
             decode_rows=None,
             decode_tables=None,
             decode_mask=None,
             prefills=prefills,
         )
         if step.decode_rows:
-            tables = step.decode_tables
-            width = max(len(t) for t in tables)
-            lens = longs(step.decode_lens)
-            batch.decode_rows = longs(step.decode_rows)
-            batch.decode_tables = longs([t + [0] * (width - len(t)) for t in tables])
+            rows, lens, tables = parts[4 + len(prefills) :]  # [Bd], [Bd], [Bd * nb]
+            batch.decode_rows = rows
+            batch.decode_tables = tables.view(len(step.decode_rows), width)  # [Bd, nb]
             if self.decode_kernel == "sdpa":  # the kernels read lens instead of a mask
                 mask = (
                     torch.arange(max(step.decode_lens), device=dev)[None, :] < lens[:, None]
@@ -292,10 +347,10 @@ class ModelRunner:
             batch.decode_kernel = self.decode_kernel
             batch.cpu_variant = self.cpu_variant
         kwargs = {
-            "input_ids": longs([step.input_ids]),
-            "position_ids": longs([step.positions]),
+            "input_ids": ids[None],  # [1, T]
+            "position_ids": positions[None],
             "use_cache": False,
-            "logits_to_keep": longs(step.sample_rows + step.prompt_rows),
+            "logits_to_keep": kept,
             "hearth_batch": batch,
         }
         if step.mm is not None:  # image features in place of their placeholders' embeddings

@@ -71,21 +71,35 @@ def paged_attention(
     if batch is None:  # called outside the engine (e.g. generate()): plain SDPA, no paged cache
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
-    layer = module.layer_idx
-    k_blocks, v_blocks = batch.k_cache[layer], batch.v_cache[layer]  # [N, bs, Hkv, D]
-    k_cache, v_cache = k_blocks.flatten(0, 1), v_blocks.flatten(0, 1)  # [N * bs, Hkv, D] views
+    q = query[0].transpose(0, 1)  # [T, H, D]
     new_k = key[0].transpose(0, 1)  # [T, Hkv, D]
     new_v = value[0].transpose(0, 1)
-    slot_mapping = batch.slot_mapping.to(k_cache.device)  # a no-op unless under device_map
+    return attend(module.layer_idx, q, new_k, new_v, batch, scaling)[None], None  # [1, T, H, D]
+
+
+def attend(
+    layer: int,
+    q: torch.Tensor,  # [T, H, D]
+    new_k: torch.Tensor,  # [T, Hkv, D]
+    new_v: torch.Tensor,  # [T, Hkv, D]
+    batch: PagedBatch,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Write the step's new K/V of layer `layer` into its cache slots, then attend: every
+    decode row in one call, each prefill chunk causally over its context. Returns [T, H, D]
+    (rows in the packed batch's order). Used by the patched transformers models and by
+    hearth's own forwards (engine/models/)."""
+    k_blocks, v_blocks = batch.k_cache[layer], batch.v_cache[layer]  # [N, bs, Hkv, D]
+    k_cache, v_cache = k_blocks.flatten(0, 1), v_blocks.flatten(0, 1)  # [N * bs, Hkv, D] views
+    slot_mapping = _on(batch.slot_mapping, k_cache.device)  # moves only under device_map
     k_cache.index_copy_(0, slot_mapping, new_k)
     v_cache.index_copy_(0, slot_mapping, new_v)
 
-    q = query[0].transpose(0, 1)  # [T, H, D]
     decoded = None
     if batch.decode_rows is not None:
         decoded = _decode_attention(batch, q, k_blocks, v_blocks, scaling)  # [Bd, H, D]
         if not batch.prefills:  # a pure decode step: the rows are 0..T-1, in order
-            return decoded[None], None
+            return decoded
     out = torch.empty_like(q)  # [T, H, D]
     if decoded is not None:
         out[batch.decode_rows.to(q.device)] = decoded
@@ -106,7 +120,7 @@ def paged_attention(
                 qp, kp, vp, attn_mask=mask, scale=scaling, enable_gqa=True
             )
         out[p.start : p.start + p.length] = op[0].transpose(0, 1)
-    return out[None], None  # [1, T, H, D]
+    return out
 
 
 def _decode_attention(
@@ -117,7 +131,7 @@ def _decode_attention(
     scaling: float | None,
 ) -> torch.Tensor:
     """Every single-token decode of the step in one call. Returns [Bd, H, D]."""
-    rows = batch.decode_rows.to(q.device)
+    rows = _on(batch.decode_rows, q.device)
     if batch.decode_kernel in ("triton", "cpu"):
         if batch.decode_kernel == "triton":
             from hearth.engine.kernels.triton_attention import paged_decode
@@ -126,7 +140,7 @@ def _decode_attention(
 
         qd = q if len(rows) == len(q) else q[rows]  # [Bd, H, D]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        tables, lens = batch.decode_tables.to(q.device), batch.decode_lens.to(q.device)
+        tables, lens = _on(batch.decode_tables, q.device), _on(batch.decode_lens, q.device)
         if batch.cpu_variant is not None:  # the C++ kernels' ISA build chosen by autotune
             return paged_decode(qd, k_blocks, v_blocks, tables, lens, scale, batch.cpu_variant)
         return paged_decode(qd, k_blocks, v_blocks, tables, lens, scale)
@@ -139,6 +153,12 @@ def _decode_attention(
     qd = (q if len(rows) == len(q) else q[rows]).view(-1, kv_heads, heads // kv_heads, dim)
     od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
     return od.reshape(-1, heads, dim)
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; no dispatch when it is there already (a decode step asks ~6 times
+    per layer)."""
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def register() -> str:

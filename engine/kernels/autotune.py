@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hearth.engine.kernels import autotune_noise
 from hearth.engine.kernels.autotune_cache import decision_key, load_decision, store_decision
 from hearth.engine.kernels.cpu_linear import MAX_ROWS as MATMUL_ROWS
 from hearth.engine.kernels.selection import Kernels
@@ -50,6 +51,7 @@ class Result:
     kernels: Kernels
     times: dict[str, float] = field(default_factory=dict)  # workload name -> seconds (best rep)
     error: str | None = None  # why the candidate is out (an exception, logits that differ)
+    samples: dict[str, list[float]] = field(default_factory=dict)  # every timed repeat
 
 
 def workloads(
@@ -112,7 +114,8 @@ def _best(passes: tuple[Result, ...]) -> Result:
     if errors:
         return Result(first.kernels, {}, errors[0])
     times = {name: min(p.times[name] for p in passes) for name in first.times}
-    return Result(first.kernels, times)
+    samples = {name: [t for p in passes for t in p.samples.get(name, [])] for name in first.times}
+    return Result(first.kernels, times, samples=samples)
 
 
 def summary(winner: Result, results: list[Result]) -> str:
@@ -164,18 +167,20 @@ def measure(
                 path = same_step(kernels, load) if same_step else None
                 if path is not None and path in timed and not is_reference:
                     result.times[load.name] = timed[path]
+                    result.samples[load.name] = [timed[path]]
                     continue
                 logits = run(load).float().cpu()
                 if is_reference:
                     want[load.name] = logits
                 elif problem := close_enough(logits, want[load.name], dtype):
                     raise RuntimeError(f"{load.name}: {problem}")
-                best = math.inf
+                best, samples = math.inf, result.samples.setdefault(load.name, [])
                 for _ in range(repeats if not load.prefill else max(1, repeats - 2)):
                     start = time.perf_counter()
                     run(load)
                     sync()
-                    best = min(best, time.perf_counter() - start)
+                    samples.append(time.perf_counter() - start)
+                    best = min(best, samples[-1])
                 result.times[load.name] = best
                 if path is not None:
                     timed[path] = best
@@ -214,13 +219,21 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
         return cands[0]._replace(threads=threads)
     key = decision_key(runner.model, runner.device, runner.dtype, settings, loads)
     key["threads"], key["candidates"] = threads, [c.describe() for c in cands]
+    key["forward"] = "own" if getattr(runner, "own", None) is not None else "transformers"
     rounds = 2 if on_cpu else 1  # CPUs are shared and noisy: a second pass, the best of both
+    load_now = autotune_noise.host_load()
     cached = load_decision(key) if settings.autotune != "remeasure" else None
     if cached is not None:
-        kernels, times = cached
+        kernels, times, provisional = cached
         ms = ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in times.items())
-        log.info("autotune: %s (cached decision: %s)", kernels.describe(), ms)
-        return kernels
+        if not autotune_noise.remeasure_cached(provisional, load_now):
+            note = f"; provisional: {provisional}" if provisional else ""
+            log.info("autotune: %s (cached decision: %s%s)", kernels.describe(), ms, note)
+            runner.tuned_times = times
+            return kernels
+        log.info(
+            "autotune: re-measuring a provisional decision (%s): the host is quiet now", provisional
+        )
     started = time.perf_counter()
     steps = {load.name: runner.timing_step(load) for load in loads}
     bs = runner.kv_cache.block_size
@@ -251,6 +264,8 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
 
     paths: dict[object, float] = {}
 
+    pass_winners: list[Kernels] = []  # each interleaved pass's own winner
+
     def timed(kernels: list[Kernels]) -> list[Result]:
         passes = [
             measure(
@@ -258,6 +273,8 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
             )
             for _ in range(rounds)
         ]
+        ran = [one for one in passes if any(r.error is None and r.times for r in one)]
+        pass_winners.extend(pick(one).kernels for one in ran)
         return [_best(same) for same in zip(*passes, strict=True)]
 
     results = timed(order)
@@ -278,12 +295,16 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
         winner = against([winner.kernels._replace(threads=t) for t in more_threads])
         torch.set_num_threads(threads)  # measuring left another count; apply() sets the winner's
     runner.kv_cache.fill(seed=None)  # back to zeros
-    store_decision(key, winner, results)
+    finals = pass_winners[-rounds:]  # the passes of the last comparison
+    reason = autotune_noise.provisional_reason(load_now, winner.samples, finals)
+    store_decision(key, winner, results, reason, load_now)
     log.info(
-        "autotune: %s (measured in %.1f s on %s: %s)",
+        "autotune: %s (measured in %.1f s on %s: %s)%s",
         winner.kernels.describe(),
         time.perf_counter() - started,
         ", ".join(str(v) for k, v in key["hardware"].items() if k != "flags"),
         summary(winner, results),
+        f"; provisional, re-measured at a quiet start: {reason}" if reason else "",
     )
+    runner.tuned_times = winner.times
     return winner.kernels

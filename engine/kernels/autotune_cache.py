@@ -124,18 +124,29 @@ def _path(key: dict[str, Any]) -> Path:
     return cache_dir() / "autotune" / f"{digest[:32]}.json"
 
 
-def load_decision(key: dict[str, Any]) -> tuple[Kernels, dict[str, float]] | None:
-    """The cached winner and its step times for this key, or None."""
+def load_decision(key: dict[str, Any]) -> tuple[Kernels, dict[str, float], str | None] | None:
+    """The cached winner, its step times and why it is provisional (None: a trusted decision;
+    kernels/autotune_noise.py) for this key, or None."""
     try:
         data = json.loads(_path(key).read_text())
-        return Kernels(**data["kernels"]), data["times"]
+        return Kernels(**data["kernels"]), data["times"], data.get("provisional")
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def store_decision(key: dict[str, Any], winner: Result, results: list[Result]) -> None:
+def store_decision(
+    key: dict[str, Any],
+    winner: Result,
+    results: list[Result],
+    provisional: str | None = None,
+    load: float | None = None,
+) -> None:
+    """Cache the decision; `provisional`: why it is re-measured at a later quiet start (None:
+    trusted), `load`: the host's load per core when it was measured."""
     path = _path(key)
     data = {
+        "provisional": provisional,
+        "load": load,
         "key": key,
         "kernels": winner.kernels._asdict(),
         "times": winner.times,

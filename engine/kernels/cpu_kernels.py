@@ -246,8 +246,10 @@ def paged_decode(
     if not (k_blocks.is_contiguous() and v_blocks.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
     q = q.contiguous()
-    tables = tables.to(torch.int64).contiguous()
-    lens = lens.to(torch.int64).contiguous()
+    if tables.dtype != torch.int64 or not tables.is_contiguous():
+        tables = tables.to(torch.int64).contiguous()
+    if lens.dtype != torch.int64 or not lens.is_contiguous():
+        lens = lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)  # [B, H, D]
     status = lib.hearth_paged_decode_f32(
         q.data_ptr(),

@@ -165,6 +165,8 @@ def test_a_real_measurement_is_cached_and_reused(
     """On this machine: every candidate timed on the tiny model, the winner is one of them, the
     decision lands in the cache, and a second start measures nothing."""
     monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
+    # a trusted decision (a provisional one is re-measured at a quiet start: test_autotune_noise)
+    monkeypatch.setattr(autotune.autotune_noise, "provisional_reason", lambda *_: None)
     limits = EngineSettings(max_num_seqs=8, max_num_batched_tokens=64)
     with caplog.at_level(logging.INFO, logger="hearth.engine"):
         first = ModelRunner(tiny_llama(), 40, torch.float32, limits, 128).kernels
