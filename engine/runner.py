@@ -2,6 +2,10 @@
 
 Start-up is `ModelRunner.__init__`'s named steps; the kernels package does the work
 (engine/kernels/patching.py, selection.py, autotune.py) and engine/kv_cache.py owns the cache.
+
+Longer than ~300 lines on purpose: one class whose start-up steps decide what its step runs (the
+forward, kernels, CUDA graphs, tensor-parallel followers); the forward itself lives in
+engine/models/ and the kernels in engine/kernels/.
 """
 
 from __future__ import annotations
