@@ -197,6 +197,21 @@ def cpu_threads() -> tuple[int, list[int]]:
     return cores, sorted({max(1, cores // 2)} - {cores})
 
 
+def thread_times(
+    winner: Kernels, results: list[Result], loads: list[Workload]
+) -> dict[int, dict[int, float]]:
+    """The winner's step times per thread count: {threads: {tokens in the step: seconds}}
+    (the figures engine/threads.py compares the engine's steps with)."""
+    tokens = {load.name: load.context if load.prefill else load.batch for load in loads}
+    out: dict[int, dict[int, float]] = {}
+    for r in results:
+        if r.error is None and r.kernels._replace(threads=winner.threads) == winner:
+            for name, seconds in r.times.items():
+                row = out.setdefault(r.kernels.threads, {})
+                row[tokens[name]] = min(row.get(tokens[name], seconds), seconds)
+    return out
+
+
 def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int) -> Kernels:
     """The measured (or cached) choice among `cands` for the runner's model; see the module
     docstring. `runner` is engine.runner.ModelRunner (apply, timing_step, forward, sync, and
@@ -220,6 +235,7 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
         kernels, times = cached
         ms = ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in times.items())
         log.info("autotune: %s (cached decision: %s)", kernels.describe(), ms)
+        runner.thread_times = thread_times(kernels, [Result(kernels, times)], loads)
         return kernels
     started = time.perf_counter()
     steps = {load.name: runner.timing_step(load) for load in loads}
@@ -279,6 +295,7 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
         torch.set_num_threads(threads)  # measuring left another count; apply() sets the winner's
     runner.kv_cache.fill(seed=None)  # back to zeros
     store_decision(key, winner, results)
+    runner.thread_times = thread_times(winner.kernels, results, loads)
     log.info(
         "autotune: %s (measured in %.1f s on %s: %s)",
         winner.kernels.describe(),
