@@ -209,7 +209,8 @@ def part_single(args) -> None:
     print(describe())
     print(
         f"{args.source}; prompt {len(tokens)} tokens, {args.tokens} new, greedy; each run cut at "
-        f"{args.limit:.0f} s; noisy shared machine: compare rows of this run only"
+        f"{args.limit:.0f} s; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+        "noisy shared machine: compare rows of this run only"
     )
     cols = ["single", f"x{args.streams}", f"x{args.wide}"]
     print(
@@ -317,12 +318,18 @@ def main() -> None:
     parser.add_argument("--busy-limit", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--llama-python", help="a Python with llama-cpp-python installed")
+    parser.add_argument("--verbose", action="store_true", help="the controller's changes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--no-extra", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return llama_worker(args.worker, args.threads, not args.no_extra)
     os.environ.setdefault("HEARTH_CACHE_DIR", str(Path.cwd() / ".cache-hearth"))
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(format="%(asctime)s %(message)s")
+        logging.getLogger("hearth.engine").setLevel(logging.DEBUG)
     from hearth.engine.loading.loader import single_threaded
 
     single_threaded()  # as hearth serve's loader: only the engine threads run multi-threaded
