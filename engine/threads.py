@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 from collections.abc import Callable
+from statistics import median
 
 from hearth.engine.cores import CoreBudget
 
@@ -42,7 +42,7 @@ SLOW = 2.0  # steps this many times slower than the shape's best: try fewer thre
 VERY_SLOW = 4.0  # one step this slow suffices
 GAIN = 0.9  # a larger team is kept when its steps take at most this fraction of the old ones
 KEEP = 1.05  # a smaller team is kept when its steps take at most this multiple of the old ones
-ABORT = 2.0  # a trial's first step this many times slower than before ends the trial
+ABORT = {1: 1.5, -1: 2.0}  # a trial's first step this many times slower than before ends it
 QUANTILE, RATE = 0.1, 0.05  # a shape's reference time: the steps' running 10th percentile
 BACKOFF = 32  # steps before retrying a direction after a failed trial (doubles each time)
 MAX_BACKOFF = 2048
@@ -128,13 +128,14 @@ class ThreadController:
         del self.recent[: -self.window]
         if self.since_change < self.window and norm < VERY_SLOW:
             return
-        level = statistics.median(self.recent[-self.window :])
+        level = median(self.recent[-self.window :])
         free = self.budget.free_cores() if self.budget is not None else None
         cap = min(self.max_threads, self.budget.share()) if self.budget else self.max_threads
         if self.threads > 1 and not self.wait[-1]:
             crowded = free is not None and free < self.threads - 0.5
             if norm >= VERY_SLOW or level >= SLOW or crowded:
-                level = max(level, norm) if norm >= VERY_SLOW else level  # the load just came
+                latest = median(self.recent[-3:])  # a load that just came shows there first
+                level = max(level, norm if norm >= VERY_SLOW else latest)
                 why = f"steps {level:.1f}x the best" if not crowded else f"{free:.1f} cores free"
                 return self._start(-1, level, why)
         grow = self.threads < cap and not self.wait[1] and self.since_change >= self.window
@@ -151,11 +152,11 @@ class ThreadController:
         old, before, norms = self.trial
         norms.append(norm)
         direction = 1 if self.threads > old else -1
-        if len(norms) == 1 and norm > ABORT * before and norm > SLOW:
+        if len(norms) == 1 and norm > ABORT[direction] * before:
             return self._fail(direction, old, norm, before)
         if len(norms) < self.window:
             return
-        level = statistics.median(norms)
+        level = median(norms)
         kept = level <= before * (GAIN if direction > 0 else KEEP)
         if not kept:
             return self._fail(direction, old, level, before)

@@ -14,6 +14,7 @@ TIMES = {
     "quiet": {2: 0.016, 1: 0.020},
     "busy": {2: 0.60, 1: 0.021},
     "two busy": {2: 0.90, 1: 0.040},
+    "mild": {2: 0.040, 1: 0.021},  # a load that slows two threads 2.5x: below VERY_SLOW
 }
 
 
@@ -153,3 +154,14 @@ def test_switch_off(monkeypatch):
     assert not T.enabled()
     monkeypatch.delenv("HEARTH_THREAD_CONTROL")
     assert T.enabled()
+
+
+def test_a_milder_slowdown_is_judged_on_the_latest_steps():
+    for budgeted in (False, True):
+        machine = Machine()
+        budget = CoreBudget(machine.monitor, machine.clock) if budgeted else None
+        ctl = controller(budget)
+        run(ctl, "quiet", 50, machine=machine)
+        machine.load = 1
+        sizes = run(ctl, "mild", 500, machine=machine)
+        assert sizes[20:].count(2) <= 4, sizes[:40]
