@@ -18,6 +18,9 @@ repacked (extra) buffers can crash on some CPUs, then the worker is restarted wi
 use_extra_bufts=False and the table says which mode ran. llama-cpp-python serves one sequence
 at a time: its concurrent row runs the requests one after another.
 
+OMP_WAIT_POLICY (read when torch loads) is printed with the table: run the bench under
+OMP_WAIT_POLICY=passive / active to compare libgomp's sleeping and spinning waits.
+
 `--part multi`: one process serving the default model twice (models a and b) and a MiniLM-sized
 embedding model, all busy at once (one stream each on a and b, embedding requests of 16 texts in
 a loop), against the same two streams on model a alone; with the controller and without.
@@ -39,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.llama_cpp_bench import DEFAULT_SOURCE, PROMPT, hearth_model
+from bench.llama_cpp_bench import DEFAULT_SOURCE, PROMPT
 
 BUSY = "import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() < end:\n    pass\n"
 VARIANTS = {  # name -> environment for the engine's build
@@ -47,6 +50,16 @@ VARIANTS = {  # name -> environment for the engine's build
     "hearth fixed team (today)": {"HEARTH_THREAD_CONTROL": "off"},
     "hearth 1 thread": {"HEARTH_THREAD_CONTROL": "off", "HEARTH_NUM_THREADS": "1"},
 }
+SHORT = dict(zip(("follow", "fixed", "one"), VARIANTS, strict=True))  # --variants names
+
+
+def hearth_model(source: str, autotune: str):
+    from hearth.engine.config import ModelConfig
+    from hearth.engine.loading.loader import load_model
+    from hearth.engine.loading.sources import resolve_source
+
+    config = ModelConfig(id="hearth", source=source, engine={"autotune": autotune})
+    return load_model(config, resolve_source(source))
 
 
 def busy(count: int, limit: float) -> list[subprocess.Popen]:
@@ -171,13 +184,14 @@ def part_single(args) -> None:
     from hearth.engine.loading.sources import resolve_source
     from hearth.engine.tokenizer import ChatTokenizer
 
-    loaded = hearth_model(args.source, "auto")
+    loaded = hearth_model(args.source, args.autotune)
     tokens = ChatTokenizer(loaded.tokenizer, None).encode_chat(
         [{"role": "user", "content": PROMPT}]
     )
     results: dict[tuple[str, int], dict[str, float]] = {}
     loads = [int(x) for x in args.loads.split(",")]
-    for name, env in VARIANTS.items():
+    for name in [SHORT[v] for v in args.variants.split(",")]:
+        env = VARIANTS[name]
         os.environ.pop("HEARTH_NUM_THREADS", None)
         os.environ.update(env)
         engine = build_engine(loaded)
@@ -209,7 +223,8 @@ def part_single(args) -> None:
     print(describe())
     print(
         f"{args.source}; prompt {len(tokens)} tokens, {args.tokens} new, greedy; each run cut at "
-        f"{args.limit:.0f} s; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+        f"{args.limit:.0f} s; autotune {args.autotune}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
         "noisy shared machine: compare rows of this run only"
     )
     cols = ["single", f"x{args.streams}", f"x{args.wide}"]
@@ -248,7 +263,7 @@ def part_multi(args) -> None:
     for name, env in list(VARIANTS.items())[:2]:
         os.environ.pop("HEARTH_NUM_THREADS", None)
         os.environ.update(env)
-        a, b = hearth_model(args.source, "auto"), hearth_model(args.source, "auto")
+        a, b = hearth_model(args.source, args.autotune), hearth_model(args.source, args.autotune)
         tokens = ChatTokenizer(a.tokenizer, None).encode_chat([{"role": "user", "content": PROMPT}])
         ea = build_engine(a)
         eb = build_engine(b)
@@ -314,6 +329,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--wide", type=int, default=32)
     parser.add_argument("--loads", default="0,1,2", help="busy processes per phase")
+    parser.add_argument("--autotune", default="auto", help="engine autotune: auto, off")
+    parser.add_argument("--variants", default="follow,fixed,one", help="of " + ",".join(SHORT))
     parser.add_argument("--limit", type=float, default=30.0, help="seconds per run at most")
     parser.add_argument("--busy-limit", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))

@@ -29,6 +29,7 @@ Set HEARTH_THREAD_CONTROL=off to keep the team autotune chose (the behaviour bef
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Callable
@@ -46,6 +47,32 @@ ABORT = {1: 1.5, -1: 2.0}  # a trial's first step this many times slower than be
 QUANTILE, RATE = 0.1, 0.05  # a shape's reference time: the steps' running 10th percentile
 BACKOFF = 32  # steps before retrying a direction after a failed trial (doubles each time)
 MAX_BACKOFF = 2048
+
+
+def _omp_max_threads() -> Callable[[], int] | None:
+    """The calling thread's OpenMP team size (omp_get_max_threads of the OpenMP runtime torch
+    loaded), or None where no such symbol is visible."""
+    try:
+        fn = ctypes.CDLL(None).omp_get_max_threads
+    except (AttributeError, OSError):
+        return None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_OMP: list[Callable[[], int] | None] = []  # looked up at first use (after torch has loaded)
+
+
+def team_size() -> int:
+    """Threads the calling thread's parallel regions run: its own OpenMP team size. torch's
+    get_num_threads() answers the count any thread set last (measured, torch 2.13), while each
+    thread's `#pragma omp parallel` (ATen's parallel_for too) uses its own: with several
+    engine threads, hearth's C++ kernels must ask this."""
+    import torch
+
+    if not _OMP:
+        _OMP.append(_omp_max_threads())
+    return max(1, _OMP[0]()) if _OMP[0] is not None else torch.get_num_threads()
 
 
 def enabled() -> bool:

@@ -165,3 +165,33 @@ def test_a_milder_slowdown_is_judged_on_the_latest_steps():
         machine.load = 1
         sizes = run(ctl, "mild", 500, machine=machine)
         assert sizes[20:].count(2) <= 4, sizes[:40]
+
+
+def test_team_size_is_the_calling_threads_own():
+    """torch.get_num_threads() answers what any thread set last; the C++ kernels must run the
+    calling engine thread's team (engine/kernels/cpu_kernels.py, gguf_kernels.py)."""
+    import threading
+
+    import torch
+
+    seen: dict[str, int] = {}
+    first_set, second_set = threading.Event(), threading.Event()
+
+    def first() -> None:
+        torch.set_num_threads(2)
+        first_set.set()
+        second_set.wait(10)
+        seen["first"] = T.team_size()
+
+    def second() -> None:
+        first_set.wait(10)
+        torch.set_num_threads(1)
+        seen["second"] = T.team_size()
+        second_set.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"first": 2, "second": 1}
