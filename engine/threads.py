@@ -45,6 +45,7 @@ GAIN = 0.9  # a larger team is kept when its steps take at most this fraction of
 KEEP = 1.05  # a smaller team is kept when its steps take at most this multiple of the old ones
 ABORT = {1: 1.5, -1: 2.0}  # a trial's first step this many times slower than before ends it
 QUANTILE, RATE = 0.1, 0.05  # a shape's reference time: the steps' running 10th percentile
+ENOUGH_SECONDS = 1.0  # steps of a trial (or since a change) that suffice when this slow
 BACKOFF = 32  # steps before retrying a direction after a failed trial (doubles each time)
 MAX_BACKOFF = 2048
 
@@ -123,6 +124,7 @@ class ThreadController:
         self.recent: list[float] = []  # norms at self.threads since the last change
         self.trial: tuple[int, float, list[float]] | None = None  # (old threads, old norm, norms)
         self.since_change = 0
+        self.since_seconds = 0.0  # step time since the last change
         self.wait = {-1: 0, 1: 0}  # direction -> steps until it may be tried again
         self.backoff = {-1: BACKOFF, 1: BACKOFF}
         self.changes = 0
@@ -146,6 +148,7 @@ class ThreadController:
         if self.trial is None:  # a trial's steps are all judged by one yardstick
             self.best[key] = _low_quantile(best, seconds)
         self.since_change += 1
+        self.since_seconds += seconds
         for direction in self.wait:
             self.wait[direction] = max(0, self.wait[direction] - 1)
         if self.trial is not None:
@@ -153,7 +156,7 @@ class ThreadController:
             return
         self.recent.append(norm)
         del self.recent[: -self.window]
-        if self.since_change < self.window and norm < VERY_SLOW:
+        if not self._enough(self.since_change, self.since_seconds) and norm < VERY_SLOW:
             return
         level = median(self.recent[-self.window :])
         free = self.budget.free_cores() if self.budget is not None else None
@@ -170,6 +173,11 @@ class ThreadController:
             room = "from time to time" if free is None else f"{free:.1f} cores free"
             return self._start(1, level, room)
 
+    def _enough(self, steps: int, seconds: float) -> bool:
+        """Steps enough to judge by: a window of them, or a few that took ENOUGH_SECONDS (a
+        team stalled at its barriers takes seconds a step: a window would take minutes)."""
+        return steps >= self.window or (steps >= 3 and seconds >= ENOUGH_SECONDS)
+
     # -- trials -----------------------------------------------------------------------------
     def _start(self, direction: int, level: float, why: str) -> None:
         self.trial = (self.threads, level, [])
@@ -181,7 +189,7 @@ class ThreadController:
         direction = 1 if self.threads > old else -1
         if len(norms) == 1 and norm > ABORT[direction] * before:
             return self._fail(direction, old, norm, before)
-        if len(norms) < self.window:
+        if not self._enough(len(norms), self.since_seconds):
             return
         level = median(norms)
         kept = level <= before * (GAIN if direction > 0 else KEEP)
@@ -211,5 +219,5 @@ class ThreadController:
         self.threads = threads
         self.apply(threads)
         self.changes += 1
-        self.since_change = 0
+        self.since_change, self.since_seconds = 0, 0.0
         self.recent = []

@@ -14,7 +14,8 @@ TIMES = {
     "quiet": {2: 0.016, 1: 0.020},
     "busy": {2: 0.60, 1: 0.021},
     "two busy": {2: 0.90, 1: 0.040},
-    "mild": {2: 0.040, 1: 0.021},  # a load that slows two threads 2.5x: below VERY_SLOW
+    "mild": {2: 0.040, 1: 0.021},
+    "stalled": {2: 3.0, 1: 0.25},  # a crowded machine: seconds a step, no quiet figure known  # a load that slows two threads 2.5x: below VERY_SLOW
 }
 
 
@@ -35,9 +36,11 @@ class Machine:
         self.monitor.cores = cores
 
     def advance(self, seconds: float, own_threads: int) -> None:
+        """The scheduler shares the cores evenly among runnable threads, a core each at most."""
         self.clock.now += seconds
-        self.own += seconds * own_threads
-        self.busy += seconds * min(self.monitor.cores, self.load + own_threads)
+        runnable = self.load + own_threads
+        self.own += seconds * own_threads * min(1.0, self.monitor.cores / runnable)
+        self.busy += seconds * min(self.monitor.cores, runnable)
 
 
 def controller(
@@ -195,3 +198,13 @@ def test_team_size_is_the_calling_threads_own():
     for t in threads:
         t.join()
     assert seen == {"first": 2, "second": 1}
+
+
+def test_seconds_long_steps_without_a_quiet_figure_are_left_within_a_few_steps():
+    machine = Machine()
+    machine.load = 1
+    budget = CoreBudget(machine.monitor, machine.clock)
+    applied: list[int] = []
+    ctl = T.ThreadController("cold", 2, 2, applied.append, budget, None)
+    sizes = run(ctl, "stalled", 40, machine=machine)
+    assert sizes.index(1) <= 4 and sizes[4:].count(2) == 0, sizes
