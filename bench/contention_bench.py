@@ -77,10 +77,18 @@ def stop(procs: list[subprocess.Popen]) -> None:
 # -- llama.cpp worker -------------------------------------------------------------------------
 def llama_worker(model_path: str, threads: int, extra: bool) -> None:
     """stdin: {"tokens", "n", "limit"} per line; stdout: {"times", "ids"} per line."""
-    from llama_cpp import Llama
+    import llama_cpp
 
-    options = {} if extra else {"use_extra_bufts": False}
-    llm = Llama(model_path, n_threads=threads, n_ctx=2048, verbose=False, **options)
+    if not extra:  # no Llama() argument for it (0.3.36): the model parameters' default
+        defaults = llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_model_default_params = without_extra_bufts
+    llm = llama_cpp.Llama(model_path, n_threads=threads, n_ctx=2048, verbose=False)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)

@@ -37,9 +37,24 @@ async def decode(engine, n: int, rid: str) -> None:
         pass
 
 
+def others_busy(seconds: float = 2.0) -> float | None:
+    """Cores other processes kept busy over `seconds` (None: unknown on this system)."""
+    import time
+
+    from hearth.engine.cores import CpuMonitor
+
+    monitor = CpuMonitor()
+    monitor.others()
+    time.sleep(seconds)
+    return monitor.others()  # the first reading is the start: this is the whole interval
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CORES < 2 or sys.platform != "linux", reason="needs 2+ cores (Linux)")
 def test_steps_recover_when_a_core_gets_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    crowd = others_busy()
+    if crowd is not None and crowd > 0.5:  # what one busy process does needs a quiet machine
+        pytest.skip(f"other processes keep {crowd:.1f} cores busy: not a quiet machine")
     monkeypatch.delenv("HEARTH_NUM_THREADS", raising=False)
     monkeypatch.delenv("HEARTH_THREAD_CONTROL", raising=False)
     config = ModelConfig(
