@@ -14,8 +14,8 @@ TIMES = {
     "quiet": {2: 0.016, 1: 0.020},
     "busy": {2: 0.60, 1: 0.021},
     "two busy": {2: 0.90, 1: 0.040},
-    "mild": {2: 0.040, 1: 0.021},
-    "stalled": {2: 3.0, 1: 0.25},  # a crowded machine: seconds a step, no quiet figure known  # a load that slows two threads 2.5x: below VERY_SLOW
+    "mild": {2: 0.040, 1: 0.021},  # a load that slows two threads 2.5x: below VERY_SLOW
+    "stalled": {2: 3.0, 1: 0.25},  # a crowded machine: seconds a step, no quiet figure known
 }
 
 
@@ -208,3 +208,23 @@ def test_seconds_long_steps_without_a_quiet_figure_are_left_within_a_few_steps()
     ctl = T.ThreadController("cold", 2, 2, applied.append, budget, None)
     sizes = run(ctl, "stalled", 40, machine=machine)
     assert sizes.index(1) <= 4 and sizes[4:].count(2) == 0, sizes
+
+
+def test_metrics_show_each_cpu_engines_team():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from hearth.engine.types import EngineStats
+    from hearth.server.metrics import Metrics
+
+    def engine(model: str, threads: int) -> SimpleNamespace:
+        info = SimpleNamespace(model_id=model, task="generate")
+        return SimpleNamespace(
+            info=info, stats=lambda: EngineStats(0, 0, 0, 1, cpu_threads=threads)
+        )
+
+    metrics = Metrics(lambda: [engine("cpu-model", 1), engine("gpu-model", 0)])
+    page = generate_latest(metrics.registry).decode()
+    assert 'hearth_cpu_threads{model="cpu-model"} 1.0' in page
+    assert 'hearth_cpu_threads{model="gpu-model"}' not in page
