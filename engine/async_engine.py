@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from hearth.engine import cores
 from hearth.engine.core import EngineCore, FatalStepError
 from hearth.engine.multimodal.processor import VisionProcessor
 from hearth.engine.text.tokenizer import ChatTokenizer
+from hearth.engine.threads import ThreadController, enabled
 from hearth.engine.types import (
     EngineDeadError,
     EngineStats,
@@ -70,6 +73,7 @@ class AsyncEngine:
         self._built = threading.Event()
         self._build: Callable[[], EngineCore] | None = None
         self._build_error: BaseException | None = None
+        self.controller: ThreadController | None = None  # CPU: the team follows free cores
         self._thread = threading.Thread(
             target=self._main, name=f"hearth-engine:{name}", daemon=True
         )
@@ -153,7 +157,10 @@ class AsyncEngine:
         self._submit("fail_all", message)
 
     def stats(self) -> EngineStats:
-        return self.core.stats()
+        stats = self.core.stats()
+        if self.controller is not None:
+            stats.cpu_threads = self.controller.threads
+        return stats
 
     @property
     def is_alive(self) -> bool:
@@ -179,6 +186,16 @@ class AsyncEngine:
             self._build_error = exc
             self._built.set()
             return
+        if self.threads and enabled():
+            runner = self.core.runner
+            self.controller = ThreadController(
+                self._thread.name,
+                self.threads,
+                runner.kernels.threads or self.threads,
+                torch.set_num_threads,
+                cores.budget(),
+                getattr(runner, "thread_times", None),
+            )
         self._built.set()
         self._run()
 
@@ -214,7 +231,13 @@ class AsyncEngine:
                 outputs = self._apply(commands)
                 if self.core.has_unfinished():
                     try:
+                        if self.controller is not None:
+                            self.controller.before_step()
+                        started = time.perf_counter()
                         outputs += self.core.step()
+                        if self.controller is not None:
+                            seconds = time.perf_counter() - started
+                            self.controller.after_step(seconds, self.core.last_step_tokens)
                     except FatalStepError:
                         raise
                     except Exception as exc:  # fail the affected requests, keep serving
@@ -236,6 +259,8 @@ class AsyncEngine:
                 if rid not in ended:
                     outputs += _failed(rid, stream.n, 0, self._dead)
             self._dispatch(outputs)
+            if self.controller is not None:
+                cores.budget().leave(self.controller.name)
             self.core.runner.close()  # tensor-parallel followers stop too
 
     def _apply(self, commands: list[tuple[str, Any]]) -> list[GenerationOutput]:

@@ -89,6 +89,7 @@ class EngineCore:
         self.grammars = GrammarCompiler(tokenizer.hf, self.vocab_size, self._stop_ids)
         self.sampler = Sampler(self._stop_ids, self.grammars)
         self.num_prefilled_tokens = 0
+        self.last_step_tokens = 0  # tokens the last step computed
         self.loras = self.runner.loras = lora_manager(model, settings, tp_size)
         self.blocks.cache_root = self.loras.cache_root  # adapters never share KV blocks
         self.scheduler.admissible = self.loras.admissible  # at most max_loras adapters running
@@ -229,6 +230,7 @@ class EngineCore:
         """One step: schedule -> execute -> sample -> append. A failure fails only the requests
         it can be pinned on: a forward's (see _execute), the batch's sampling, one append."""
         plan = self.scheduler.schedule()
+        self.last_step_tokens = plan.num_tokens  # engine/threads.py keys step times by it
         if not plan.scheduled:
             return self._unschedulable()
         logits, parts, failed = self._execute(plan)

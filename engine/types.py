@@ -211,6 +211,7 @@ class EngineStats:
     prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache
     num_prefilled_tokens: int = 0  # prompt tokens computed (cache hits excluded)
     num_preemptions: int = 0
+    cpu_threads: int = 0  # the engine thread's CPU team size now (0: not a CPU engine)
 
 
 @dataclass

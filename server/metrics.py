@@ -50,6 +50,11 @@ class _EngineCollector:
                 "Prompt tokens served from the prefix cache",
                 labels=["model"],
             ),
+            "threads": GaugeMetricFamily(
+                "hearth_cpu_threads",
+                "CPU threads the model's engine runs its steps on now (follows free cores)",
+                labels=["model"],
+            ),
             "task": GaugeMetricFamily(
                 "hearth_model_task", "1 per served model and its task", labels=["model", "task"]
             ),
@@ -62,6 +67,8 @@ class _EngineCollector:
             families["kv"].add_metric([model], stats.kv_blocks_used / total)
             families["hits"].add_metric([model], stats.prefix_cache_hits)
             families["task"].add_metric([model, engine.info.task], 1)
+            if stats.cpu_threads:
+                families["threads"].add_metric([model], stats.cpu_threads)
         yield from families.values()
 
 

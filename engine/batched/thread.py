@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 
 from hearth.engine.config import EngineSettings
+from hearth.engine.cores import budget
+from hearth.engine.threads import ThreadController, enabled
 from hearth.engine.types import (
     EngineDeadError,
     EngineStats,
@@ -97,6 +100,7 @@ class BatchedEngine:
         self._wake = threading.Condition()
         self._stopping = False
         self._dead: str | None = None
+        self.controller: ThreadController | None = None  # CPU: the team follows free cores
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
     def start(self) -> None:
@@ -176,7 +180,8 @@ class BatchedEngine:
             self._resolve(job, EngineDeadError(message))
 
     def stats(self) -> EngineStats:
-        return EngineStats(self._running, len(self._queue), 0, 0)
+        threads = self.controller.threads if self.controller is not None else 0
+        return EngineStats(self._running, len(self._queue), 0, 0, cpu_threads=threads)
 
     @property
     def is_alive(self) -> bool:
@@ -193,6 +198,11 @@ class BatchedEngine:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+        control = None  # CPU: the team follows free cores and shares them with other engines
+        if self.threads and enabled():
+            name, threads = self._thread.name, self.threads
+            control = ThreadController(name, threads, threads, torch.set_num_threads, budget())
+            self.controller = control
         try:
             while True:
                 with self._wake:
@@ -204,7 +214,13 @@ class BatchedEngine:
                 self._running = len(taken)
                 try:
                     for bucket in self._buckets(taken):
+                        if control is not None:
+                            control.before_step()
+                        started = time.perf_counter()
                         self._forward(bucket)
+                        if control is not None:  # tokens: the bucket's padded size
+                            longest = max(len(job.ids[i]) for job, i in bucket)
+                            control.after_step(time.perf_counter() - started, len(bucket) * longest)
                 finally:
                     self._running = 0
         except BaseException as exc:
@@ -214,6 +230,8 @@ class BatchedEngine:
         finally:
             self._dead = self._dead or "engine is shutting down"
             self.fail_all(self._dead)
+            if control is not None:
+                budget().leave(control.name)
 
     def _take(self) -> list[tuple[Job, int]]:
         """Up to max_num_seqs queued rows of requests still waiting, oldest first."""

@@ -202,6 +202,21 @@ def cpu_threads() -> tuple[int, list[int]]:
     return cores, sorted({max(1, cores // 2)} - {cores})
 
 
+def thread_times(
+    winner: Kernels, results: list[Result], loads: list[Workload]
+) -> dict[int, dict[int, float]]:
+    """The winner's step times per thread count: {threads: {tokens in the step: seconds}}
+    (the figures engine/threads.py compares the engine's steps with)."""
+    tokens = {load.name: load.context if load.prefill else load.batch for load in loads}
+    out: dict[int, dict[int, float]] = {}
+    for r in results:
+        if r.error is None and r.kernels._replace(threads=winner.threads) == winner:
+            for name, seconds in r.times.items():
+                row = out.setdefault(r.kernels.threads, {})
+                row[tokens[name]] = min(row.get(tokens[name], seconds), seconds)
+    return out
+
+
 def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int) -> Kernels:
     """The measured (or cached) choice among `cands` for the runner's model; see the module
     docstring. `runner` is engine.runner.ModelRunner (apply, timing_step, forward, sync, and
@@ -230,6 +245,7 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
             note = f"; provisional: {provisional}" if provisional else ""
             log.info("autotune: %s (cached decision: %s%s)", kernels.describe(), ms, note)
             runner.tuned_times = times
+            runner.thread_times = thread_times(kernels, [Result(kernels, times)], loads)
             return kernels
         log.info(
             "autotune: re-measuring a provisional decision (%s): the host is quiet now", provisional
@@ -298,6 +314,7 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
     finals = pass_winners[-rounds:]  # the passes of the last comparison
     reason = autotune_noise.provisional_reason(load_now, winner.samples, finals)
     store_decision(key, winner, results, reason, load_now)
+    runner.thread_times = thread_times(winner.kernels, results, loads)
     log.info(
         "autotune: %s (measured in %.1f s on %s: %s)%s",
         winner.kernels.describe(),

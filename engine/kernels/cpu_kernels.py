@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+from hearth.engine.threads import team_size
 from hearth.paths import cache_dir
 
 log = logging.getLogger("hearth.engine")
@@ -266,7 +267,7 @@ def paged_decode(
         block_size,
         tables.shape[1],
         scale,
-        torch.get_num_threads(),
+        team_size(),
     )
     if status != 0:
         raise ValueError("paged_decode: a context length or block id is out of range")
@@ -308,6 +309,6 @@ def linear(
         rows.shape[0],
         k,
         n,
-        torch.get_num_threads(),
+        team_size(),
     )
     return out.view(*x.shape[:-1], n)

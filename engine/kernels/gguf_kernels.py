@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from hearth.engine.kernels.cpu_kernels import _compiler, open_variant
+from hearth.engine.threads import team_size
 
 log = logging.getLogger("hearth.engine")
 
@@ -142,7 +143,7 @@ def bind(
     bias = None if bias is None else bias.detach().float().contiguous()
     pointers = (weight.qs.data_ptr(), weight.scales.contiguous().data_ptr())
     bias_ptr = None if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads
+    threads = team_size
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.shape[-1] != k or x.device.type != "cpu":
