@@ -31,6 +31,9 @@ from hearth.engine.types import (
 )
 
 log = logging.getLogger("hearth.engine")
+# A due re-measure (autotune_noise.SlowWatch) waits for this much idleness first: clients often
+# send their next request right after the last one ends, and a re-measure holds the thread.
+RETUNE_AFTER_IDLE_S = 2.0
 
 
 @dataclass
@@ -219,8 +222,10 @@ class AsyncEngine:
             while True:
                 with self._wake:
                     while not (self._inbox or self._stopping or self.core.has_unfinished()):
-                        if self.core.runner.retune_due:  # re-measure outside the lock
-                            break
+                        if self.core.runner.retune_due:  # re-measure outside the lock, once
+                            if not self._wake.wait(RETUNE_AFTER_IDLE_S):  # quiet that long
+                                break
+                            continue  # work (or a spurious wake-up): look again
                         self._wake.wait()
                     if self._stopping:
                         break

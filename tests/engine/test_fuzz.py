@@ -56,6 +56,8 @@ def test_the_schema_describes_every_v1_request_body() -> None:
         "/detokenize",
         "/v1/load_lora_adapter",
         "/v1/unload_lora_adapter",
+        "/v1/load_model",
+        "/v1/unload_model",
         "/v1/responses/{response_id}/cancel",
         "/v1/messages",
         "/v1/messages/count_tokens",
