@@ -190,7 +190,7 @@ def part_single(args) -> None:
     from bench.machine import describe
     from hearth.engine.builder import build_engine
     from hearth.engine.loading.sources import resolve_source
-    from hearth.engine.tokenizer import ChatTokenizer
+    from hearth.engine.text.tokenizer import ChatTokenizer
 
     loaded = hearth_model(args.source, args.autotune)
     tokens = ChatTokenizer(loaded.tokenizer, None).encode_chat(
@@ -261,7 +261,7 @@ def part_multi(args) -> None:
     from hearth.engine.config import ModelConfig
     from hearth.engine.embedding.loader import build_embedding_engine
     from hearth.engine.loading.sources import resolve_source
-    from hearth.engine.tokenizer import ChatTokenizer
+    from hearth.engine.text.tokenizer import ChatTokenizer
     from hearth.engine.types import EmbeddingRequest
     from tests.fixtures.embedding import sample_texts
 

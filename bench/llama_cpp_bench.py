@@ -164,7 +164,7 @@ LONG_TEXT = (
 
 def prompt_tokens(tokenizer, long_tokens: int) -> list[list[int]]:
     """The short chat prompt's ids and a long one of about `long_tokens` tokens."""
-    from hearth.engine.tokenizer import ChatTokenizer
+    from hearth.engine.text.tokenizer import ChatTokenizer
 
     chat = ChatTokenizer(tokenizer, None)
     short = chat.encode_chat([{"role": "user", "content": PROMPT}])
