@@ -158,7 +158,7 @@ async def serve_messages(
     blocks = Blocks()
     reply.feed(blocks, reply.parsers(), choice.text, choice.finish_reason or "stop")
     blocks.close()
-    cached = getattr(choice, "cached_tokens", 0)  # issue 28's count, once the engine has it
+    cached = choice.cached_tokens  # prompt tokens the prefix cache served
     ending = reply.stop_fields(blocks, choice.text, choice.token_ids, choice.finish_reason)
     return reply.message(blocks.content, ending, reply.usage(len(choice.token_ids), cached))
 
@@ -181,7 +181,7 @@ async def _events(reply: _Reply, outputs: AsyncIterator[GenerationOutput]) -> As
     However it ends, `outputs` is closed (which aborts a request still running)."""
     try:
         first = await anext(outputs, None)  # already read by open_stream: no wait
-        cached = getattr(first, "num_cached_tokens", 0) if first is not None else 0
+        cached = first.num_cached_tokens if first is not None else 0
         stop = ending(None, 0, None) | {"stop_reason": None}
         yield {"type": "message_start", "message": reply.message([], stop, reply.usage(0, cached))}
         yield {"type": "ping"}

@@ -22,6 +22,7 @@ from hearth.engine.loading.sources import resolve_source
 from hearth.engine.models import own_forward
 from hearth.engine.runner import StepInputs
 from tests.engine.test_engine import hf_greedy, prompts, run_concurrently
+from tests.fixtures.server import TINY_SHAPE
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -32,19 +33,7 @@ def build_family(out: Path, tokenizer_dir: Path, family: str) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    shape = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-    )
+    shape = TINY_SHAPE
     names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
     config_cls = getattr(transformers, f"{names[family]}Config")
     model_cls = getattr(transformers, f"{names[family]}ForCausalLM")
