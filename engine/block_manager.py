@@ -119,6 +119,17 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             seq.block_table.append(self._take())
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past seq's computed tokens (rejected draft tokens' lookahead):
+        they hold no key, so they are handed out first again."""
+        keep = self.blocks_for(seq.num_computed_tokens)
+        for block in reversed(seq.block_table[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+        del seq.block_table[keep:]
+
     def register_computed(self, seq: Sequence) -> None:
         """Key the sequence's newly full, computed blocks so later prompts can reuse them."""
         if not self.prefix_caching:

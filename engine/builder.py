@@ -15,6 +15,7 @@ from hearth.engine.kv_cache import KVCacheSpec, budget_problem, num_kv_blocks
 from hearth.engine.loading.loader import LoadedModel, LoadError, cpu_thread_count
 from hearth.engine.multimodal.processor import VisionProcessor
 from hearth.engine.runner import ModelRunner
+from hearth.engine.spec_decode.build import make_speculator
 from hearth.engine.text.tokenizer import ChatTokenizer
 from hearth.engine.types import ModelInfo
 
@@ -76,9 +77,10 @@ def vision_processor(loaded: LoadedModel) -> VisionProcessor:
     return VisionProcessor(loaded.processor, token, merge)
 
 
-def build_engine(loaded: LoadedModel) -> AsyncEngine:
+def build_engine(loaded: LoadedModel, draft: LoadedModel | None = None) -> AsyncEngine:
     """Size the KV cache (max_model_len capped to what it holds: `fit_max_model_len`), wrap the
-    tokenizer, and start the engine thread. Raises MemoryError (no KV memory) and LoadError."""
+    tokenizer, and start the engine thread. `draft`: the speculative draft model (method draft:
+    engine/spec_decode/build.py's load_draft). Raises MemoryError (no KV memory) and LoadError."""
     settings = loaded.config.engine
     spec = _kv_spec(loaded)
     num_blocks = num_kv_blocks(spec, settings, loaded.device)
@@ -95,6 +97,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
     if loaded.processor is not None:
         engine.vision = vision_processor(loaded)
     try:
+        vocab = loaded.model.config.get_text_config().vocab_size
         core = engine.start(
             lambda: EngineCore(
                 loaded.model,
@@ -104,6 +107,7 @@ def build_engine(loaded: LoadedModel) -> AsyncEngine:
                 num_blocks,
                 loaded.dtype,
                 tp_size,
+                make_speculator(loaded.config.speculative, draft, max_model_len, vocab),
             )
         )
     except ValueError as exc:  # an engine setting this model or machine cannot run: one line

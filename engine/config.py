@@ -171,6 +171,36 @@ class RerankSettings(_Strict):
     max_inputs: int = Field(1024, ge=1, description="documents per request at most (400 beyond)")
 
 
+class SpeculativeConfig(_Strict):
+    """Speculative decoding (engine/spec_decode/): draft tokens proposed cheaply and verified
+    by the model in one forward; lossless (the output is distributed as without it)."""
+
+    method: Literal["ngram", "draft"] = Field(
+        description="ngram: prompt lookup in the request's own tokens (no model); draft: a "
+        "smaller model sharing the tokenizer (`draft`)"
+    )
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="draft tokens per step")
+    draft: str | None = Field(
+        None, description="method draft: the draft model's source (dir, hub id, .gguf, package:)"
+    )
+    prompt_lookup_min: int = Field(2, ge=1, description="ngram: shortest n-gram matched")
+    prompt_lookup_max: int = Field(4, ge=1, description="ngram: longest n-gram matched")
+    max_batch: int | None = Field(
+        None,
+        ge=0,
+        description="speculate only while at most this many sequences run; default: measured "
+        "on this host (where the verification step costs little more than a decode), cached",
+    )
+
+    @model_validator(mode="after")
+    def _draft_source(self) -> SpeculativeConfig:
+        if (self.method == "draft") != (self.draft is not None):
+            raise ValueError("speculative: 'draft' names the draft model, with method: draft")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("speculative: prompt_lookup_min exceeds prompt_lookup_max")
+        return self
+
+
 class ModelConfig(_Strict):
     """One served model."""
 
@@ -219,6 +249,7 @@ class ModelConfig(_Strict):
     )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    speculative: SpeculativeConfig | None = None
     load: Literal["at_start", "on_demand"] | None = Field(
         None,
         description="at_start: loaded before serving; on_demand: on its first request (the "

@@ -24,8 +24,10 @@ from hearth.engine.constrained.think import BlockScan
 from hearth.engine.lora import lora_manager
 from hearth.engine.runner import ModelRunner, PromptRows
 from hearth.engine.sampler import Sampler, SamplerOutput, SamplingRow
-from hearth.engine.scheduler import Scheduler, SchedulerOutput
+from hearth.engine.scheduler import Scheduled, Scheduler, SchedulerOutput
 from hearth.engine.sequence import Sequence, Status
+from hearth.engine.spec_decode import switch
+from hearth.engine.spec_decode.speculator import Speculator, Verified
 from hearth.engine.text.detokenizer import IncrementalDetokenizer
 from hearth.engine.text.tokenizer import ChatTokenizer
 from hearth.engine.types import (
@@ -74,7 +76,10 @@ class EngineCore:
         num_blocks: int,
         dtype: torch.dtype,
         tp_size: int = 1,
+        speculator: Speculator | None = None,
     ) -> None:
+        """`speculator`: the model's speculative decoding (engine/spec_decode/), if any; a
+        `max_batch` left None is measured on this host (switch.py)."""
         self.tokenizer = tokenizer
         self.settings = settings
         self.max_model_len = max_model_len
@@ -93,6 +98,9 @@ class EngineCore:
         self.loras = self.runner.loras = lora_manager(model, settings, tp_size)
         self.blocks.cache_root = self.loras.cache_root  # adapters never share KV blocks
         self.scheduler.admissible = self.loras.admissible  # at most max_loras adapters running
+        self.spec = speculator
+        if speculator is not None and speculator.max_batch is None:
+            speculator.max_batch = switch.max_batch(self.runner, speculator.num_tokens, settings)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -223,12 +231,16 @@ class EngineCore:
             prefix_cache_hits=self.blocks.num_cache_hits,
             num_prefilled_tokens=self.num_prefilled_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            spec_proposed_tokens=0 if self.spec is None else self.spec.num_proposed,
+            spec_accepted_tokens=0 if self.spec is None else self.spec.num_accepted,
         )
 
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
         """One step: schedule -> execute -> sample -> append. A failure fails only the requests
         it can be pinned on: a forward's (see _execute), the batch's sampling, one append."""
+        if self.spec is not None:  # draft tokens for the decodes that may speculate
+            self.spec.propose(self.scheduler.running, self._budget_left)
         plan = self.scheduler.schedule()
         self.last_step_tokens = plan.num_tokens  # engine/threads.py keys step times by it
         if not plan.scheduled:
@@ -236,23 +248,38 @@ class EngineCore:
         logits, parts, failed = self._execute(plan)
         failed.update(prompt_scoring.store(parts, failed))
         outputs = self.fail_requests(failed)
-        sampling = self._computed(plan, failed)
+        ending = self._computed(plan, failed)
         outputs += [
             o
-            for s in sampling
-            if s.params.max_tokens == 0
-            for o in prompt_scoring.finish_scored(self.scheduler, s)
+            for i in ending
+            if i.seq.params.max_tokens == 0
+            for o in prompt_scoring.finish_scored(self.scheduler, i.seq)
         ]
-        sampling = [s for s in sampling if s.params.max_tokens > 0]
-        if not sampling:
+        plain, rows, drafted, row = [], [], [], 0  # logits rows: 1 + num_spec per item
+        for item in ending:
+            if item.seq.params.max_tokens > 0 and item.num_spec:
+                drafted.append((item, row))
+            elif item.seq.params.max_tokens > 0:
+                plain.append(item.seq)
+                rows.append(row)
+            row += 1 + item.num_spec
+        if not plain and not drafted:
             return outputs
         try:
-            sampled = self._sample(sampling, logits)
+            if len(rows) != row:  # some rows are drafts' or not sampled: pick the plain ones
+                logits_plain = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+            else:
+                logits_plain = logits
+            sampled = self._sample(plain, logits_plain) if plain else None
+            verified = self.spec.verify(logits, drafted) if drafted else []
         except Exception as exc:  # sampling the batch failed: fail the requests that sampled
             log.exception("sampling failed")
             message = _describe(exc)
-            return outputs + self.fail_requests({s.request_id: message for s in sampling})
-        return outputs + self._append_all(sampling, sampled)
+            seqs = plain + [i.seq for i, _ in drafted]
+            return outputs + self.fail_requests({s.request_id: message for s in seqs})
+        if sampled is not None:
+            outputs += self._append_all(plain, sampled)
+        return outputs + self._append_verified([i.seq for i, _ in drafted], verified)
 
     def _unschedulable(self) -> list[GenerationOutput]:
         """Nothing fits this step: a waiting head that can never fit fails (not everything)."""
@@ -297,12 +324,12 @@ class EngineCore:
     def _no_logits(self) -> torch.Tensor:
         return torch.empty(0, self.vocab_size, device=self.device)
 
-    def _computed(self, plan: SchedulerOutput, failed: dict[str, str]) -> list[Sequence]:
+    def _computed(self, plan: SchedulerOutput, failed: dict[str, str]) -> list[Scheduled]:
         """Record the forward of the sequences that did not fail (prefill counts, the
-        scheduler's progress); returns those that reached their end: they sample a token."""
+        scheduler's progress); returns the items that reached their end: they sample."""
         if failed:
             plan.scheduled = [i for i in plan.scheduled if i.seq.request_id not in failed]
-        sampling = [item.seq for item in plan.scheduled if item.reaches_end]
+        sampling = [item for item in plan.scheduled if item.reaches_end]
         for item in plan.scheduled:
             prompt_left = item.seq.num_prompt_tokens - item.seq.num_computed_tokens
             self.num_prefilled_tokens += max(0, min(item.num_tokens, prompt_left))
@@ -335,6 +362,31 @@ class EngineCore:
                 outputs.append(self._append(seq, token_id, logprobs))
             except Exception as exc:
                 log.exception("request %s failed after sampling", seq.request_id)
+                failed[seq.request_id] = _describe(exc)
+        if failed:
+            outputs = [o for o in outputs if o.request_id not in failed]
+            outputs += self.fail_requests(failed)
+        return outputs
+
+    def _append_verified(
+        self, seqs: list[Sequence], verified: list[Verified]
+    ) -> list[GenerationOutput]:
+        """Append each speculating sequence's kept tokens (one output carrying them all, as
+        far as a stop allows), then roll its cache back to them; a failure fails that request."""
+        outputs = []
+        failed: dict[str, str] = {}
+        for seq, kept in zip(seqs, verified, strict=True):
+            try:
+                parts = []
+                for i, token_id in enumerate(kept.token_ids):
+                    logprobs = None if kept.logprobs is None else kept.logprobs[i : i + 1]
+                    parts.append(self._append(seq, token_id, logprobs))
+                    if seq.finish_reason is not None:
+                        break
+                self.scheduler.accept_drafts(seq, len(parts) - 1)
+                outputs.append(_merged(parts))
+            except Exception as exc:
+                log.exception("request %s failed after verifying drafts", seq.request_id)
                 failed[seq.request_id] = _describe(exc)
         if failed:
             outputs = [o for o in outputs if o.request_id not in failed]
@@ -391,6 +443,19 @@ class EngineCore:
             prompt_logprobs=prompt_scoring.take(seq),
             num_cached_tokens=min(seq.num_cached_tokens, len(seq.prompt_ids)),
         )
+
+
+def _merged(parts: list[GenerationOutput]) -> GenerationOutput:
+    """One output for a sample's tokens of one step (the last part's totals and finish)."""
+    last = parts[-1]
+    if len(parts) == 1:
+        return last
+    last.token_ids = [t for p in parts for t in p.token_ids]
+    last.text = "".join(p.text for p in parts)
+    if last.logprobs is not None:
+        last.logprobs = [lp for p in parts for lp in p.logprobs or []]
+    last.prompt_logprobs = parts[0].prompt_logprobs
+    return last
 
 
 def _describe(exc: Exception) -> str:

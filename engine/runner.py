@@ -212,8 +212,9 @@ class ModelRunner:
         return [table[p // bs] * bs + p % bs for p in range(start, stop)]
 
     def execute(self, scheduled: list[Scheduled]) -> tuple[torch.Tensor, list[PromptRows]]:
-        """Run the step; returns logits [n, V] for the items that sample, in schedule order,
-        and the prompt-position logits of the items that asked for prompt_logprobs."""
+        """Run the step; returns logits [n, V] for the items that sample, in schedule order
+        (1 + num_spec rows each), and the prompt-position logits of the items that asked for
+        prompt_logprobs."""
         inputs = self.prepare(scheduled)
         if self.tp_size > 1:
             distributed.broadcast(inputs)
@@ -257,7 +258,8 @@ class ModelRunner:
         for item in scheduled:
             seq, start, num = item.seq, item.start, item.num_tokens
             row = len(step.input_ids)
-            step.input_ids += seq.tokens(start, start + num)
+            step.input_ids += seq.tokens(start, start + num - item.num_spec)
+            step.input_ids += seq.spec_token_ids[: item.num_spec]  # draft tokens to verify
             if seq.mm is None or self.vision is None:
                 step.positions += range(start, start + num)
             else:
@@ -271,8 +273,8 @@ class ModelRunner:
             else:
                 slots = None if start == 0 else self._slots(seq.block_table, 0, context)
                 step.prefills.append((row, num, context, slots))
-            if item.reaches_end:
-                step.sample_rows.append(row + num - 1)
+            if item.reaches_end:  # with draft tokens: the last real row and each draft's
+                step.sample_rows += range(row + num - 1 - item.num_spec, row + num)
             step.prompt_rows += range(row, row + self._prompt_rows(item))
         return step
 

@@ -173,19 +173,7 @@ def sample(
     Rows with a generator draw their noise from it, so a seeded request gets the same tokens
     whatever else is in the batch.
     """
-    logits = logits.float()
-    biased = [
-        (row, token_id, bias)
-        for row, p in enumerate(params)
-        for token_id, bias in p.logit_bias.items()
-        if 0 <= token_id < logits.shape[-1]
-    ]
-    if biased:  # one scatter for every bias of the batch
-        rows, ids, values = zip(*biased, strict=True)
-        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
-        logits = logits.index_put(
-            index, torch.tensor(values, device=logits.device), accumulate=True
-        )
+    logits = apply_bias(logits, params)
     greedy_rows = [p.greedy for p in params]
     chosen = logits.argmax(dim=-1)  # [B]
     if all(greedy_rows):
@@ -199,6 +187,30 @@ def sample(
     sampled = (probs / noise).argmax(dim=-1)  # [B]
     greedy = torch.tensor(greedy_rows, device=logits.device)
     return torch.where(greedy, chosen, sampled)
+
+
+def apply_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logit_bias added (one scatter for the batch). logits: [B, V]; returns [B, V] float32."""
+    logits = logits.float()
+    biased = [
+        (row, token_id, bias)
+        for row, p in enumerate(params)
+        for token_id, bias in p.logit_bias.items()
+        if 0 <= token_id < logits.shape[-1]
+    ]
+    if biased:
+        rows, ids, values = zip(*biased, strict=True)
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        logits = logits.index_put(
+            index, torch.tensor(values, device=logits.device), accumulate=True
+        )
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution `sample` draws from: bias, temperature, top-k/top-p/min-p, softmax.
+    logits: [B, V]; returns [B, V] float32 (speculative decoding's target and draft p, q)."""
+    return _filter(apply_bias(logits, params), params).softmax(dim=-1)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:

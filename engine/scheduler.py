@@ -13,13 +13,14 @@ from hearth.engine.sequence import Sequence, Status
 @dataclass
 class Scheduled:
     seq: Sequence
-    num_tokens: int  # tokens to compute this step, from `start` on
+    num_tokens: int  # tokens to compute this step, from `start` on (lookahead included)
+    num_spec: int = 0  # of those, the last are draft tokens (seq.spec_token_ids) to verify
     start: int = field(init=False)  # seq.num_computed_tokens when scheduled
     reaches_end: bool = field(init=False)  # the chunk reaches the sequence's end: sample a token
 
     def __post_init__(self) -> None:
         self.start = self.seq.num_computed_tokens
-        self.reaches_end = self.start + self.num_tokens == self.seq.num_tokens
+        self.reaches_end = self.start + self.num_tokens - self.num_spec == self.seq.num_tokens
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted while making room for another
                 continue
             num = min(seq.num_uncomputed, budget)
+            spec = self._lookahead(seq, num, budget)
             while not self.blocks.can_grow(seq, num):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -84,9 +86,9 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            self.blocks.grow(seq, num)
-            out.scheduled.append(Scheduled(seq, num))
-            budget -= num
+            self.blocks.grow(seq, num + spec)
+            out.scheduled.append(Scheduled(seq, num + spec, spec))
+            budget -= num + spec
         # New arrivals (and preempted sequences, which were put at the front), in order.
         computing: set[BlockKey] = set()  # prompt blocks first computed by this step
         deferred: list[Sequence] = []  # wait for a prefix block this step computes
@@ -122,6 +124,14 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))  # first in line next step, in arrival order
         return out
 
+    def _lookahead(self, seq: Sequence, num: int, budget: int) -> int:
+        """Draft tokens of a decode to verify this step: all of seq.spec_token_ids when they
+        fit the token budget and the free blocks, else none (a plain decode)."""
+        spec = len(seq.spec_token_ids)
+        if not spec or num != seq.num_uncomputed or num + spec > budget:
+            return 0
+        return spec if self.blocks.can_grow(seq, num + spec) else 0
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.num_preemptions += 1
         self.running.remove(seq)
@@ -132,6 +142,15 @@ class Scheduler:
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance the progress of what ran and key the newly full blocks."""
-        for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_tokens
+        for item in out.scheduled:  # draft tokens count once verified (accept_drafts)
+            item.seq.num_computed_tokens += item.num_tokens - item.num_spec
             self.blocks.register_computed(item.seq)
+
+    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """After verification: the first `num_accepted` draft tokens (now in output_ids) keep
+        their K/V; the rejected ones' are rolled back (blocks past the computed tokens freed)."""
+        if seq.status is not Status.RUNNING:  # finished on one of them
+            return
+        seq.num_computed_tokens += num_accepted
+        self.blocks.register_computed(seq)
+        self.blocks.trim(seq)

@@ -35,6 +35,9 @@ class Sequence:
     # engine-side state the scheduler never looks at (detokenizer, torch generator)
     state: Any = None
     mm: MultiModalInputs | None = None  # the prompt's images (vision models); None: text
+    # speculative decoding: draft tokens proposed after the last token, verified this step
+    # (the scheduler gives them lookahead slots; engine/spec_decode/)
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -80,6 +80,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     grammar: Grammar | None = None  # constrained decoding: every sample matches it
     lora: str | None = None  # the LoRA adapter to run with (its name); None: the base model
+    speculative: bool = True  # False: this request never uses the model's speculative decoding
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:  # 0: score the prompt only (finish after prefill, no token)
@@ -212,6 +213,8 @@ class EngineStats:
     num_prefilled_tokens: int = 0  # prompt tokens computed (cache hits excluded)
     num_preemptions: int = 0
     cpu_threads: int = 0  # the engine thread's CPU team size now (0: not a CPU engine)
+    spec_proposed_tokens: int = 0  # speculative decoding: draft tokens verified
+    spec_accepted_tokens: int = 0  # of those, accepted
 
 
 @dataclass

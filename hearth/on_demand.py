@@ -244,10 +244,12 @@ def load_engine(config: ModelConfig, source: Source, base_dir: Path) -> EngineCl
         from hearth.engine.rerank.loader import build_rerank_engine
 
         return build_rerank_engine(config, source, base_dir)
+    from hearth.engine.spec_decode.build import load_draft
+
     loaded = load_model(config, source, base_dir=base_dir)
     if loaded.device.type == "cpu":
         log.info("CPU: %d torch threads, %s", cpu_thread_count(), str(loaded.dtype)[6:])
-    return build_engine(loaded)
+    return build_engine(loaded, load_draft(config, base_dir))
 
 
 def free_engine(engine: EngineClient) -> None:
