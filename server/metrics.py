@@ -34,8 +34,8 @@ class _EngineCollector:
     def __init__(self, engines: Callable[[], list[EngineClient]]) -> None:
         self.engines = engines
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        families = {
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "running": GaugeMetricFamily(
                 "hearth_requests_running", "Sequences decoding", labels=["model"]
             ),
@@ -58,6 +58,21 @@ class _EngineCollector:
             "task": GaugeMetricFamily(
                 "hearth_model_task", "1 per served model and its task", labels=["model", "task"]
             ),
+            "proposed": CounterMetricFamily(
+                "hearth_spec_decode_draft_tokens",
+                "Speculative decoding: draft tokens verified",
+                labels=["model"],
+            ),
+            "accepted": CounterMetricFamily(
+                "hearth_spec_decode_accepted_tokens",
+                "Speculative decoding: draft tokens accepted",
+                labels=["model"],
+            ),
+            "acceptance": GaugeMetricFamily(
+                "hearth_spec_decode_acceptance_ratio",
+                "Speculative decoding: accepted / verified draft tokens so far",
+                labels=["model"],
+            ),
         }
         for engine in self.engines():
             stats, model = engine.stats(), engine.info.model_id
@@ -69,6 +84,11 @@ class _EngineCollector:
             families["task"].add_metric([model, engine.info.task], 1)
             if stats.cpu_threads:
                 families["threads"].add_metric([model], stats.cpu_threads)
+            if stats.spec_proposed_tokens:  # models that speculate
+                proposed, accepted = stats.spec_proposed_tokens, stats.spec_accepted_tokens
+                families["proposed"].add_metric([model], proposed)
+                families["accepted"].add_metric([model], accepted)
+                families["acceptance"].add_metric([model], accepted / proposed)
         yield from families.values()
 
 

@@ -88,6 +88,8 @@ class SamplingFields(WireModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: score the prompt's tokens
+    # hearth: false opts this request out of the model's speculative decoding
+    speculative: bool = True
 
     @field_validator("stop")
     @classmethod
@@ -133,6 +135,7 @@ class SamplingFields(WireModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            speculative=self.speculative,
         )
 
 

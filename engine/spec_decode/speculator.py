@@ -24,6 +24,8 @@ from hearth.engine.spec_decode.proposer import Proposal, Proposer
 from hearth.engine.spec_decode.rejection import greedy_verify, rejection_sample
 from hearth.engine.types import SamplingParams, TokenLogprob
 
+MAX_SIT_OUT = 16  # decode steps a sequence whose drafts keep failing waits at most
+
 
 @dataclass
 class Verified:
@@ -65,6 +67,7 @@ class Speculator:
         self.num_proposed = 0  # draft tokens verified
         self.num_accepted = 0  # of those, kept
         self._drafted: dict[Sequence, Proposal] = {}
+        self._misses: dict[Sequence, list[int]] = {}  # seq -> [steps to sit out, misses in a row]
 
     def propose(self, running: list[Sequence], budget_left: Callable[[Sequence], int]) -> None:
         """Put draft tokens on the running decodes that may speculate this step.
@@ -72,9 +75,10 @@ class Speculator:
         self.clear()
         if not running or len(running) > (self.max_batch or 0):
             return
+        self._misses = {s: m for s, m in self._misses.items() if not s.is_finished}
         seqs, nums = [], []
         for seq in running:
-            if seq.num_uncomputed != 1 or not applies(seq):
+            if seq.num_uncomputed != 1 or not applies(seq) or self._sits_out(seq):
                 continue
             num = min(self.num_tokens, budget_left(seq) - 1)
             if num > 0:
@@ -86,6 +90,23 @@ class Speculator:
             if proposal.token_ids:
                 seq.spec_token_ids = proposal.token_ids
                 self._drafted[seq] = proposal
+
+    def _sits_out(self, seq: Sequence) -> bool:
+        """Back-off: after a proposal with nothing accepted the sequence sits out 1, 2, 4 ...
+        (at most MAX_SIT_OUT) steps, so a text with nothing to look up costs few verifications."""
+        miss = self._misses.get(seq)
+        if miss is None or miss[0] == 0:
+            return False
+        miss[0] -= 1
+        return True
+
+    def _record(self, seq: Sequence, accepted: int) -> None:
+        if accepted:
+            self._misses.pop(seq, None)
+            return
+        miss = self._misses.setdefault(seq, [0, 0])
+        miss[1] += 1
+        miss[0] = min(MAX_SIT_OUT, 2 ** (miss[1] - 1))
 
     def clear(self) -> None:
         """Take the last step's drafts off their sequences."""
@@ -111,6 +132,7 @@ class Speculator:
                 tokens = rejection_sample(target, drafts, q, seq.state.generator)
             self.num_proposed += k
             self.num_accepted += len(tokens) - 1
+            self._record(seq, len(tokens) - 1)
             results.append(Verified(tokens, _logprobs(rows, tokens, seq.params.logprobs)))
         return results
 
