@@ -84,6 +84,9 @@ def build_engine(loaded: LoadedModel, draft: LoadedModel | None = None) -> Async
     settings = loaded.config.engine
     spec = _kv_spec(loaded)
     num_blocks = num_kv_blocks(spec, settings, loaded.device)
+    if draft is not None:  # the budget holds a block of each model's per target block
+        draft_bytes = KVCacheSpec.from_model(draft.model, draft.dtype, 1).bytes_per_token
+        num_blocks = num_blocks * spec.bytes_per_token // (spec.bytes_per_token + draft_bytes)
     if num_blocks < 2:
         problem = budget_problem(settings, loaded.device)
         raise MemoryError(f"{loaded.config.id}: no memory for the KV cache ({problem})")
@@ -107,7 +110,7 @@ def build_engine(loaded: LoadedModel, draft: LoadedModel | None = None) -> Async
                 num_blocks,
                 loaded.dtype,
                 tp_size,
-                make_speculator(loaded.config.speculative, draft, max_model_len, vocab),
+                make_speculator(loaded.config.speculative, draft, max_model_len, vocab, num_blocks),
             )
         )
     except ValueError as exc:  # an engine setting this model or machine cannot run: one line

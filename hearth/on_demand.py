@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hearth.engine.config import ConfigError, HearthConfig, ModelConfig
-from hearth.engine.loading.sources import Source
+from hearth.engine.loading.sources import Source, SourceError, resolve_source
 from hearth.engine.types import EngineClient
 from hearth.server.model_manager import ModelManager, ModelPlan
 
@@ -121,24 +121,13 @@ def estimate_bytes(config: ModelConfig, source: Source, device: str) -> int:
     """Bytes the model will take on `device` once loaded (see the module doc)."""
     if config.memory is not None:
         return int(config.memory)
-    folder = _checkpoint_dir(source)
-    hf = _hf_config(folder)
+    hf = _hf_config(_checkpoint_dir(source))
     hf = {**hf.get("text_config", {}), **hf}
-    on_cpu = device == "cpu"
-    if source.kind == "gguf":  # blocks kept on CPU, embeddings dequantized: a rough bound
-        weights = Path(source.location).stat().st_size * (3 if on_cpu else 4)
-    else:
-        files = [f for p in _WEIGHT_FILES for f in folder.rglob(p)] if folder else []
-        weights = sum(f.stat().st_size for f in files)
-        stored = _DTYPE_BYTES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), 4)
-        target = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
-        weights = weights * _DTYPE_BYTES[target] // stored
+    weights = _weight_bytes(config, source, device, hf) + _draft_weights(config, device)
     settings = config.engine
     if config.task in ("embed", "rerank"):  # no KV cache
         kv = 0
-    elif on_cpu:
-        if settings.cpu_matmul is not False:  # packed copies of the linear weights
-            weights *= 2
+    elif device == "cpu":
         kv = int(settings.kv_cache_memory or GIB)
     elif settings.kv_cache_memory is not None:
         kv = int(settings.kv_cache_memory)
@@ -148,6 +137,37 @@ def estimate_bytes(config: ModelConfig, source: Source, device: str) -> int:
     hidden, vocab = int(hf.get("hidden_size", 4096)), int(hf.get("vocab_size", 32000))
     workspace = tokens * 4 * (vocab + 16 * hidden) + 64 * (1 << 20)  # logits, activations
     return weights + kv + workspace
+
+
+def _weight_bytes(config: ModelConfig, source: Source, device: str, hf: dict[str, Any]) -> int:
+    """The weights in memory (on CPU with the packed matmul's copies)."""
+    on_cpu = device == "cpu"
+    if source.kind == "gguf":  # blocks kept on CPU, embeddings dequantized: a rough bound
+        weights = Path(source.location).stat().st_size * (3 if on_cpu else 4)
+    else:
+        folder = _checkpoint_dir(source)
+        files = [f for p in _WEIGHT_FILES for f in folder.rglob(p)] if folder else []
+        weights = sum(f.stat().st_size for f in files)
+        stored = _DTYPE_BYTES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), 4)
+        target = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+        weights = weights * _DTYPE_BYTES[target] // stored
+    if on_cpu and config.task == "generate" and config.engine.cpu_matmul is not False:
+        weights *= 2  # packed copies of the linear weights
+    return weights
+
+
+def _draft_weights(config: ModelConfig, device: str) -> int:
+    """A speculative draft model's weights (its KV cache shares the target's budget); 0 when
+    there is none or its source is not found yet (a hub id not in the cache)."""
+    spec = config.speculative
+    if spec is None or spec.draft is None:
+        return 0
+    try:
+        source = resolve_source(spec.draft)
+        hf = _hf_config(_checkpoint_dir(source))
+        return _weight_bytes(config, source, device, {**hf.get("text_config", {}), **hf})
+    except (SourceError, OSError, ValueError):
+        return 0
 
 
 def plan_models(

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from hearth.engine.config import ModelConfig, SpeculativeConfig
-from hearth.engine.kv_cache import KVCacheSpec, num_kv_blocks
 from hearth.engine.loading.loader import LoadedModel, load_model
 from hearth.engine.loading.sources import resolve_source
 from hearth.engine.spec_decode.ngram import NgramProposer
@@ -34,9 +33,11 @@ def make_speculator(
     draft: LoadedModel | None,
     max_model_len: int,
     vocab_size: int,
+    num_blocks: int,
 ) -> Speculator | None:
     """The Speculator for `spec` (None: no speculative decoding). A draft model gets its own
-    KV cache, sized by its engine settings. Call on the engine thread (it builds a runner)."""
+    KV cache of `num_blocks` blocks, as many as the target's (the engine's KV budget is split
+    between the two: engine/builder.py). Call on the engine thread (it builds a runner)."""
     if spec is None:
         return None
     proposer: Any
@@ -48,9 +49,7 @@ def make_speculator(
         from hearth.engine.spec_decode.draft import DraftProposer
 
         settings = draft.config.engine
-        kv = KVCacheSpec.from_model(draft.model, draft.dtype, 1)
-        blocks = num_kv_blocks(kv, settings, draft.device)
         proposer = DraftProposer(
-            draft.model, blocks, draft.dtype, settings, max_model_len, vocab_size
+            draft.model, num_blocks, draft.dtype, settings, max_model_len, vocab_size
         )
     return Speculator(proposer, spec.num_speculative_tokens, spec.max_batch)
