@@ -1,8 +1,9 @@
 """Synchronous engine core: schedule a step, run it, sample, and emit per-sample outputs.
 
 Longer than ~300 lines on purpose: one class, `EngineCore`, whose request lifecycle (admit,
-step, finish or fail) reads top to bottom; the work itself lives in the scheduler, the runner
-and the sampler.
+step, finish or fail) reads top to bottom; the work itself lives in the scheduler, the runner,
+the sampler and, for speculative decoding, engine/spec_decode/ (the core only appends the
+tokens a verification kept, one output for them all).
 """
 
 from __future__ import annotations

@@ -186,3 +186,24 @@ def test_smollm2_drafting_for_itself_keeps_greedy_tokens() -> None:
     finally:
         engine.shutdown()
         plain.shutdown()
+
+
+def test_the_switch_is_measured_once_and_cached(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hearth.engine.spec_decode import switch
+
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
+    spec = {"method": "ngram", "num_speculative_tokens": 4}  # max_batch: measured
+    engine = start(str(tiny_llama_dir), spec, autotune="auto", max_num_seqs=4)
+    try:
+        measured = engine.core.spec.max_batch
+        assert measured in (0, 1, 2, 4)
+        [cached] = (tmp_path / "spec_decode").glob("*.json")
+        calls = []
+        monkeypatch.setattr(switch, "measure", lambda *a: calls.append(a) or (0, {}))
+        runner, settings = engine.core.runner, engine.core.settings
+        assert switch.max_batch(runner, 4, settings) == measured and not calls
+        assert cached.exists()
+    finally:
+        engine.shutdown()
