@@ -272,7 +272,7 @@ class EngineCore:
             else:
                 logits_plain = logits
             sampled = self._sample(plain, logits_plain) if plain else None
-            verified = self.spec.verify(logits, drafted) if drafted else []
+            verified = self.spec.verify(self.sampler, logits, drafted) if drafted else []
         except Exception as exc:  # sampling the batch failed: fail the requests that sampled
             log.exception("sampling failed")
             message = _describe(exc)

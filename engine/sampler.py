@@ -65,14 +65,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """logits: [B, V] for B rows; returns each row's token and logprobs on the host."""
+        logits = self.processed(logits, rows)
+        tokens = self._draw(logits, rows)
+        return self._to_host(logits, tokens, rows)
+
+    def processed(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Steps 1-3 (penalties, min_tokens, grammar mask): the logits the logprobs are of.
+        logits: [B, V]; returns [B, V]."""
         params = [r.params for r in rows]
         logits = apply_penalties(
             logits, params, [r.prompt_ids for r in rows], [r.output_ids for r in rows]
         )
         logits = self._min_tokens(logits, rows)
-        logits = self._grammar_mask(logits, rows)
-        tokens = self._draw(logits, rows)
-        return self._to_host(logits, tokens, rows)
+        return self._grammar_mask(logits, rows)
 
     def _min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """-inf on the stop tokens of rows that have not generated min_tokens yet."""

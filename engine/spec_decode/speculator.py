@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hearth.engine.sampler import apply_bias, logprobs_of, probabilities
+from hearth.engine.sampler import Sampler, SamplingRow, apply_bias, logprobs_of, probabilities
 from hearth.engine.scheduler import Scheduled
 from hearth.engine.sequence import Sequence
 from hearth.engine.spec_decode.proposer import Proposal, Proposer
 from hearth.engine.spec_decode.rejection import greedy_verify, rejection_sample
-from hearth.engine.types import SamplingParams, TokenLogprob
+from hearth.engine.types import TokenLogprob
 
 MAX_SIT_OUT = 16  # decode steps a sequence whose drafts keep failing waits at most
 
@@ -40,20 +40,12 @@ class Verified:
 
 
 def applies(seq: Sequence) -> bool:
-    """Whether a request may speculate. Falls back to plain decoding where a later position's
-    logits processing depends on the earlier drafts (penalties, min_tokens, grammars), for
-    LoRA adapters and image prompts, and where the request opted out."""
-    p: SamplingParams = seq.params
-    return (
-        p.speculative
-        and p.grammar is None
-        and p.presence_penalty == 0
-        and p.frequency_penalty == 0
-        and p.repetition_penalty == 1
-        and len(seq.output_ids) >= p.min_tokens
-        and p.lora is None
-        and seq.mm is None
-    )
+    """Whether a request may speculate. Falls back to plain decoding for grammars (a later
+    position's mask depends on the matcher's state after the drafts), LoRA adapters and image
+    prompts, and where the request opted out. Penalties and min_tokens are applied per draft
+    position, as if the drafts before it were generated (`verify`)."""
+    p = seq.params
+    return p.speculative and p.grammar is None and p.lora is None and seq.mm is None
 
 
 class Speculator:
@@ -114,16 +106,23 @@ class Speculator:
             seq.spec_token_ids = []
         self._drafted.clear()
 
-    def verify(self, logits: torch.Tensor, items: list[tuple[Scheduled, int]]) -> list[Verified]:
+    def verify(
+        self, sampler: Sampler, logits: torch.Tensor, items: list[tuple[Scheduled, int]]
+    ) -> list[Verified]:
         """logits [R, V] of the step's sampled rows; items: (scheduled item with drafts, its
-        first row), its 1 + num_spec rows scoring the last token and each draft."""
+        first row), its 1 + num_spec rows scoring the last token and each draft. The sampler's
+        penalties and min_tokens apply to row i as if drafts[:i] were already generated."""
         results = []
         for item, row in items:
             seq, k = item.seq, item.num_spec
             drafts = seq.spec_token_ids[:k]
             proposal = self._drafted.get(seq)
             q = None if proposal is None or proposal.probs is None else proposal.probs[:k]
-            rows = logits[row : row + k + 1].float()  # [k + 1, V]
+            positions = [
+                SamplingRow(seq.params, seq.prompt_ids, [*seq.output_ids, *drafts[:i]])
+                for i in range(k + 1)
+            ]
+            rows = sampler.processed(logits[row : row + k + 1].float(), positions)  # [k + 1, V]
             params = [seq.params] * (k + 1)
             if seq.params.greedy:
                 tokens = greedy_verify(apply_bias(rows, params).argmax(-1).tolist(), drafts)

@@ -121,6 +121,28 @@ def test_greedy_identical_with_a_draft_model(
         engine.shutdown()
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(repetition_penalty=1.3),
+        dict(presence_penalty=0.8, frequency_penalty=0.5),
+        dict(min_tokens=20, logit_bias={5: 3.0}),
+    ],
+)
+def test_greedy_identical_with_penalties_min_tokens_and_bias(
+    plain: AsyncEngine, ngram: AsyncEngine, params: dict
+) -> None:
+    """Penalties and min_tokens apply at each draft position as if the drafts before it were
+    generated: greedy tokens stay the same."""
+    prompts = corpus(4)
+    want = run_all(plain, prompts, max_tokens=30, temperature=0, **params)
+    before = ngram.core.stats().spec_proposed_tokens
+    got = run_all(ngram, prompts, max_tokens=30, temperature=0, **params)
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    if "presence_penalty" not in params:  # (that one keeps the tiny model from repeating)
+        assert ngram.core.stats().spec_proposed_tokens > before
+
+
 def test_logprobs_stop_strings_and_max_tokens(plain: AsyncEngine, ngram: AsyncEngine) -> None:
     prompts = corpus(4)
     params = dict(max_tokens=30, temperature=0, ignore_eos=True, logprobs=2)
