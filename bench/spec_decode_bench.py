@@ -131,19 +131,22 @@ def main() -> None:
             run(engine, prompts, 8, True)
         print(describe())
         print(f"speculation used up to {engine.core.spec.max_batch} running sequences (measured)")
+        print(f"{args.rounds} runs each, interleaved; tok/s medians (on/off: of the medians, and")
+        print("the median of the paired runs' ratios in brackets)")
         print("| workload | off tok/s | on tok/s | on/off | acceptance |")
         print("| --- | --- | --- | --- | --- |")
         for name, (prompts, max_tokens) in loads.items():
             off, on = [], []
             before = engine.core.spec.num_proposed, engine.core.spec.num_accepted
-            for _ in range(args.rounds):
-                on.append(run(engine, prompts, max_tokens, True))
-                off.append(run(engine, prompts, max_tokens, False))
+            for i in range(args.rounds):  # on, off, off, on, ...: drift hits both sides alike
+                for mode in (True, False) if i % 2 == 0 else (False, True):
+                    (on if mode else off).append(run(engine, prompts, max_tokens, mode))
             proposed = engine.core.spec.num_proposed - before[0]
             accepted = engine.core.spec.num_accepted - before[1]
             rate = f"{accepted / proposed:.0%} of {proposed}" if proposed else "none proposed"
             a, b = statistics.median(off), statistics.median(on)
-            print(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {rate} |")
+            paired = statistics.median(y / x for x, y in zip(off, on, strict=True))
+            print(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f}x ({paired:.2f}x) | {rate} |")
     finally:
         engine.shutdown()
 
