@@ -110,7 +110,7 @@ class ModelRunner:
         if settings.autotune != "off" and tp_size == 1:
             self.candidates = selection.tuning_candidates(settings, devices, spec, kernels.gguf)
             kernels = autotune.select(self, settings, self.candidates, max_model_len)
-        self.kernels = self.apply(kernels, log_packing=True)
+        self.kernels = self.apply(kernels, log_packing=True, final=True)
         # served batch-1 decode steps far slower than the decision's: re-measure when idle
         self.slow = SlowWatch(self._expected_step() if self.device.type == "cpu" else None)
 
@@ -130,23 +130,29 @@ class ModelRunner:
         settings = self.settings.model_copy(update={"autotune": "remeasure"})
         try:
             kernels = autotune.select(self, settings, self.candidates, self.max_model_len)
-            self.apply(kernels)
+            self.apply(kernels, final=True)
         except Exception:
             log.exception("autotune: re-measuring failed; the kernels stay as they were")
         self.slow.reset(self._expected_step())
 
     def apply(
-        self, kernels: Kernels, graph_sizes: list[int] | None = None, log_packing: bool = False
+        self,
+        kernels: Kernels,
+        graph_sizes: list[int] | None = None,
+        log_packing: bool = False,
+        final: bool = False,
     ) -> Kernels:
         """Switch the model to `kernels` (from whatever it ran before): forwards patched or
         restored, weights packed for the CPU matmul, CUDA graphs captured for `graph_sizes`
         (default: every bucket). Returns what was applied: packing that does not fit in memory
         and a failed capture of graphs that were not asked for by name fall back (logged);
-        graphs asked for by name that cannot be captured raise GraphCaptureError."""
+        graphs asked for by name that cannot be captured raise GraphCaptureError. `final`: the
+        choice to serve with (not an autotune trial): patched again, so that the packing may
+        drop the weights' float32 originals (kernels/cpu_linear.py)."""
         self.graphs = None
-        if needs_patch(self.kernels, kernels):
+        if needs_patch(self.kernels, kernels) or (final and kernels.cpu_matmul):
             self.kernels = None  # a patch that fails half way is redone next time
-            kernels = patch_forwards(self.model, kernels, log_packing)
+            kernels = patch_forwards(self.model, kernels, log_packing, final)
         if kernels.threads:
             torch.set_num_threads(kernels.threads)
         self.decode_kernel, self.cpu_variant = kernels.decode, kernels.cpu_variant
