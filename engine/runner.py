@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from hearth.engine import distributed
 from hearth.engine.config import EngineSettings
+from hearth.engine.host_memory import trim_host_memory
 from hearth.engine.kernels import autotune, selection
 from hearth.engine.kernels.attention import PagedBatch, Prefill
 from hearth.engine.kernels.autotune_noise import SlowWatch
@@ -153,6 +154,8 @@ class ModelRunner:
         if needs_patch(self.kernels, kernels) or (final and kernels.cpu_matmul):
             self.kernels = None  # a patch that fails half way is redone next time
             kernels = patch_forwards(self.model, kernels, log_packing, final)
+            if final:  # the trials' and dropped weights' heap pages back to the OS
+                trim_host_memory()
         if kernels.threads:
             torch.set_num_threads(kernels.threads)
         self.decode_kernel, self.cpu_variant = kernels.decode, kernels.cpu_variant

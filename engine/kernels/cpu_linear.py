@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hearth.engine.host_memory import file_mappings
 from hearth.engine.kernels import cpu_kernels
 from hearth.engine.kernels.fusion import set_forward, set_weight
 
@@ -168,25 +169,11 @@ def pack_model(model: nn.Module, variant: str | None = None, final: bool = False
     return size
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's file-backed mappings (Linux; [] elsewhere)."""
-    ranges = []
-    try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith("/"):
-                start, end = (int(value, 16) for value in fields[0].split("-"))
-                ranges.append((start, end))
-    except OSError:
-        pass
-    return ranges
-
-
 def _leave_file_mappings(model: nn.Module) -> int:
     """Copy the parameters that still live in a memory-mapped checkpoint (safetensors loads
     map the file) into the process's own memory: the dropped weights' pages stay resident as
     long as any tensor holds the mapping. Returns the bytes copied."""
-    ranges = _file_mappings()
+    ranges = file_mappings()
     moved = 0
     for param in model.parameters():
         address = param.untyped_storage().data_ptr()
