@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -108,6 +109,7 @@ class ModelRunner:
         self.kv_cache = KVCache(spec, num_blocks, self.block_size, devices)
         self.candidates: list[Kernels] | None = None  # what autotune chose among, if it ran
         self.tuned_times: dict[str, float] | None = None  # the decision's step times (autotune)
+        self.should_stop: Callable[[], bool] | None = None  # asked by a re-measure (retune)
         if settings.autotune != "off" and tp_size == 1:
             self.candidates = selection.tuning_candidates(settings, devices, spec, kernels.gguf)
             kernels = autotune.select(self, settings, self.candidates, max_model_len)
@@ -124,16 +126,27 @@ class ModelRunner:
         """Served batch-1 steps ran far slower than the decision's figure (SlowWatch)."""
         return self.slow.fired and self.candidates is not None
 
-    def retune(self) -> None:
+    def retune(self, stop: Callable[[], bool] | None = None) -> None:
         """Re-measure the kernel choice and apply it (at an idle moment: it writes the KV
-        cache, whose cached prefixes the caller must forget). A failure keeps the kernels."""
+        cache, whose cached prefixes the caller must forget). `stop` is asked between timed
+        steps: when it says True (a request arrived, the engine is stopping) the re-measure
+        ends at once. An interrupted or failed re-measure keeps the kernels it found."""
         log.info("autotune: served steps run far slower than measured: re-measuring")
         settings = self.settings.model_copy(update={"autotune": "remeasure"})
+        before, self.should_stop = self.kernels, stop
         try:
             kernels = autotune.select(self, settings, self.candidates, self.max_model_len)
             self.apply(kernels, final=True)
-        except Exception:
-            log.exception("autotune: re-measuring failed; the kernels stay as they were")
+        except Exception as exc:
+            if isinstance(exc, autotune.Interrupted):
+                log.info("autotune: re-measuring interrupted (%s); the kernels stay", exc)
+            else:
+                log.exception("autotune: re-measuring failed; the kernels stay as they were")
+            self.kv_cache.fill(seed=None)
+            if before is not None:
+                self.apply(before, final=True)
+        finally:
+            self.should_stop = None
         self.slow.reset(self._expected_step())
 
     def apply(
