@@ -231,7 +231,9 @@ class AsyncEngine:
                         break
                     commands, self._inbox = self._inbox, []
                 if not commands and not self.core.has_unfinished():
-                    self.core.idle()  # the only way here without work: a re-measure is due
+                    # the only way here without work: a re-measure is due; a request or a
+                    # shutdown ends it (read without the lock: a stale answer costs one step)
+                    self.core.idle(lambda: self._stopping or bool(self._inbox))
                     continue
                 outputs = self._apply(commands)
                 if self.core.has_unfinished():

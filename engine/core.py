@@ -107,12 +107,13 @@ class EngineCore:
     def kv_capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size
 
-    def idle(self) -> None:
+    def idle(self, stop: Callable[[], bool] | None = None) -> None:
         """At an idle moment (nothing unfinished): re-measure the kernels when the served
         steps ran far slower than the autotune decision's figures (engine/kernels/
-        autotune_noise.py); that writes the KV cache, so the cached prefixes are dropped."""
+        autotune_noise.py); that writes the KV cache, so the cached prefixes are dropped.
+        `stop`: asked between timed steps, True ends the re-measure (work arrived)."""
         if self.runner.retune_due and not self.has_unfinished():
-            self.runner.retune()
+            self.runner.retune(stop)
             self.blocks.forget_cached()
 
     # -- requests -------------------------------------------------------------------------

@@ -9,6 +9,8 @@ budget (`kv_budget_bytes`) by the bytes of one block on this rank. The runner th
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -93,10 +95,31 @@ def layer_devices(model: PreTrainedModel, num_layers: int) -> list[torch.device]
     return [devices.get(i, fallback) for i in range(num_layers)]
 
 
+class _PageZeros:
+    """CPU zeros in private anonymous mappings: the OS gives their pages zero-filled on first
+    touch, so blocks no sequence has used take no resident memory (an idle server's RSS holds
+    the KV it used, not the whole budget), and `release` zeroes them again by handing the pages
+    back (madvise MADV_DONTNEED) instead of writing zeros."""
+
+    def __init__(self) -> None:
+        self.mappings: list[mmap.mmap] = []
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        count = math.prod(shape)
+        mapping = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE)
+        self.mappings.append(mapping)  # the tensor's storage holds it too, while it lives
+        return torch.frombuffer(mapping, dtype=dtype, count=count).view(shape)
+
+    def release(self) -> None:
+        for mapping in self.mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
 class KVCache:
     """Per layer K and V blocks on the layer's device, plus one scratch block (`scratch_block`,
     the last) that CUDA graphs' padding rows write to. Zeroed: padded slots are masked out, but
-    NaN garbage times a zero weight is still NaN."""
+    NaN garbage times a zero weight is still NaN. On the CPU the zeros are lazily committed
+    pages (`_PageZeros`)."""
 
     def __init__(
         self, spec: KVCacheSpec, num_blocks: int, block_size: int, devices: list[torch.device]
@@ -104,10 +127,15 @@ class KVCache:
         """`devices`: one per layer (`layer_devices`)."""
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks + 1, block_size, spec.num_kv_heads, spec.head_dim)
-        self.k_cache = [
-            torch.zeros(shape, dtype=spec.dtype, device=d) for d in devices
-        ]  # per layer [num_blocks + 1, block_size, Hkv, D]
-        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self._pages = _PageZeros()
+
+        def zeros(device: torch.device) -> torch.Tensor:
+            if device.type == "cpu":
+                return self._pages.zeros(shape, spec.dtype)
+            return torch.zeros(shape, dtype=spec.dtype, device=device)
+
+        self.k_cache = [zeros(d) for d in devices]  # per layer [num_blocks + 1, block_size, Hkv, D]
+        self.v_cache = [zeros(d) for d in devices]
 
     @property
     def scratch_block(self) -> int:
@@ -119,8 +147,10 @@ class KVCache:
         (autotune compares candidates' logits over a cache that is not all zeros), or every
         block zeroed again (seed None)."""
         if seed is None:
+            self._pages.release()  # the CPU tensors' pages back to the OS: zeros again
             for tensor in (*self.k_cache, *self.v_cache):
-                tensor.zero_()
+                if tensor.device.type != "cpu":
+                    tensor.zero_()
             return
         first = self.k_cache[0]
         generator = torch.Generator(device=first.device).manual_seed(seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel
 
 from hearth.engine import distributed
 from hearth.engine.config import EngineSettings
+from hearth.engine.host_memory import trim_host_memory
 from hearth.engine.kernels import autotune, selection
 from hearth.engine.kernels.attention import PagedBatch, Prefill
 from hearth.engine.kernels.autotune_noise import SlowWatch
@@ -107,10 +109,11 @@ class ModelRunner:
         self.kv_cache = KVCache(spec, num_blocks, self.block_size, devices)
         self.candidates: list[Kernels] | None = None  # what autotune chose among, if it ran
         self.tuned_times: dict[str, float] | None = None  # the decision's step times (autotune)
+        self.should_stop: Callable[[], bool] | None = None  # asked by a re-measure (retune)
         if settings.autotune != "off" and tp_size == 1:
             self.candidates = selection.tuning_candidates(settings, devices, spec, kernels.gguf)
             kernels = autotune.select(self, settings, self.candidates, max_model_len)
-        self.kernels = self.apply(kernels, log_packing=True)
+        self.kernels = self.apply(kernels, log_packing=True, final=True)
         # served batch-1 decode steps far slower than the decision's: re-measure when idle
         self.slow = SlowWatch(self._expected_step() if self.device.type == "cpu" else None)
 
@@ -123,30 +126,49 @@ class ModelRunner:
         """Served batch-1 steps ran far slower than the decision's figure (SlowWatch)."""
         return self.slow.fired and self.candidates is not None
 
-    def retune(self) -> None:
+    def retune(self, stop: Callable[[], bool] | None = None) -> None:
         """Re-measure the kernel choice and apply it (at an idle moment: it writes the KV
-        cache, whose cached prefixes the caller must forget). A failure keeps the kernels."""
+        cache, whose cached prefixes the caller must forget). `stop` is asked between timed
+        steps: when it says True (a request arrived, the engine is stopping) the re-measure
+        ends at once. An interrupted or failed re-measure keeps the kernels it found."""
         log.info("autotune: served steps run far slower than measured: re-measuring")
         settings = self.settings.model_copy(update={"autotune": "remeasure"})
+        before, self.should_stop = self.kernels, stop
         try:
             kernels = autotune.select(self, settings, self.candidates, self.max_model_len)
-            self.apply(kernels)
-        except Exception:
-            log.exception("autotune: re-measuring failed; the kernels stay as they were")
+            self.apply(kernels, final=True)
+        except Exception as exc:
+            if isinstance(exc, autotune.Interrupted):
+                log.info("autotune: re-measuring interrupted (%s); the kernels stay", exc)
+            else:
+                log.exception("autotune: re-measuring failed; the kernels stay as they were")
+            self.kv_cache.fill(seed=None)
+            if before is not None:
+                self.apply(before, final=True)
+        finally:
+            self.should_stop = None
         self.slow.reset(self._expected_step())
 
     def apply(
-        self, kernels: Kernels, graph_sizes: list[int] | None = None, log_packing: bool = False
+        self,
+        kernels: Kernels,
+        graph_sizes: list[int] | None = None,
+        log_packing: bool = False,
+        final: bool = False,
     ) -> Kernels:
         """Switch the model to `kernels` (from whatever it ran before): forwards patched or
         restored, weights packed for the CPU matmul, CUDA graphs captured for `graph_sizes`
         (default: every bucket). Returns what was applied: packing that does not fit in memory
         and a failed capture of graphs that were not asked for by name fall back (logged);
-        graphs asked for by name that cannot be captured raise GraphCaptureError."""
+        graphs asked for by name that cannot be captured raise GraphCaptureError. `final`: the
+        choice to serve with (not an autotune trial): patched again, so that the packing may
+        drop the weights' float32 originals (kernels/cpu_linear.py)."""
         self.graphs = None
-        if needs_patch(self.kernels, kernels):
+        if needs_patch(self.kernels, kernels) or (final and kernels.cpu_matmul):
             self.kernels = None  # a patch that fails half way is redone next time
-            kernels = patch_forwards(self.model, kernels, log_packing)
+            kernels = patch_forwards(self.model, kernels, log_packing, final)
+            if final:  # the trials' and dropped weights' heap pages back to the OS
+                trim_host_memory()
         if kernels.threads:
             torch.set_num_threads(kernels.threads)
         self.decode_kernel, self.cpu_variant = kernels.decode, kernels.cpu_variant

@@ -17,8 +17,6 @@ torch is imported only where a model is loaded, freed, or a GPU measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -30,6 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hearth.engine.config import ConfigError, HearthConfig, ModelConfig
+from hearth.engine.host_memory import trim_host_memory
 from hearth.engine.loading.sources import Source, SourceError, resolve_source
 from hearth.engine.types import EngineClient
 from hearth.server.model_manager import ModelManager, ModelPlan
@@ -285,9 +284,3 @@ def free_engine(engine: EngineClient) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     trim_host_memory()
-
-
-def trim_host_memory() -> None:
-    """Return freed heap pages to the OS (glibc only; elsewhere nothing)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -133,6 +133,10 @@ def summary(winner: Result, results: list[Result]) -> str:
     return f"{ms}; others (mean time vs the winner): {' '.join(others)}"
 
 
+class Interrupted(Exception):
+    """A re-measure stopped because work arrived or the engine is stopping (runner.should_stop)."""
+
+
 def measure(
     run: Callable[[Workload], torch.Tensor],
     apply: Callable[[Kernels], Kernels],
@@ -184,6 +188,8 @@ def measure(
                 result.times[load.name] = best
                 if path is not None:
                     timed[path] = best
+        except Interrupted:
+            raise
         except Exception as exc:  # a candidate that cannot run here is simply not chosen
             if is_reference:
                 raise
@@ -256,7 +262,11 @@ def select(runner: Any, settings: Any, cands: list[Kernels], max_model_len: int)
     runner.kv_cache.fill(0, max(load.batch * -(-load.context // bs) for load in loads))
     graph_sizes = sorted({load.batch for load in loads if not load.prefill})
 
+    stop = getattr(runner, "should_stop", None)
+
     def run(load: Workload) -> torch.Tensor:
+        if stop is not None and stop():
+            raise Interrupted("work arrived or the engine is stopping")
         return runner.forward(steps[load.name])
 
     def apply(kernels: Kernels) -> Kernels:

@@ -3,9 +3,15 @@
 The first projection of a group runs the fused matmul and keeps the other slices; its siblings
 return them when called with the very same input tensor (and compute normally otherwise). The
 original weights become views of the fused one, so no memory is added.
+
+A kernel that holds its own layout of a weight may drop the original (`set_weight` with a
+zero-stride stand-in and a rebuild function, kernels/cpu_linear.py); `restore_forwards` puts
+the rebuilt originals back with the stock forwards.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +33,7 @@ class _FusedGroup:
         else:
             self._fuse_linear(layers)
         layers[0]._hearth_group = self
+        self._hearth_rebuild: Callable[[], torch.Tensor] | None = None  # set: the weight dropped
         self.attach()
 
     def attach(self) -> None:
@@ -42,13 +49,17 @@ class _FusedGroup:
         weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum(out), in]
         biases = [layer.bias for layer in layers]
         bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
-        self.weight, self.bias = weight, bias
-        start = 0
-        for layer, size in zip(layers, self.sizes, strict=True):
-            layer.weight = nn.Parameter(weight[start : start + size], requires_grad=False)
-            if bias is not None:
-                layer.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
-            start += size
+        self.bias = bias
+        if bias is not None:
+            for layer, part in zip(layers, bias.split(self.sizes), strict=True):
+                layer.bias = nn.Parameter(part, requires_grad=False)
+        self.set_weight(weight)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """The group's weight [sum(out), in]; the layers' weights become its row slices."""
+        self.weight = weight
+        for layer, part in zip(self.layers, weight.split(self.sizes), strict=True):
+            layer.weight = nn.Parameter(part, requires_grad=False)
 
     def _stock(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -65,6 +76,8 @@ class _FusedGroup:
         def forward(x: torch.Tensor) -> torch.Tensor:
             part = self._pending[index]
             if part is None or x is not self._input:  # not called as a group: compute alone
+                if self._hearth_rebuild is not None:  # original dropped: the group's matmul, sliced
+                    return self.project(x).split(self.sizes, dim=-1)[index]
                 return alone(x)
             self._pending[index] = None
             if not any(p is not None for p in self._pending):
@@ -80,10 +93,24 @@ def set_forward(module: nn.Module, forward) -> None:
     module._hearth_forward = True
 
 
+def set_weight(owner, weight: torch.Tensor, rebuild: Callable[[], torch.Tensor] | None) -> None:
+    """Replace the weight of `owner` (an nn.Linear or a fused group); `rebuild` (None: the
+    weight is the original) returns the original when restore_forwards needs it back."""
+    if isinstance(owner, _FusedGroup):
+        owner.set_weight(weight)
+    else:
+        owner.weight = nn.Parameter(weight, requires_grad=False)
+    owner._hearth_rebuild = rebuild
+
+
 def restore_forwards(model: nn.Module) -> None:
-    """Back to the modules' own forwards (the stock model, for comparisons); fused weights
-    stay in place, their values unchanged. Hooks others installed (accelerate's) are kept."""
+    """Back to the modules' own forwards and original weights (the stock model, for
+    comparisons); fused weights stay in place, their values unchanged. Hooks others installed
+    (accelerate's) are kept."""
     for module in model.modules():
+        for owner in (module, module.__dict__.get("_hearth_group")):
+            if getattr(owner, "_hearth_rebuild", None) is not None:
+                set_weight(owner, owner._hearth_rebuild(), None)
         if module.__dict__.pop("_hearth_forward", False):
             module.__dict__.pop("forward", None)
 

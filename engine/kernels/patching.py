@@ -45,11 +45,15 @@ def needs_patch(current: Kernels | None, kernels: Kernels) -> bool:
     return current is None or (*current[2:5], current.gguf) != patched
 
 
-def patch_forwards(model: PreTrainedModel, kernels: Kernels, log_packing: bool = False) -> Kernels:
+def patch_forwards(
+    model: PreTrainedModel, kernels: Kernels, log_packing: bool = False, final: bool = False
+) -> Kernels:
     """The model's forwards for `kernels`: restored, then fused kernels patched in and the
     weights packed for the CPU matmul (off when the copies would not fit in memory), then GGUF
     layers routed to their own blocks at small batches. Returns what was applied (`cpu_matmul`
-    False where packing did not fit). `log_packing`: log the MiB packed and routed."""
+    False where packing did not fit). `log_packing`: log the MiB packed and routed. `final`:
+    the choice is made (not an autotune trial): the packing may drop the float32 originals
+    (kernels/cpu_linear.py)."""
     restore_forwards(model)
     reattach_groups(model)
     if kernels.fused:
@@ -59,7 +63,7 @@ def patch_forwards(model: PreTrainedModel, kernels: Kernels, log_packing: bool =
     if kernels.cpu_matmul:
         from hearth.engine.kernels.cpu_linear import pack_model
 
-        if packed := pack_model(model, variant=kernels.cpu_variant):
+        if packed := pack_model(model, variant=kernels.cpu_variant, final=final):
             if log_packing:
                 log.info("packed %d MiB of linear weights for the CPU matmul", packed >> 20)
         else:

@@ -118,7 +118,8 @@ def test_the_cache_key_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> 
     key = autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
     assert key == autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
     hardware = autotune_cache._hardware(CPU)
-    monkeypatch.setattr(autotune_cache, "_hardware", lambda _: {**hardware, "isa": "avx2 fma"})
+    other_isa = "sse2" if hardware["isa"] != "sse2" else "avx2 fma"  # not this host's
+    monkeypatch.setattr(autotune_cache, "_hardware", lambda _: {**hardware, "isa": other_isa})
     other_cpu = autotune_cache.decision_key(model, CPU, torch.float32, limits, LOADS)
     assert autotune_cache._path(other_cpu) != autotune_cache._path(key)
     monkeypatch.undo()

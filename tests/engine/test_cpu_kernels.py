@@ -161,7 +161,7 @@ def test_pack_weight_needs_whole_panels() -> None:
         cpu_kernels.pack_weight(torch.zeros(20, 8))
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(tied: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=256,
@@ -170,7 +170,7 @@ def tiny_llama() -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config).eval()
 
