@@ -71,6 +71,7 @@ def measure(runner: Any, k: int, max_num_seqs: int) -> tuple[int, dict[str, floa
         if verify > MAX_COST * decode:
             break
         best, batch = batch, batch * 2
+    runner.kv_cache.fill(seed=None)  # zeros again (on CPU: the touched pages back to the OS)
     return best, times
 
 
