@@ -44,15 +44,23 @@ def corpus(n: int = 8) -> list[list[int]]:
 
 
 async def _one(engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams):
-    tokens, text, logprobs, finish, outputs = [], "", [], None, 0
+    tokens, text, logprobs, finish, outputs, samples = [], "", [], None, 0, {}
     async for out in engine.generate(GenerationRequest(rid, prompt, params)):
         assert out.error is None, out.error
         tokens += out.token_ids
+        samples.setdefault(out.index, []).extend(out.token_ids)
         text += out.text
         logprobs += out.logprobs or []
         finish = out.finish_reason or finish
         outputs += 1
-    return {"tokens": tokens, "text": text, "logprobs": logprobs, "finish": finish, "n": outputs}
+    return {
+        "tokens": tokens,
+        "samples": samples,
+        "text": text,
+        "logprobs": logprobs,
+        "finish": finish,
+        "n": outputs,
+    }
 
 
 def run_all(engine: AsyncEngine, prompts: list[list[int]], **params) -> list[dict]:
@@ -174,6 +182,20 @@ def test_seeded_sampling_is_reproducible_and_opt_out_speculates_nothing(
     before = ngram.core.stats().spec_proposed_tokens
     run_all(ngram, prompts, max_tokens=20, temperature=0, speculative=False)
     assert ngram.core.stats().spec_proposed_tokens == before
+
+
+def test_several_samples_and_sampled_logprobs(plain: AsyncEngine, ngram: AsyncEngine) -> None:
+    """n > 1 samples speculate each on their own; sampled rows report the target's logprobs."""
+    prompts = corpus(2)
+    params = dict(max_tokens=24, temperature=0, ignore_eos=True, n=2)
+    want = run_all(plain, prompts, **params)
+    got = run_all(ngram, prompts, **params)
+    assert [g["samples"] for g in got] == [w["samples"] for w in want]
+    assert all(len(g["samples"]) == 2 for g in got)
+    sampled = run_all(ngram, prompts, max_tokens=24, temperature=0.7, logprobs=1, seed=2)
+    for r in sampled:
+        assert [lp.token_id for lp in r["logprobs"]] == r["tokens"] and len(r["tokens"]) <= 24
+        assert all(lp.logprob <= 0 and len(lp.top) == 1 for lp in r["logprobs"])
 
 
 def test_preemption_and_prefix_cache_keep_greedy_tokens(tiny_llama_dir: Path) -> None:
