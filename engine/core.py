@@ -223,6 +223,7 @@ class EngineCore:
             prefix_cache_hits=self.blocks.num_cache_hits,
             num_prefilled_tokens=self.num_prefilled_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            waiting_by_priority=self.scheduler.waiting_by_priority(),
         )
 
     # -- stepping -------------------------------------------------------------------------

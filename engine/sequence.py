@@ -32,6 +32,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained keys of full computed blocks
     finish_reason: FinishReason | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    enqueued_at: float | None = None  # the scheduler's clock when first queued (priority aging)
     # engine-side state the scheduler never looks at (detokenizer, torch generator)
     state: Any = None
     mm: MultiModalInputs | None = None  # the prompt's images (vision models); None: text
@@ -39,6 +40,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def priority(self) -> int:
+        return self.params.priority
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -80,6 +80,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     grammar: Grammar | None = None  # constrained decoding: every sample matches it
     lora: str | None = None  # the LoRA adapter to run with (its name); None: the base model
+    # vLLM's name and sense: lower values are served first (engine/scheduler.py: admission
+    # order, preemption, aging); live requests default to 0, batch lines run at a higher value
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:  # 0: score the prompt only (finish after prefill, no token)
@@ -212,6 +215,7 @@ class EngineStats:
     num_prefilled_tokens: int = 0  # prompt tokens computed (cache hits excluded)
     num_preemptions: int = 0
     cpu_threads: int = 0  # the engine thread's CPU team size now (0: not a CPU engine)
+    waiting_by_priority: dict[int, int] = field(default_factory=dict)  # queued sequences
 
 
 @dataclass
