@@ -1,4 +1,6 @@
-"""Torch-free types at the engine/server boundary: requests, sampling parameters, outputs, stats."""
+"""Torch-free types at the engine/server boundary: requests, sampling parameters, outputs, stats.
+
+Longer than 350 lines: it is the one boundary module, every type the server may see."""
 
 from __future__ import annotations
 
@@ -80,9 +82,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     grammar: Grammar | None = None  # constrained decoding: every sample matches it
     lora: str | None = None  # the LoRA adapter to run with (its name); None: the base model
-    # vLLM's name and sense: lower values are served first (engine/scheduler.py: admission
-    # order, preemption, aging); live requests default to 0, batch lines run at a higher value
-    priority: int = 0
+    priority: int = 0  # vLLM's: lower is served first (engine/scheduler.py); batch lines high
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:  # 0: score the prompt only (finish after prefill, no token)

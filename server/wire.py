@@ -88,6 +88,7 @@ class SamplingFields(WireModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: score the prompt's tokens
+    priority: int = 0  # vLLM: lower is scheduled first (engine/scheduler.py); batch lines run last
 
     @field_validator("stop")
     @classmethod
@@ -133,6 +134,7 @@ class SamplingFields(WireModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            priority=self.priority,
         )
 
 
