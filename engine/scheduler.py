@@ -7,7 +7,8 @@ always was. With several:
 - waiting sequences are admitted in (aged) priority order, then in arrival order;
 - a running sequence of a worse priority than one that waits or is still prefilling is
   scheduled after it, and is *held* (skipped this step, its KV kept) in a step that computes a
-  better sequence's prompt: the better request's first token never waits behind lower work;
+  better sequence's prompt, which admits no worse sequence either: the better request's first
+  token never waits behind lower work in its own step;
 - a better sequence that finds no KV blocks or no sequence slot preempts the worst running one
   (recompute, as for memory preemption), never one of its own priority or better.
 
@@ -167,8 +168,11 @@ class Scheduler:
         deferred: list[Sequence] = []  # wait for a prefix block this step computes
         size = self.blocks.block_size
         short = bool(out.preempted)  # running sequences lacked blocks
+        prefills = [i.seq for i in out.scheduled if i.start < i.seq.num_prompt_tokens]
         while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if any(self.outranks(p, seq) for p in prefills):
+                break  # a step computing a better prompt starts no lower work (its TTFT)
             victim = self._victim_for(seq)
             if short and victim is None:  # memory is short: admit nothing new
                 break
@@ -203,6 +207,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.scheduled.append(Scheduled(seq, num))
+            prefills.append(seq)
             budget -= num
         self.waiting.extendleft(reversed(deferred))  # first in line next step, in arrival order
         return budget

@@ -238,15 +238,19 @@ def test_a_live_prompt_holds_lower_decodes_for_its_prefill_step_only() -> None:
         sched.add(seq)
     run_step(sched)  # the batch lines prefill and sample
     live = prio([5, 6, 7, 8, 9], 0, "live")
+    late = prio([3, 3, 3], 10, "b-late", max_tokens=50)
+    sched.add(late)
     sched.add(live)
     plan = sched.schedule()
-    assert [i.seq.request_id for i in plan.scheduled] == ["live"]  # the batch decodes wait
+    # the batch decodes wait, and no batch line starts in the live prompt's step
+    assert [i.seq.request_id for i in plan.scheduled] == ["live"]
+    assert list(sched.waiting) == [late]
     assert all(s.status is Status.RUNNING for s in batch)  # held, not preempted: KV kept
     assert sched.num_preemptions == 0
     sched.after_step(plan)
     live.output_ids.append(7)
     plan = sched.schedule()  # now live decodes alongside the batch, best first
-    assert [i.seq.request_id for i in plan.scheduled] == ["live", "b0", "b1", "b2"]
+    assert [i.seq.request_id for i in plan.scheduled] == ["live", "b0", "b1", "b2", "b-late"]
     check_invariants(blocks, sched)
 
 
