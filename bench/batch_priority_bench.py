@@ -4,9 +4,10 @@
 default model (SmolLM2-135M GGUF). Two servers, back to back in one run: priorities on (batch
 lines at priority 100, live requests at 0) and priorities off (`--batch-priority 0`: batch lines
 compete as equals, the FCFS scheduler of before). Each row's ratio compares its own server's
-two phases, so the machine's state between servers cancels out.
+two phases, interleaved over --rounds (each round: the stream alone, then with a fresh batch),
+so a change in the machine's load between or during servers hits both conditions.
 
-    python bench/batch_priority_bench.py --requests 20 --batch-lines 300
+    python bench/batch_priority_bench.py --rounds 3 --requests 10 --batch-lines 300
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Row:
     name: str
     alone: list[float]
     with_batch: list[float]
-    lines_done: int  # batch lines answered while the interactive stream ran
+    lines_done: int  # batch lines answered while the interactive streams ran
 
     @property
     def ratio(self) -> float:
@@ -121,20 +122,27 @@ async def lines_done(client: httpx.AsyncClient, batch_id: str) -> int:
 
 
 async def measure(name: str, base: str, args: argparse.Namespace) -> Row:
+    """--rounds of (the stream alone, then the stream while a fresh batch runs): the two
+    conditions interleaved, so a change in the machine's load hits both."""
+    row = Row(name, [], [], 0)
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         for topic in TOPICS:  # warm up: first steps, caches
             await ttft(client, model, topic, args.max_tokens)
-        alone = await stream(client, model, args)
-        batch_id = await submit_batch(client, model, args)
-        while await lines_done(client, batch_id) < args.batch_max_in_flight:  # batch in full swing
-            await asyncio.sleep(0.2)
-        before = await lines_done(client, batch_id)
-        with_batch = await stream(client, model, args)
-        done = await lines_done(client, batch_id) - before
-        assert done < args.batch_lines - before, "the batch ended early; use more --batch-lines"
-        await client.post(f"/v1/batches/{batch_id}/cancel")
-    return Row(name, alone, with_batch, done)
+        for _ in range(args.rounds):
+            row.alone += await stream(client, model, args)
+            batch_id = await submit_batch(client, model, args)
+            while await lines_done(client, batch_id) < args.batch_max_in_flight:  # in full swing
+                await asyncio.sleep(0.2)
+            before = await lines_done(client, batch_id)
+            row.with_batch += await stream(client, model, args)
+            done = await lines_done(client, batch_id) - before
+            assert done < args.batch_lines - before, "the batch ended early: more --batch-lines"
+            row.lines_done += done
+            await client.post(f"/v1/batches/{batch_id}/cancel")
+            while (await client.get(f"/v1/batches/{batch_id}")).json()["status"] != "cancelled":
+                await asyncio.sleep(0.2)
+    return row
 
 
 def serve(port: int, files: str, batch_priority: int, args: argparse.Namespace) -> subprocess.Popen:
@@ -162,7 +170,8 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=20, help="interactive chats per phase")
+    parser.add_argument("--requests", type=int, default=10, help="interactive chats per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="alone / with batch phases, each")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between them")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per interactive chat")
     parser.add_argument("--batch-lines", type=int, default=300)
@@ -182,7 +191,8 @@ def main() -> None:
                 proc.wait(timeout=60)
     print(describe())
     print(
-        f"{args.requests} streamed chats, one every {args.interval:g} s, {args.max_tokens} tokens"
+        f"{args.rounds} x {args.requests} streamed chats per phase, one every {args.interval:g} s, "
+        f"{args.max_tokens} tokens"
         f"; batch: {args.batch_lines} lines x {args.batch_tokens} tokens, "
         f"{args.batch_max_in_flight} in flight; threads {os.cpu_count()}"
     )

@@ -5,17 +5,22 @@ batch lines higher). With every sequence at one priority the scheduler is plain 
 always was. With several:
 
 - waiting sequences are admitted in (aged) priority order, then in arrival order;
-- a running sequence of a worse priority than one that waits or is still prefilling is
-  scheduled after it, and is *held* (skipped this step, its KV kept) in a step that computes a
-  better sequence's prompt, which admits no worse sequence either: the better request's first
-  token never waits behind lower work in its own step;
+- a sequence is *lower* when its priority is worse than the best present (and it has not aged
+  up to it). A step that computes a better sequence's prompt runs no lower work: lower running
+  sequences are held (skipped, their KV kept) and none is admitted, so a better request's first
+  token waits only for the step already running. Other steps run at most `lower_share` lower
+  sequences (running ones in turn, longest unscheduled first, then admissions), so the steps a
+  live request may have to wait for stay short; with no better work present, lower work runs
+  freely (it is then the best present);
 - a better sequence that finds no KV blocks or no sequence slot preempts the worst running one
   (recompute, as for memory preemption), never one of its own priority or better.
 
-Starvation is bounded by aging: a sequence's level is its priority less one per
+Starvation is bounded twice: lower sequences get `lower_share` places in every step that
+computes no better prompt, and by aging: a sequence's level is its priority less one per
 `aging_s` seconds since it was first queued, but never below the best priority present. Once
-aged to that level it ties the best requests and is ordered, held and preempted like them (FCFS):
-a sequence of priority p waits at most about (p - best) * aging_s seconds behind better work.
+aged to that level it is no longer lower: it ties the best requests and is ordered like them
+(FCFS), so a sequence of priority p waits at most about (p - best) * aging_s seconds behind
+better work.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hearth.engine.block_manager import BlockKey, BlockManager
 from hearth.engine.sequence import Sequence, Status
 
 AGING_S = 1.0  # seconds in the engine that improve a sequence's priority level by one
+LOWER_SHARE = 2  # lower-priority sequences per step while better ones are present (0: any)
 
 
 @dataclass
@@ -67,12 +73,15 @@ class Scheduler:
         max_num_batched_tokens: int,
         aging_s: float = AGING_S,
         clock: Callable[[], float] = time.monotonic,
+        lower_share: int = LOWER_SHARE,
     ):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.aging_s = aging_s
         self.clock = clock
+        self.lower_share = lower_share
+        self._turns = 0  # sequences scheduled so far (each one's turn: Sequence.last_turn)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -120,6 +129,12 @@ class Scheduler:
         and not aged out of it."""
         return better.priority < worse.priority and self.level(better) < self.level(worse)
 
+    def lower(self, seq: Sequence) -> bool:
+        """Below the best priority present and not aged up to it (False with one priority)."""
+        if self._floor is None or seq.priority == self._floor:
+            return False
+        return self.level(seq) > self._floor
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._now = self.clock()
@@ -127,17 +142,24 @@ class Scheduler:
         self._floor = min(present) if len(present) > 1 else None
         if self._floor is not None:  # admission in aged priority order, then arrival order
             self.waiting = deque(sorted(self.waiting, key=lambda s: (self.level(s), s.arrival)))
-        pending = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
-        best = min((s.priority for s in [*self.waiting, *pending]), default=None)
         # Running sequences, best priority first; decodes (1 token) before prefill chunks,
-        # oldest first. Those of a worse priority than a pending prompt go after admission.
+        # oldest first. Lower-priority ones go after the better arrivals, within their share.
         order = sorted(self.running, key=lambda s: (s.priority, s.num_uncomputed > 1, s.arrival))
-        later = [s for s in order if best is not None and s.priority > best]
-        budget = self._run([s for s in order if s not in later], out, self.max_num_batched_tokens)
-        budget = self._admit(out, budget)
-        prefills = [i.seq for i in out.scheduled if i.start < i.seq.num_prompt_tokens]
-        held = [s for s in later if any(self.outranks(p, s) for p in prefills)]
-        self._run([s for s in later if s not in held], out, budget)
+        lower = [s for s in order if self.lower(s)]
+        budget = self._run(
+            [s for s in order if not self.lower(s)], out, self.max_num_batched_tokens
+        )
+        budget = self._admit(out, budget, room=0)
+        if self._floor is None:
+            return out
+        if any(i.start < i.seq.num_prompt_tokens for i in out.scheduled):
+            return out  # a better prompt's step: lower work is held (KV kept) and not admitted
+        room = self.lower_share or None
+        if room is not None:  # in turn: those scheduled longest ago first
+            lower = sorted(lower, key=lambda s: (s.last_turn, s.arrival))[:room]
+            room -= len(lower)
+        budget = self._run(lower, out, budget)
+        self._admit(out, budget, room)
         return out
 
     def _run(self, seqs: list[Sequence], out: SchedulerOutput, budget: int) -> int:
@@ -158,21 +180,21 @@ class Scheduler:
                 continue
             self.blocks.grow(seq, num)
             out.scheduled.append(Scheduled(seq, num))
+            seq.last_turn = self._turn()
             budget -= num
         return budget
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, room: int | None) -> int:
         """New arrivals (and preempted sequences, which were put at the front), in order;
-        returns the budget left."""
+        returns the budget left. Lower-priority ones only within `room` (None: any number)."""
         computing: set[BlockKey] = set()  # prompt blocks first computed by this step
         deferred: list[Sequence] = []  # wait for a prefix block this step computes
         size = self.blocks.block_size
         short = bool(out.preempted)  # running sequences lacked blocks
-        prefills = [i.seq for i in out.scheduled if i.start < i.seq.num_prompt_tokens]
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if any(self.outranks(p, seq) for p in prefills):
-                break  # a step computing a better prompt starts no lower work (its TTFT)
+            if self.lower(seq) and (room is not None and room <= 0):
+                break  # lower work: within its share (and none in a better prompt's step)
             victim = self._victim_for(seq)
             if short and victim is None:  # memory is short: admit nothing new
                 break
@@ -207,10 +229,16 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.scheduled.append(Scheduled(seq, num))
-            prefills.append(seq)
+            seq.last_turn = self._turn()
+            if room is not None and self.lower(seq):
+                room -= 1
             budget -= num
         self.waiting.extendleft(reversed(deferred))  # first in line next step, in arrival order
         return budget
+
+    def _turn(self) -> int:
+        self._turns += 1
+        return self._turns
 
     def _worst_running(self) -> Sequence:
         """The preemption victim: the worst priority, then the last admitted."""

@@ -33,6 +33,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
     enqueued_at: float | None = None  # the scheduler's clock when first queued (priority aging)
+    last_turn: int = 0  # when the scheduler last ran it (lower priorities take turns)
     # engine-side state the scheduler never looks at (detokenizer, torch generator)
     state: Any = None
     mm: MultiModalInputs | None = None  # the prompt's images (vision models); None: text

@@ -93,14 +93,13 @@ class BatchRunner:
                 batch = await self._validate(batch)
             if batch["status"] == "in_progress":
                 if not await self._run_lines(batch):  # the completion window ended
-                    self._finalize(batch, "expired")
+                    await asyncio.to_thread(self._finalize, batch, "expired")
                     return
                 batch = moved(self.store.get(batch_id) or batch, "finalizing")
                 self.store.put(batch)
             if batch["status"] in ("finalizing", "cancelling"):
-                self._finalize(
-                    batch, "completed" if batch["status"] == "finalizing" else "cancelled"
-                )
+                final = "completed" if batch["status"] == "finalizing" else "cancelled"
+                await asyncio.to_thread(self._finalize, batch, final)  # files: off the loop
         except asyncio.CancelledError:
             raise
         except Exception as exc:

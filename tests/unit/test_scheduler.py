@@ -249,8 +249,22 @@ def test_a_live_prompt_holds_lower_decodes_for_its_prefill_step_only() -> None:
     assert sched.num_preemptions == 0
     sched.after_step(plan)
     live.output_ids.append(7)
-    plan = sched.schedule()  # now live decodes alongside the batch, best first
-    assert [i.seq.request_id for i in plan.scheduled] == ["live", "b0", "b1", "b2", "b-late"]
+    # Now live decodes with at most lower_share (2) batch sequences a step, in turn; the late
+    # batch line waits for a free place.
+    seen = []
+    for _ in range(3):
+        plan = sched.schedule()
+        names = [i.seq.request_id for i in plan.scheduled]
+        assert names[0] == "live" and len(names) == 3
+        seen += names[1:]
+        sched.after_step(plan)
+        for item in plan.scheduled:
+            item.seq.output_ids.append(7)
+    assert seen == ["b0", "b1", "b2", "b0", "b1", "b2"]
+    assert list(sched.waiting) == [late]
+    sched.finish(live)  # no better work left: the batch runs freely again
+    plan = sched.schedule()
+    assert [i.seq.request_id for i in plan.scheduled] == ["b0", "b1", "b2", "b-late"]
     check_invariants(blocks, sched)
 
 
