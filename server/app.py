@@ -55,7 +55,8 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         await app.state.batch_runner.close()  # unfinished batches resume at the next start
         await get_runs(app).cancel_all()  # background responses end cancelled
         store.close()
-        database.close()
+        # the files database stays open: an app may be started again (tests), and SQLite's
+        # commits are durable without a close
 
     app = FastAPI(
         title="hearth", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
