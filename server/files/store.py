@@ -73,7 +73,8 @@ class FileStore:
     def delete(self, file_id: str) -> bool:
         with self.db.transaction() as db:
             gone = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
-        (self.db.blobs / file_id).unlink(missing_ok=True)
+        if gone:  # only a listed file's name is ever a path (never a client's text)
+            (self.db.blobs / file_id).unlink(missing_ok=True)
         return bool(gone)
 
     def page(

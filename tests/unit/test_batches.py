@@ -198,6 +198,9 @@ def test_files_api_objects_listing_and_limits() -> None:
         assert api.files.delete(first.id).deleted
         with pytest.raises(openai.NotFoundError):
             api.files.retrieve(first.id)
+        assert client.delete("/v1/files/..").status_code == 404  # never a path of its own
+        assert client.get("/v1/files/../content").status_code == 404
+        assert api.files.retrieve(second.id).bytes == 6
         with pytest.raises(openai.BadRequestError) as bad:
             api.files.create(file=("c.jsonl", b"{}\n"), purpose="fine-tune")
         assert bad.value.body["param"] == "purpose"
