@@ -73,7 +73,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         settings.batch_priority,
         settings.batch_max_in_flight,
     )
-    app.state.metrics.watch_batches(runner.store.counts)
+    app.state.metrics.watch_batches(runner.counts)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -89,7 +89,8 @@ class _EngineCollector:
         yield from families.values()
 
 
-BatchCounts = tuple[dict[str, int], dict[str, int]]  # batches by status, lines done by outcome
+# batches by status, batch lines done by outcome, batch lines in the engines now
+BatchCounts = tuple[dict[str, int], dict[str, int], int]
 
 
 class _BatchCollector:
@@ -99,7 +100,7 @@ class _BatchCollector:
         self.counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        by_status, done = self.counts()
+        by_status, done, in_flight = self.counts()
         batches = GaugeMetricFamily("hearth_batches", "Batches by status", labels=["status"])
         for status in BATCH_STATUSES:
             batches.add_metric([status], by_status.get(status, 0))
@@ -108,7 +109,11 @@ class _BatchCollector:
         )
         for outcome in ("completed", "failed"):
             lines.add_metric([outcome], done.get(outcome, 0))
-        yield from (batches, lines)
+        running = GaugeMetricFamily(
+            "hearth_batch_lines_in_flight", "Batch lines in the engines now (all batches)"
+        )
+        running.add_metric([], in_flight)
+        yield from (batches, lines, running)
 
 
 class _ModelStateCollector:

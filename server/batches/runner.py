@@ -60,6 +60,10 @@ class BatchRunner:
         if self.tasks.get(batch_id) is task:
             del self.tasks[batch_id]
 
+    def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """For /metrics: batches by status, lines done by outcome, lines in flight now."""
+        return (*self.store.counts(), self.in_flight)
+
     def resume_all(self) -> None:
         for batch_id in self.store.unfinished():
             log.info("resuming %s", batch_id)
@@ -83,6 +87,7 @@ class BatchRunner:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        self._slots = None  # bound to this loop; an app started again runs in another
 
     async def _run(self, batch_id: str) -> None:
         batch = self.store.get(batch_id)
