@@ -125,8 +125,7 @@ class Scheduler:
         return max(self._floor, seq.priority - int(waited / self.aging_s))
 
     def outranks(self, better: Sequence, worse: Sequence) -> bool:
-        """`better` goes before `worse` (admission, holding, preemption): a better priority,
-        and not aged out of it."""
+        """`better` may preempt `worse`: a better priority, and `worse` not aged up to it."""
         return better.priority < worse.priority and self.level(better) < self.level(worse)
 
     def lower(self, seq: Sequence) -> bool:
@@ -145,7 +144,7 @@ class Scheduler:
         # Running sequences, best priority first; decodes (1 token) before prefill chunks,
         # oldest first. Lower-priority ones go after the better arrivals, within their share.
         order = sorted(self.running, key=lambda s: (s.priority, s.num_uncomputed > 1, s.arrival))
-        lower = [s for s in order if self.lower(s)]
+        lows = [s for s in order if self.lower(s)]
         budget = self._run(
             [s for s in order if not self.lower(s)], out, self.max_num_batched_tokens
         )
@@ -156,9 +155,9 @@ class Scheduler:
             return out  # a better prompt's step: lower work is held (KV kept) and not admitted
         room = self.lower_share or None
         if room is not None:  # in turn: those scheduled longest ago first
-            lower = sorted(lower, key=lambda s: (s.last_turn, s.arrival))[:room]
-            room -= len(lower)
-        budget = self._run(lower, out, budget)
+            lows = sorted(lows, key=lambda s: (s.last_turn, s.arrival))[:room]
+            room -= len(lows)
+        budget = self._run(lows, out, budget)
         self._admit(out, budget, room)
         return out
 
