@@ -1,7 +1,8 @@
 """The Batch API on a live `hearth serve`, through the official openai SDK: a chat batch of 100
 lines and an embeddings batch of 50 (a tiny generation model and a tiny BERT embedder in one
 models.yaml), each custom_id answered once; then a server SIGKILLed mid-batch and restarted on
-the same files folder finishes the batch with no custom_id missing or repeated."""
+the same files folder finishes the batch with no custom_id missing or repeated; a cancelled
+batch ends with every line accounted for and the engine idle, its KV blocks free."""
 
 from __future__ import annotations
 
@@ -154,3 +155,29 @@ def test_a_sigkilled_server_resumes_its_batch_with_each_line_once(
     assert Counter(x["custom_id"] for x in lines) == {f"chat-{i}": 1 for i in range(total)}
     assert all(x["response"]["status_code"] == 200 for x in lines)
     assert finished.request_counts.completed == total
+
+
+def test_cancel_ends_the_batch_and_frees_the_engine(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from hearth.server.metrics import read_load_gauges
+
+    config = models_yaml(tmp_path, tiny_llama_dir)
+    args = ("--config", str(config), "--files-dir", str(tmp_path / "files"))
+    with running_server(*args, "--batch-max-in-flight", "4") as (base, _):
+        client = client_of(base)
+        batch = submit(client, chat_lines(60, 64), "/v1/chat/completions")
+        deadline = time.monotonic() + 120
+        while client.batches.retrieve(batch.id).request_counts.completed < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.batches.cancel(batch.id).status == "cancelling"
+        done = poll(client, batch.id)
+        assert done.status == "cancelled" and done.cancelled_at
+        lines = answers(client, done)
+        assert Counter(x["custom_id"] for x in lines) == {f"chat-{i}": 1 for i in range(60)}
+        cancelled = [x for x in lines if x["error"]]
+        assert cancelled and {x["error"]["code"] for x in cancelled} == {"batch_cancelled"}
+        assert done.request_counts.failed == len(cancelled)
+        page = httpx.get(base.removesuffix("/v1") + "/metrics").text
+        gauges = read_load_gauges(page, "tiny")
+        assert gauges["hearth_requests_running"] == gauges["hearth_requests_waiting"] == 0
+        assert gauges["hearth_kv_cache_usage_ratio"] == 0  # the aborted lines' blocks are free
