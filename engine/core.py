@@ -235,6 +235,7 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             spec_proposed_tokens=0 if self.spec is None else self.spec.num_proposed,
             spec_accepted_tokens=0 if self.spec is None else self.spec.num_accepted,
+            waiting_by_priority=self.scheduler.waiting_by_priority(),
         )
 
     # -- stepping -------------------------------------------------------------------------

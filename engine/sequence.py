@@ -32,6 +32,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained keys of full computed blocks
     finish_reason: FinishReason | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    enqueued_at: float | None = None  # the scheduler's clock when first queued (priority aging)
+    last_turn: int = 0  # when the scheduler last ran it (lower priorities take turns)
     # engine-side state the scheduler never looks at (detokenizer, torch generator)
     state: Any = None
     mm: MultiModalInputs | None = None  # the prompt's images (vision models); None: text
@@ -42,6 +44,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def priority(self) -> int:
+        return self.params.priority
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -85,6 +85,7 @@ class SamplingParams:
     grammar: Grammar | None = None  # constrained decoding: every sample matches it
     lora: str | None = None  # the LoRA adapter to run with (its name); None: the base model
     speculative: bool = True  # False: this request never uses the model's speculative decoding
+    priority: int = 0  # vLLM's: lower is served first (engine/scheduler.py); batch lines high
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:  # 0: score the prompt only (finish after prefill, no token)
@@ -219,6 +220,7 @@ class EngineStats:
     cpu_threads: int = 0  # the engine thread's CPU team size now (0: not a CPU engine)
     spec_proposed_tokens: int = 0  # speculative decoding: draft tokens verified
     spec_accepted_tokens: int = 0  # of those, accepted
+    waiting_by_priority: dict[int, int] = field(default_factory=dict)  # queued sequences
 
 
 @dataclass

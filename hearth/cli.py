@@ -1,7 +1,8 @@
 """The `hearth` command: `hearth serve` loads models.yaml's models and serves the OpenAI API.
 
 This module reads the flags and hands over to hearth.launch; the flags' defaults come from where
-the settings are defined (ServerSettings, engine.config's models).
+the settings are defined (ServerSettings, engine.config's models). Longer than 350 lines: one
+`add_argument` per flag, with its help text, is most of it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
 from hearth import __version__, launch
 from hearth.engine.config import ConfigError, EngineSettings, ModelConfig
 from hearth.on_demand import add_on_demand_flags
-from hearth.paths import default_responses_db
+from hearth.paths import default_files_dir, default_responses_db
 from hearth.server.settings import ServerSettings
 
 
@@ -148,6 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="Responses API: where stored responses are kept, a SQLite file (or sqlite:///PATH; "
         "':memory:': not kept across restarts) (default: responses.sqlite3 in hearth's data "
         "dir, $HEARTH_DATA_DIR)",
+    )
+    serve.add_argument(
+        "--files-dir",
+        default=default_files_dir(),
+        metavar="PATH",
+        help="Files and Batch APIs: where uploaded files, batch outputs and the batch database "
+        "are kept (':memory:': a temporary folder) (default: files/ in hearth's data dir, "
+        "$HEARTH_DATA_DIR)",
+    )
+    serve.add_argument(
+        "--max-file-size",
+        type=byte_size,
+        default=_setting("max_file_bytes"),
+        metavar="BYTES",
+        help=f"Files API: the largest upload (default: {_size_text(_setting('max_file_bytes'))})",
+    )
+    serve.add_argument(
+        "--batch-priority",
+        type=int,
+        default=_setting("batch_priority"),
+        metavar="N",
+        help="Batch API: the scheduling priority of batch lines (lower runs first; live "
+        f"requests default to 0) (default: {_setting('batch_priority')})",
+    )
+    serve.add_argument(
+        "--batch-max-in-flight",
+        type=int,
+        default=_setting("batch_max_in_flight"),
+        metavar="N",
+        help="Batch API: lines of all batches in the engines at once "
+        f"(default: {_setting('batch_max_in_flight')})",
     )
     serve.add_argument(
         "--max-body-size",
@@ -306,6 +338,10 @@ def server_settings(
         responses_ttl_s=args.responses_ttl,
         responses_db=getattr(args, "responses_db", ":memory:"),
         max_body_bytes=args.max_body_size,
+        files_dir=getattr(args, "files_dir", ":memory:"),
+        max_file_bytes=args.max_file_size,
+        batch_priority=args.batch_priority,
+        batch_max_in_flight=args.batch_max_in_flight,
         max_n=args.max_n,
         request_timeout_s=args.request_timeout or None,
         drain_timeout_s=args.drain_timeout,

@@ -34,6 +34,7 @@ from hearth.engine.types import EngineClient, InvalidRequestError
 from hearth.lora_select import absolute, select_loras
 from hearth.on_demand import parse_budget_flags
 from hearth.server.app import create_app
+from hearth.server.files.db import StorageError
 from hearth.server.lifecycle import DrainingServer
 from hearth.server.model_manager import ModelManager
 from hearth.server.registry import ModelRegistry
@@ -177,7 +178,7 @@ def serve(
     registry = ModelRegistry()
     try:
         app = create_app(registry, settings)
-    except StoreError as exc:  # corrupt, locked or unwritable: never start without it
+    except (StoreError, StorageError) as exc:  # corrupt, locked, unwritable: never start
         print(f"hearth: error: {exc}", file=sys.stderr)
         return 2
     server = DrainingServer(

@@ -21,7 +21,8 @@ def cache_dir() -> Path:
 def data_dir() -> Path:
     """$HEARTH_DATA_DIR, else the user data dir (~/.local/share/hearth on Linux).
 
-    Holds what cannot be rebuilt: the stored Responses API objects. Not created here.
+    Holds what cannot be rebuilt: the stored Responses API objects, files and batches. Not
+    created here.
     """
     root = os.environ.get("HEARTH_DATA_DIR") or platformdirs.user_data_dir("hearth")
     return Path(root)
@@ -30,3 +31,8 @@ def data_dir() -> Path:
 def default_responses_db() -> str:
     """`hearth serve`'s default --responses-db: a SQLite file in the data dir."""
     return str(data_dir() / "responses.sqlite3")
+
+
+def default_files_dir() -> str:
+    """`hearth serve`'s default --files-dir: uploaded files and batches, in the data dir."""
+    return str(data_dir() / "files")

@@ -10,10 +10,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from hearth import __version__
+from hearth.server.batches.route import router as batches_router
+from hearth.server.batches.runner import BatchRunner
+from hearth.server.batches.store import BatchStore
 from hearth.server.chat.route import router as chat_router
 from hearth.server.completions.route import router as completions_router
 from hearth.server.embeddings.route import router as embeddings_router
 from hearth.server.errors import install_error_handlers
+from hearth.server.files.db import open_database
+from hearth.server.files.route import router as files_router
+from hearth.server.files.store import FileStore
 from hearth.server.limits import RequestGuard
 from hearth.server.lora_route import router as lora_router
 from hearth.server.messages.route import router as messages_router
@@ -29,20 +35,28 @@ from hearth.server.settings import ServerSettings
 from hearth.server.tokenize.route import router as tokenize_router
 from hearth.server.ui_route import router as ui_router
 
+MULTIPART_SLACK = 64 << 10  # an upload's body: the file and its multipart headers
+
 
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:
     """Build the app over a registry of engines; the registry may still be loading.
 
-    Opens the Responses store now: StoreError (one line) if it cannot be.
+    Opens the Responses store and the files database now: StoreError or StorageError (one
+    line) if either cannot be.
     """
     settings = settings or ServerSettings()
     store = open_store(settings)
+    database = open_database(settings.files_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.batch_runner.resume_all()  # batches a stopped server left unfinished
         yield
+        await app.state.batch_runner.close()  # unfinished batches resume at the next start
         await get_runs(app).cancel_all()  # background responses end cancelled
         store.close()
+        # the files database stays open: an app may be started again (tests), and SQLite's
+        # commits are durable without a close
 
     app = FastAPI(
         title="hearth", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
@@ -51,6 +65,15 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.state.settings = settings
     app.state.response_store = store
     app.state.metrics = Metrics(lambda: registry.engines, registry.model_slots)
+    app.state.files = FileStore(database)
+    app.state.batch_runner = runner = BatchRunner(
+        app,
+        app.state.files,
+        BatchStore(database),
+        settings.batch_priority,
+        settings.batch_max_in_flight,
+    )
+    app.state.metrics.watch_batches(runner.counts)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -65,6 +88,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         max_body_bytes=settings.max_body_bytes,
         max_n=settings.max_n,
         request_timeout_s=settings.request_timeout_s,
+        max_upload_bytes=settings.max_file_bytes + MULTIPART_SLACK,
     )
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     app.include_router(models_router)
@@ -74,6 +98,8 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
     app.include_router(messages_router)
     app.include_router(tokenize_router)
     app.include_router(embeddings_router)
+    app.include_router(files_router)
+    app.include_router(batches_router)
     app.include_router(rerank_router)
     app.include_router(lora_router)
     app.include_router(model_admin_router)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -216,15 +217,20 @@ def _deepest(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return max(same_field or [first], key=lambda e: len(_param(tuple(e.get("loc", ()))) or ""))
 
 
-async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = _deepest(errors) if errors else {"type": "value_error", "msg": "", "loc": ()}
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """The 400 for pydantic's errors of a body (a route's, or a batch line's), naming the
+    field of the deepest one."""
+    first = _deepest(list(errors)) if errors else {"type": "value_error", "msg": "", "loc": ()}
     param = None if first["type"] == "json_invalid" else _param(tuple(first.get("loc", ())))
     param = _cross_field_param(first, param)
     message = _validation_message(first, param)
     if first["type"] == "model_attributes_type" and not param:  # no JSON body, or not an object
         param, message = None, "The request body must be a JSON object."
-    return _respond(request, APIError(400, message, param=param))
+    return APIError(400, message, param=param)
+
+
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _respond(request, validation_error(exc.errors()))
 
 
 async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -21,6 +21,7 @@ from hearth.server.streaming import dumps
 MAX_STOP_CHARS = 256  # per stop string (OpenAI caps their number at 4; so does the protocol)
 DRAIN_AT_MOST = 64 << 20  # an oversized body is read and dropped up to this, so the 413 arrives
 UNGUARDED = ("/health", "/health/live", "/metrics")  # never counted in flight, never limited
+UPLOADS = ("/v1/files",)  # bodies limited by the upload size (ServerSettings.max_file_bytes)
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,12 @@ class RequestGuard:
         max_body_bytes: int,
         max_n: int,
         request_timeout_s: float | None,
+        max_upload_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes or max_body_bytes
         self.max_n = max_n
         self.request_timeout_s = request_timeout_s
 
@@ -76,11 +79,13 @@ class RequestGuard:
             return
         self.registry.in_flight += 1
         try:
-            body = await self._read_body(scope, receive)
+            upload = scope["path"] in UPLOADS
+            limit = self.max_upload_bytes if upload else self.max_body_bytes
+            body = await self._read_body(scope, receive, limit)
             if body is None:
-                await _too_large(send, self.max_body_bytes, scope["path"])
+                await _too_large(send, limit, scope["path"])
                 return
-            bad_text = invalid_text_param(body)
+            bad_text = None if upload else invalid_text_param(body)
             if bad_text is not None:  # decided here once, for every route (server/body_text.py)
                 param, message = bad_text
                 await _send_error(send, scope["path"], APIError(400, message, param=param))
@@ -94,10 +99,10 @@ class RequestGuard:
         finally:
             self.registry.in_flight -= 1
 
-    async def _read_body(self, scope: dict[str, Any], receive: Receive) -> bytes | None:
-        """The whole body, or None when it is over the limit (then drained, up to a bound)."""
+    async def _read_body(self, scope: dict[str, Any], receive: Receive, limit: int) -> bytes | None:
+        """The whole body, or None when it is over `limit` (then drained, up to a bound)."""
         declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             if int(declared) <= DRAIN_AT_MOST:
                 await _drain(receive, DRAIN_AT_MOST)
             return None
@@ -109,7 +114,7 @@ class RequestGuard:
                 return b"".join(chunks) if size else b""
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 if message.get("more_body", False):
                     await _drain(receive, DRAIN_AT_MOST - size)
                 return None

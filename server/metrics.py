@@ -15,6 +15,16 @@ from hearth.server.model_manager import Slot
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # The engine-load gauges a client polls to see a model idle (soak runs, tests).
 CLIENT_CLOSED = 499  # the status a request is counted as when its client left first
+BATCH_STATUSES = (  # OpenAI's Batch statuses (server/batches/protocol.py)
+    "validating",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "failed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
 LOAD_GAUGES = ("hearth_requests_running", "hearth_requests_waiting", "hearth_kv_cache_usage_ratio")
 
 
@@ -73,6 +83,11 @@ class _EngineCollector:
                 "Speculative decoding: accepted / verified draft tokens so far",
                 labels=["model"],
             ),
+            "by_priority": GaugeMetricFamily(
+                "hearth_requests_waiting_by_priority",
+                "Sequences queued, per scheduling priority (lower runs first)",
+                labels=["model", "priority"],
+            ),
         }
         for engine in self.engines():
             stats, model = engine.stats(), engine.info.model_id
@@ -89,7 +104,36 @@ class _EngineCollector:
                 families["proposed"].add_metric([model], proposed)
                 families["accepted"].add_metric([model], accepted)
                 families["acceptance"].add_metric([model], accepted / proposed)
+            for priority, count in sorted(stats.waiting_by_priority.items()):
+                families["by_priority"].add_metric([model, str(priority)], count)
         yield from families.values()
+
+
+# batches by status, batch lines done by outcome, batch lines in the engines now
+BatchCounts = tuple[dict[str, int], dict[str, int], int]
+
+
+class _BatchCollector:
+    """Batches by status and batch lines done (server/batches/store.py, read at scrape time)."""
+
+    def __init__(self, counts: Callable[[], BatchCounts]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        by_status, done, in_flight = self.counts()
+        batches = GaugeMetricFamily("hearth_batches", "Batches by status", labels=["status"])
+        for status in BATCH_STATUSES:
+            batches.add_metric([status], by_status.get(status, 0))
+        lines = CounterMetricFamily(
+            "hearth_batch_lines", "Batch lines done, by outcome", labels=["outcome"]
+        )
+        for outcome in ("completed", "failed"):
+            lines.add_metric([outcome], done.get(outcome, 0))
+        running = GaugeMetricFamily(
+            "hearth_batch_lines_in_flight", "Batch lines in the engines now (all batches)"
+        )
+        running.add_metric([], in_flight)
+        yield from (batches, lines, running)
 
 
 class _ModelStateCollector:
@@ -155,6 +199,10 @@ class Metrics:
         )
         self.registry.register(_EngineCollector(engines))
         self.registry.register(_ModelStateCollector(models))
+
+    def watch_batches(self, counts: Callable[[], BatchCounts]) -> None:
+        """Report the Batch API's counts (server/app.py wires the batch store's)."""
+        self.registry.register(_BatchCollector(counts))
 
     def request_started(self, model: str, prompt_tokens: int) -> None:
         self.prompt_tokens.labels(model).inc(prompt_tokens)

@@ -19,6 +19,15 @@ class ServerSettings:
     # apps built in-process (tests) keep them in memory unless told otherwise.
     responses_db: str = ":memory:"
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
+    # Files and Batch APIs (server/files, server/batches): where files and the batch database
+    # are kept (":memory:": a temporary folder; `hearth serve` defaults to the data dir,
+    # hearth.paths.default_files_dir), the largest upload, the priority batch lines run at
+    # (engine/scheduler.py: lower first; live requests default to 0) and how many lines of all
+    # batches may be in the engines at once (the rest of the engine is left to live requests)
+    files_dir: str = ":memory:"
+    max_file_bytes: int = 200 << 20
+    batch_priority: int = 100
+    batch_max_in_flight: int = 8
     max_n: int = 16  # samples per prompt
     request_timeout_s: float | None = 600.0  # then the request is aborted (504 / error event)
     # background responses (server/responses/background.py): each one's own deadline (None:

@@ -90,6 +90,7 @@ class SamplingFields(WireModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: score the prompt's tokens
     # hearth: false opts this request out of the model's speculative decoding
     speculative: bool = True
+    priority: int = 0  # vLLM: lower is scheduled first (engine/scheduler.py); batch lines run last
 
     @field_validator("stop")
     @classmethod
@@ -136,6 +137,7 @@ class SamplingFields(WireModel):
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
             speculative=self.speculative,
+            priority=self.priority,
         )
 
 

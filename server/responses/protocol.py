@@ -203,6 +203,7 @@ class ResponseRequest(_Model):
     # hearth extensions (vLLM's names): a reasoning budget in tokens, more template variables
     max_reasoning_tokens: int | None = Field(None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
+    priority: int = 0  # vLLM's: lower is scheduled first (engine/scheduler.py)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -219,7 +220,9 @@ class ResponseRequest(_Model):
     def sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
         params = {name: defaults[name] for name in DEFAULTED if name in defaults}
         params.update(self.model_dump(include={"temperature", "top_p"}, exclude_none=True))
-        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs_k, **params)
+        return SamplingParams(
+            max_tokens=max_tokens, logprobs=self.logprobs_k, priority=self.priority, **params
+        )
 
     def contents(self) -> list[Any]:
         """Each input item's content parts (None for items that are not messages)."""

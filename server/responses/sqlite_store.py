@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hearth.server.responses.store import StoredResponse, StoreError, item_ids
+from hearth.server.sqlite_schema import migrate
 
 SCHEMA_VERSION = 1
 # MIGRATIONS[v]: the statements that take a version-v database to version v + 1.
@@ -83,16 +84,7 @@ class SqliteResponseStore:
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("BEGIN IMMEDIATE")  # fails now, not later, if another writer holds it
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"schema version {version} is newer than this hearth's ({SCHEMA_VERSION})"
-                )
-            for v in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[v].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            migrate(db, MIGRATIONS, SCHEMA_VERSION)
             self._fail_unfinished()
             db.execute("COMMIT")
         except BaseException:

@@ -59,10 +59,13 @@ def test_the_schema_describes_every_v1_request_body() -> None:
         "/v1/load_model",
         "/v1/unload_model",
         "/v1/responses/{response_id}/cancel",
+        "/v1/files",
+        "/v1/batches",
+        "/v1/batches/{batch_id}/cancel",
         "/v1/messages",
         "/v1/messages/count_tokens",
     }
-    for path in posts - {"/v1/responses/{response_id}/cancel"}:  # the one without a body
+    for path in posts - {"/v1/responses/{response_id}/cancel", "/v1/batches/{batch_id}/cancel"}:
         assert spec["paths"][path]["post"]["requestBody"]["required"]
 
 

@@ -155,14 +155,17 @@ def test_serve_flag_defaults_are_the_settings_defaults() -> None:
     import dataclasses
 
     from hearth.cli import build_parser, server_settings
-    from hearth.paths import default_responses_db
+    from hearth.paths import default_files_dir, default_responses_db
     from hearth.server.settings import ServerSettings
 
     args = build_parser().parse_args(["serve"])
     settings = server_settings(args, ())
-    # the one exception: `hearth serve` keeps responses in a file, apps built in-process in memory
+    # the exceptions: `hearth serve` keeps responses and files in the data dir, apps built
+    # in-process in memory (a temporary folder)
     assert settings.responses_db == default_responses_db()
-    assert dataclasses.replace(settings, responses_db=":memory:") == ServerSettings()
+    assert settings.files_dir == default_files_dir()
+    kept = dataclasses.replace(settings, responses_db=":memory:", files_dir=":memory:")
+    assert kept == ServerSettings()
     serve_help = run_cli("serve", "--help").stdout
     assert "(default: 4MiB)" in serve_help and "(default: 600)" in serve_help
     assert "(default 0.9;" in serve_help

@@ -196,3 +196,166 @@ def test_a_burst_sharing_a_prefix_computes_it_once() -> None:
     assert blocks.num_cache_hits == 3 * len(system)
     sched.after_step(second)
     check_invariants(blocks, sched)
+
+
+# -- priorities (vLLM's sense: lower first), holding, preemption, aging ------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def prio(prompt: list[int], priority: int, rid: str, max_tokens: int = 8) -> Sequence:
+    return Sequence(rid, 0, prompt, SamplingParams(max_tokens=max_tokens, priority=priority))
+
+
+def test_waiting_requests_are_admitted_in_priority_order_then_arrival() -> None:
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, max_num_seqs=2, max_num_batched_tokens=256, clock=Clock())
+    for rid, priority in [("batch1", 10), ("batch2", 10), ("live1", 0), ("mid", 5), ("live2", 0)]:
+        sched.add(prio([1, 2, 3], priority, rid))
+    plan = sched.schedule()
+    assert [i.seq.request_id for i in plan.scheduled] == ["live1", "live2"]
+    assert [s.request_id for s in sched.waiting] == ["mid", "batch1", "batch2"]
+    assert sched.waiting_by_priority() == {5: 1, 10: 2}
+
+
+def test_one_priority_is_plain_fcfs() -> None:
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=256, clock=Clock())
+    for i in range(4):
+        sched.add(prio([i, 1, 2], 3, f"r{i}"))
+    assert [i.seq.request_id for i in sched.schedule().scheduled] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_live_prompt_holds_lower_decodes_for_its_prefill_step_only() -> None:
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=256, clock=Clock())
+    batch = [prio([i, 9, 9], 10, f"b{i}", max_tokens=50) for i in range(3)]
+    for seq in batch:
+        sched.add(seq)
+    run_step(sched)  # the batch lines prefill and sample
+    live = prio([5, 6, 7, 8, 9], 0, "live")
+    late = prio([3, 3, 3], 10, "b-late", max_tokens=50)
+    sched.add(late)
+    sched.add(live)
+    plan = sched.schedule()
+    # the batch decodes wait, and no batch line starts in the live prompt's step
+    assert [i.seq.request_id for i in plan.scheduled] == ["live"]
+    assert list(sched.waiting) == [late]
+    assert all(s.status is Status.RUNNING for s in batch)  # held, not preempted: KV kept
+    assert sched.num_preemptions == 0
+    sched.after_step(plan)
+    live.output_ids.append(7)
+    # Now live decodes with at most lower_share (2) batch sequences a step, in turn; the late
+    # batch line waits for a free place.
+    seen = []
+    for _ in range(3):
+        plan = sched.schedule()
+        names = [i.seq.request_id for i in plan.scheduled]
+        assert names[0] == "live" and len(names) == 3
+        seen += names[1:]
+        sched.after_step(plan)
+        for item in plan.scheduled:
+            item.seq.output_ids.append(7)
+    assert seen == ["b0", "b1", "b2", "b0", "b1", "b2"]
+    assert list(sched.waiting) == [late]
+    sched.finish(live)  # no better work left: the batch runs freely again
+    plan = sched.schedule()
+    assert [i.seq.request_id for i in plan.scheduled] == ["b0", "b1", "b2", "b-late"]
+    check_invariants(blocks, sched)
+
+
+def test_a_live_arrival_preempts_the_worst_running_when_slots_or_blocks_are_short() -> None:
+    blocks = BlockManager(8, 4)  # 32 token slots
+    sched = Scheduler(blocks, max_num_seqs=2, max_num_batched_tokens=256, clock=Clock())
+    low = [prio([i] * 8, 10, f"b{i}", max_tokens=20) for i in range(2)]
+    for seq in low:
+        sched.add(seq)
+    run_step(sched)
+    live = prio([3] * 8, 0, "live")
+    sched.add(live)
+    plan = sched.schedule()  # max_num_seqs is full: the newest batch line makes room
+    assert [i.seq.request_id for i in plan.scheduled] == ["live"]
+    assert plan.preempted == [low[1]] and low[1].status is Status.WAITING
+    assert low[1].num_computed_tokens == 0 and not low[1].block_table  # recompute later
+    sched.after_step(plan)
+    check_invariants(blocks, sched)
+    # An equal-priority arrival never preempts: it waits.
+    other = prio([4] * 8, 10, "b-late")
+    sched.add(other)
+    for _ in range(3):
+        run_step(sched)
+        assert low[0].status is Status.RUNNING
+    # Blocks short: a 28-token live prompt preempts running batch work to fit.
+    sched2 = Scheduler(BlockManager(8, 4), max_num_seqs=8, max_num_batched_tokens=256)
+    big = prio(list(range(20)), 10, "big", max_tokens=8)
+    sched2.add(big)
+    run_step(sched2)
+    urgent = prio(list(range(30, 58)), 0, "urgent", max_tokens=1)
+    sched2.add(urgent)
+    plan = sched2.schedule()
+    assert plan.preempted == [big] and [i.seq for i in plan.scheduled] == [urgent]
+
+
+def test_aging_bounds_starvation_under_a_steady_live_stream() -> None:
+    clock = Clock()
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, max_num_seqs=1, max_num_batched_tokens=256, aging_s=1.0, clock=clock)
+    batch = prio([1, 2, 3], 5, "batch", max_tokens=1)
+    sched.add(batch)
+    sched.add(prio([4, 5, 6], 0, "live0", max_tokens=1))
+    waited = 0
+    for step in range(1, 100):
+        clock.now += 0.5  # a live request arrives every half second, forever
+        sched.add(prio([4, 5, step], 0, f"live{step}", max_tokens=1))
+        done = run_step(sched)
+        if batch in done:
+            waited = clock.now
+            break
+    # Priority 5 ages one level a second: within ~5 s it ties the live requests and, being
+    # older than every live arrival after it, goes first.
+    assert batch.is_finished and waited <= 5 * 1.0 + 1.0
+
+
+def test_aged_work_is_neither_held_nor_preempted() -> None:
+    clock = Clock()
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=256, aging_s=1.0, clock=clock)
+    batch = prio([1, 2, 3], 3, "batch", max_tokens=50)
+    sched.add(batch)
+    run_step(sched)
+    clock.now = 10.0  # aged past its 3 levels
+    sched.add(prio([4, 5, 6], 0, "live"))
+    names = [i.seq.request_id for i in sched.schedule().scheduled]
+    assert sorted(names) == ["batch", "live"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), num_blocks=st.integers(8, 40), budget=st.integers(8, 64))
+def test_random_priorities_end_with_every_request_done_and_every_block_free(
+    seed: int, num_blocks: int, budget: int
+) -> None:
+    rng = random.Random(seed)
+    clock = Clock()
+    blocks = BlockManager(num_blocks, 4)
+    sched = Scheduler(blocks, rng.randint(1, 6), budget, aging_s=0.5, clock=clock)
+    capacity = num_blocks * 4
+    pending = []
+    for i in range(rng.randint(1, 20)):
+        prompt = [rng.randrange(50) for _ in range(rng.randint(1, capacity // 2))]
+        max_tokens = rng.randint(1, max(1, capacity - len(prompt)))
+        pending.append(prio(prompt, rng.choice([0, 0, 1, 10]), f"r{i}", max_tokens))
+    done: list[Sequence] = []
+    for _ in range(20_000):
+        clock.now += 0.01
+        if pending and rng.random() < 0.3:
+            sched.add(pending.pop())
+        done += run_step(sched)
+        check_invariants(blocks, sched)
+        if not pending and not sched.has_unfinished():
+            break
+    assert not sched.has_unfinished()
+    assert blocks.num_free_blocks == num_blocks

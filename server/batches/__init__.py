@@ -1,0 +1,1 @@
+"""OpenAI's Batch API (`/v1/batches`): files of requests run online at a low priority."""

@@ -1,0 +1,1 @@
+"""OpenAI's Files API (`/v1/files`): uploaded batch inputs and batch output files."""
