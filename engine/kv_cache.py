@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,10 @@ def layer_devices(model: PreTrainedModel, num_layers: int) -> list[torch.device]
     return [devices.get(i, fallback) for i in range(num_layers)]
 
 
+# Linux: MADV_DONTNEED on a private anonymous mapping reads back as zeros (elsewhere: torch.zeros)
+LAZY_PAGES = sys.platform == "linux"
+
+
 class _PageZeros:
     """CPU zeros in private anonymous mappings: the OS gives their pages zero-filled on first
     touch, so blocks no sequence has used take no resident memory (an idle server's RSS holds
@@ -130,7 +135,7 @@ class KVCache:
         self._pages = _PageZeros()
 
         def zeros(device: torch.device) -> torch.Tensor:
-            if device.type == "cpu":
+            if device.type == "cpu" and LAZY_PAGES:
                 return self._pages.zeros(shape, spec.dtype)
             return torch.zeros(shape, dtype=spec.dtype, device=device)
 
@@ -149,7 +154,7 @@ class KVCache:
         if seed is None:
             self._pages.release()  # the CPU tensors' pages back to the OS: zeros again
             for tensor in (*self.k_cache, *self.v_cache):
-                if tensor.device.type != "cpu":
+                if tensor.device.type != "cpu" or not LAZY_PAGES:
                     tensor.zero_()
             return
         first = self.k_cache[0]

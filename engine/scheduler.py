@@ -261,11 +261,14 @@ class Scheduler:
 
     def _lookahead(self, seq: Sequence, num: int, budget: int) -> int:
         """Draft tokens of a decode to verify this step: all of seq.spec_token_ids when they
-        fit the token budget and the free blocks, else none (a plain decode)."""
+        fit the token budget and the free blocks (less one per running sequence), else none
+        (a plain decode)."""
         spec = len(seq.spec_token_ids)
         if not spec or num != seq.num_uncomputed or num + spec > budget:
             return 0
-        return spec if self.blocks.can_grow(seq, num + spec) else 0
+        # a block kept free for each running sequence: drafts never cost another a preemption
+        spare = self.blocks.num_free_blocks - len(self.running)
+        return spec if self.blocks.blocks_needed(seq, num + spec) <= spare else 0
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.num_preemptions += 1

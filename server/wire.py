@@ -90,7 +90,9 @@ class SamplingFields(WireModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM: score the prompt's tokens
     # hearth: false opts this request out of the model's speculative decoding
     speculative: bool = True
-    priority: int = 0  # vLLM: lower is scheduled first (engine/scheduler.py); batch lines run last
+    # vLLM's: lower is scheduled first (engine/scheduler.py); batch lines run last. A client may
+    # only yield (>= 0): a negative value would let any caller preempt everyone else
+    priority: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("stop")
     @classmethod

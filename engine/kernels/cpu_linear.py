@@ -155,7 +155,8 @@ def pack_model(model: nn.Module, variant: str | None = None, final: bool = False
         else:
             owner.project = project
         if alone:  # the packed copy is the weight now; restore_forwards rebuilds the original
-            stand_in = weight.new_zeros(()).expand(weight.shape)  # [N, K], one element
+            # [N, K] over one NaN: any path that still read it would fail loudly, not silently
+            stand_in = weight.new_full((), float("nan")).expand(weight.shape)
             set_weight(owner, stand_in, lambda p=packed: unpack_weight(p))
             dropped += weight.numel() * weight.element_size()
     if dropped:

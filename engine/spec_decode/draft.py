@@ -50,6 +50,8 @@ class DraftProposer:
         for seq, num in zip(seqs, num_tokens, strict=True):
             shadow = self._synced(seq)
             if shadow is not None and self.blocks.can_grow(shadow, shadow.num_uncomputed + num):
+                # taken now: the next shadow's check sees what is left after this one's
+                self.blocks.grow(shadow, shadow.num_uncomputed + num)
                 left[seq] = num
         while left:  # one draft token per active sequence and forward
             order = list(left)

@@ -12,6 +12,7 @@ speculation. The core appends them and rolls back the rejected drafts' KV
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from hearth.engine.sequence import Sequence
 from hearth.engine.spec_decode.proposer import Proposal, Proposer
 from hearth.engine.spec_decode.rejection import greedy_verify, rejection_sample
 from hearth.engine.types import TokenLogprob
+
+log = logging.getLogger("hearth.engine")
 
 MAX_SIT_OUT = 16  # decode steps a sequence whose drafts keep failing waits at most
 
@@ -78,7 +81,12 @@ class Speculator:
                 nums.append(num)
         if not seqs:
             return
-        for seq, proposal in zip(seqs, self.proposer.propose(seqs, nums), strict=True):
+        try:
+            proposals = self.proposer.propose(seqs, nums)
+        except Exception:  # a proposer's failure (the draft model's) costs the drafts only
+            log.exception("speculative decoding: proposing failed; this step decodes plainly")
+            return
+        for seq, proposal in zip(seqs, proposals, strict=True):
             if proposal.token_ids:
                 seq.spec_token_ids = proposal.token_ids
                 self._drafted[seq] = proposal

@@ -203,7 +203,7 @@ class ResponseRequest(_Model):
     # hearth extensions (vLLM's names): a reasoning budget in tokens, more template variables
     max_reasoning_tokens: int | None = Field(None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
-    priority: int = 0  # vLLM's: lower is scheduled first (engine/scheduler.py)
+    priority: int = Field(0, ge=0, le=2**31 - 1)  # vLLM's: lower first; >= 0 (server/wire.py)
 
     @field_validator("input", mode="before")
     @classmethod

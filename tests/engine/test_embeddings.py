@@ -243,7 +243,11 @@ def test_http_float_and_base64(client: TestClient, bert: EmbeddingEngine) -> Non
         raw = base64.b64decode(b["embedding"])
         assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == f["embedding"]
     one = post(client, input=TEXTS[0]).json()["data"]
-    assert one[0]["embedding"] == floats["data"][0]["embedding"]
+    # alone or in a padded batch of 5: the same values up to float32 rounding (the matmul
+    # library may block a batch of other shapes differently, e.g. on AVX2-only CPUs)
+    assert torch.allclose(
+        torch.tensor(one[0]["embedding"]), torch.tensor(floats["data"][0]["embedding"]), atol=1e-6
+    )
     ids = bert.tokenizer(TEXTS[0])["input_ids"]
     by_ids = post(client, input=ids).json()["data"][0]["embedding"]
     assert torch.allclose(torch.tensor(by_ids), torch.tensor(one[0]["embedding"]))
