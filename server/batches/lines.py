@@ -4,8 +4,11 @@ the body parsed by the route's pydantic model, then `serve_chat`, `serve_complet
 
 The answer becomes OpenAI's output line `{id, custom_id, response: {status_code, request_id,
 body}, error}`: a 200 goes to the output file; any other status (the route's own 4xx, a 500
-for hearth's bug, logged) to the error file. A 429 or a 503 with Retry-After (queue full,
-loading, draining) is not an answer: `Retry` tells the runner to run the line again later.
+for hearth's bug, logged) to the error file. Some failures are not answers but the server's
+state: a 429 or a 503 with Retry-After (queue full, loading, draining), a 503 of an engine
+(stopped, or failing its requests because the server is shutting down), and any failure while
+the server is not ready. `Retry` tells the runner to run such a line again later (after a
+restart, if it is going away): it is never stored as the line's answer.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ ROUTES: dict[str, tuple[type[BaseModel], Serve]] = {
     "/v1/responses": (ResponseRequest, _responses),
 }
 GENERATES = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}  # priority applies
+ENGINE_GONE = ("service_unavailable", "engine_dead")  # 503 codes of server/errors.py
+MAX_WAIT_S = 5.0
 
 
 class Retry(Exception):
@@ -82,11 +87,13 @@ async def run_line(
         answer = await _serve(app, endpoint, body, priority)
         status, payload = 200, answer
     except APIError as exc:
-        retry_after = (exc.headers or {}).get("Retry-After")
-        if exc.status == 429 or (exc.status == 503 and retry_after is not None):
-            raise Retry(min(float(retry_after or 1), 5.0)) from None
+        after = _retry_after(app, exc)
+        if after is not None:
+            raise Retry(after) from None
         status, payload = exc.status, exc.body()
     except Exception as exc:
+        if app.state.registry.state != "ready":  # cut off by the shutdown: not its answer
+            raise Retry(1.0) from None
         log.exception("batch line %s failed", custom_id)
         status, payload = 500, APIError(500, f"internal error: {type(exc).__name__}").body()
     line = {
@@ -96,6 +103,18 @@ async def run_line(
         "error": None,
     }
     return line, status != 200
+
+
+def _retry_after(app: FastAPI, exc: APIError) -> float | None:
+    """Seconds to wait before running the line again; None: `exc` is the line's answer."""
+    header = (exc.headers or {}).get("Retry-After")
+    if header is not None and exc.status in (429, 503):
+        return min(float(header), MAX_WAIT_S)
+    if exc.status == 429 or app.state.registry.state != "ready":
+        return 1.0
+    if exc.status == 503 and exc.code in ENGINE_GONE:
+        return MAX_WAIT_S
+    return None
 
 
 async def _serve(app: FastAPI, endpoint: str, body: dict[str, Any], priority: int) -> Any:

@@ -10,13 +10,12 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from hearth.server.auth import require_api_key
 from hearth.server.batches.protocol import BatchRequest, new_batch
-from hearth.server.batches.runner import BatchRunner
+from hearth.server.batches.runner import CANCELLABLE, BatchRunner
 from hearth.server.batches.store import BatchStore
 from hearth.server.errors import APIError
 
 router = APIRouter()
 AUTH = [Depends(require_api_key)]
-CANCELLABLE = ("validating", "in_progress")
 
 
 def _runner(request: Request) -> BatchRunner:

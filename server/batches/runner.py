@@ -3,15 +3,17 @@
 validating (the input file's lines checked, then stored with the batch in one transaction) ->
 in_progress (its lines run, at most `batch_max_in_flight` lines of all batches at once, each
 at `batch_priority`; each answer stored in the same transaction that marks its line done) ->
-finalizing (the output and error files written from the stored answers) -> completed.
+finalizing (the output and error files written from the stored answers; stored before they
+are, so a cancel then is refused and only one finalize ever runs) -> completed.
 
 Durable: a restarted server resumes every batch it finds unfinished. Lines already done keep
 their answer; the others (never started, or cut off mid-run) run again, and an answer cut off
-before its transaction was never stored: no line twice, none lost. A shutdown only cancels the
+before its transaction was never stored: no line twice, none lost. A line the shutdown (or a
+stopped engine) fails is not answered either (lines.py `Retry`). A shutdown only cancels the
 tasks (the status stays, for the next start); a cancel (POST .../cancel) cancels the batch's
 lines (their engine requests are aborted, which frees their KV blocks), then the lines never run
 become error lines (`batch_cancelled`) and the batch ends cancelled; past its completion window
-it ends expired the same way (`batch_expired`).
+it ends expired the same way (`batch_expired`), through finalizing with `expired_at` set.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from hearth.server.batches.store import BatchStore
 from hearth.server.files.store import FileStore
 
 log = logging.getLogger("hearth.server")
+CANCELLABLE = ("validating", "in_progress")
 LEFT_OVER = {
     "cancelled": ("batch_cancelled", "The batch was cancelled before this request ran."),
     "expired": ("batch_expired", "The batch's completion window ended before this request ran."),
@@ -71,8 +74,10 @@ class BatchRunner:
 
     async def cancel(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Mark the batch cancelling, stop its lines, then end it cancelled (in the background,
-        as OpenAI's: the object returned is `cancelling`)."""
-        self.store.put(moved(batch, "cancelling"))
+        as OpenAI's: the object returned is `cancelling`). A batch no longer cancellable (it
+        moved on meanwhile, say to finalizing) is returned as it is, and left running."""
+        if not self.store.put(moved(batch, "cancelling"), only_from=CANCELLABLE):
+            return self.store.get(batch["id"]) or batch
         task = self.tasks.get(batch["id"])
         if task is not None:
             task.cancel()
@@ -95,16 +100,19 @@ class BatchRunner:
             return
         try:
             if batch["status"] == "validating":
-                batch = await self._validate(batch)
-            if batch["status"] == "in_progress":
-                if not await self._run_lines(batch):  # the completion window ended
-                    await asyncio.to_thread(self._finalize, batch, "expired")
+                validated = await self._validate(batch)
+                if validated is None:  # cancelled meanwhile: the cancel's own task ends it
                     return
-                batch = moved(self.store.get(batch_id) or batch, "finalizing")
+                batch = validated
+            if batch["status"] == "in_progress":
+                ended = not await self._run_lines(batch)  # the completion window ended
+                batch = self.store.get(batch_id) or batch
+                # stored before the files are written: no longer cancellable, one finalize
+                expired = {"expired_at": int(time.time())} if ended else {}
+                batch = moved(batch, "finalizing", **expired)
                 self.store.put(batch)
             if batch["status"] in ("finalizing", "cancelling"):
-                final = "completed" if batch["status"] == "finalizing" else "cancelled"
-                await asyncio.to_thread(self._finalize, batch, final)  # files: off the loop
+                await asyncio.to_thread(self._finalize, batch, _final(batch))  # files: off the loop
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -113,8 +121,8 @@ class BatchRunner:
             error |= {"param": None, "line": None}
             self.store.put(moved(batch, "failed", errors={"object": "list", "data": [error]}))
 
-    async def _validate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        data = self.files.content(batch["input_file_id"])
+    async def _validate(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        data = await asyncio.to_thread(self.files.content, batch["input_file_id"])
         if data is None:
             error = {"code": "invalid_file", "message": "The input file was deleted."}
             lines, errors = [], [{**error, "param": "input_file_id", "line": None}]
@@ -125,7 +133,9 @@ class BatchRunner:
             self.store.put(batch)
         else:
             batch = moved(batch, "in_progress")
-            self.store.put(batch, lines)
+            # up to 50k rows: off the loop; only if still validating (a cancel meanwhile wins)
+            if not await asyncio.to_thread(self.store.put, batch, lines, ("validating",)):
+                return None
         return batch
 
     async def _run_lines(self, batch: dict[str, Any]) -> bool:
@@ -157,6 +167,9 @@ class BatchRunner:
                     while True:
                         while registry.state != "ready":  # loading, or draining to stop
                             await asyncio.sleep(0.5)
+                        if time.time() >= batch["expires_at"]:  # never answered in time
+                            todo.appendleft(line)
+                            return
                         try:
                             result, error = await run_line(
                                 self.app,
@@ -196,3 +209,10 @@ class BatchRunner:
                     "id"
                 ]
         self.store.put(moved(batch, status, **ids))
+
+
+def _final(batch: dict[str, Any]) -> str:
+    """The status a finalizing (or cancelling) batch ends in."""
+    if batch["status"] == "cancelling":
+        return "cancelled"
+    return "expired" if batch.get("expired_at") else "completed"

@@ -24,18 +24,28 @@ class BatchStore:
                 (batch["id"], batch["status"], json.dumps(batch)),
             )
 
-    def put(self, batch: dict[str, Any], lines: list[Line] | None = None) -> None:
-        """Update the batch (and, once validated, add its lines in the same transaction)."""
+    def put(
+        self,
+        batch: dict[str, Any],
+        lines: list[Line] | None = None,
+        only_from: tuple[str, ...] | None = None,
+    ) -> bool:
+        """Update the batch (and, once validated, add its lines in the same transaction); with
+        `only_from`, only if its stored status is one of those (False: it had moved on)."""
+        sql, args = "UPDATE batches SET status = ?, batch = ? WHERE id = ?", ()
+        if only_from is not None:
+            sql += f" AND status IN ({','.join('?' * len(only_from))})"
+            args = only_from
         with self.db.transaction() as db:
-            db.execute(
-                "UPDATE batches SET status = ?, batch = ? WHERE id = ?",
-                (batch["status"], json.dumps(batch), batch["id"]),
-            )
+            row = (batch["status"], json.dumps(batch), batch["id"], *args)
+            if not db.execute(sql, row).rowcount:
+                return False
             db.executemany(
                 "INSERT OR IGNORE INTO batch_lines (batch_id, line, custom_id, request) "
                 "VALUES (?, ?, ?, ?)",
                 [(batch["id"], x.number, x.custom_id, json.dumps(x.body)) for x in lines or []],
             )
+        return True
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
         rows = self.db.query("SELECT batch FROM batches WHERE id = ?", (batch_id,))

@@ -3,6 +3,7 @@ GET /v1/files/{id}/content: OpenAI's Files API over server/files/store.py."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -37,7 +38,8 @@ async def create_file(
         raise APIError(413, f"The file is larger than {limit} bytes.", param="file")
     if not data:
         raise APIError(400, "The file is empty.", param="file")
-    return get_files(request).create(data, file.filename or "upload.jsonl", purpose)
+    name = file.filename or "upload.jsonl"
+    return await asyncio.to_thread(get_files(request).create, data, name, purpose)  # off the loop
 
 
 @router.get("/v1/files", dependencies=AUTH)
@@ -61,7 +63,7 @@ async def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/v1/files/{file_id}/content", dependencies=AUTH)
 async def file_content(file_id: str, request: Request) -> Response:
-    data = get_files(request).content(file_id)
+    data = await asyncio.to_thread(get_files(request).content, file_id)
     if data is None:
         raise not_found(file_id)
     return Response(data, media_type="application/octet-stream")

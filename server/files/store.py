@@ -49,7 +49,7 @@ class FileStore:
         """Store `data`; its File object. `file_id` given: replaces that file if it exists."""
         file_id = file_id or f"file-{uuid.uuid4().hex}"
         path = self.db.blobs / file_id
-        partial = path.with_name(f".{file_id}.part")
+        partial = path.with_name(f".{file_id}.{uuid.uuid4().hex[:8]}.part")  # a writer's own
         with open(partial, "wb") as out:
             out.write(data)
             out.flush()

@@ -4,18 +4,50 @@ output and error files, cancel, resume after a restart, priorities, metrics."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from hearth.engine.types import GenerationOutput, GenerationRequest
 from hearth.server.app import create_app
+from hearth.server.batches import protocol
+from hearth.server.batches.lines import _retry_after
+from hearth.server.errors import APIError, engine_dead, engine_error, output_error
 from hearth.server.registry import ModelRegistry
 from hearth.server.settings import ServerSettings
 from tests.fixtures.fakes import FakeEngine
+
+
+class StoppingEngine(FakeEngine):
+    """`fail_all` ends the requests running with a retryable error, as an engine does when the
+    server shuts down past its drain timeout (server/lifecycle.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False
+        self.failed = 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        async for output in super().generate(request):
+            if self.stopping:
+                self.failed += 1
+                n = output.num_prompt_tokens
+                message = "the server is shutting down"
+                yield GenerationOutput(
+                    request.request_id, 0, [], "", n, 0, "error", error=message, retryable=True
+                )
+                return
+            yield output
+
+    def fail_all(self, message: str) -> None:
+        self.stopping = True
 
 
 def make_client(engine: FakeEngine | None = None, **settings: Any) -> TestClient:
@@ -229,10 +261,20 @@ def test_live_requests_carry_their_priority_and_metrics_count_batches() -> None:
             json={
                 "model": "fake-model",
                 "messages": [{"role": "user", "content": "hi"}],
-                "priority": -3,
+                "priority": 3,
             },
         )
-        assert reply.status_code == 200 and engine.requests[-1].sampling.priority == -3
+        assert reply.status_code == 200 and engine.requests[-1].sampling.priority == 3
+        for route, body in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/completions", {"prompt": "x"}),
+            ("/v1/responses", {"input": "x"}),
+        ]:  # a client may only yield: a negative priority would preempt everyone else
+            refused = client.post(route, json={"model": "fake-model", "priority": -1, **body})
+            assert refused.status_code == 400, (route, refused.text)
+            assert "priority" in refused.json()["error"]["message"] + str(
+                refused.json()["error"].get("param")
+            )
         client.post("/v1/completions", json={"model": "fake-model", "prompt": "x"})
         assert engine.requests[-1].sampling.priority == 0
         api = sdk(client)
@@ -241,3 +283,87 @@ def test_live_requests_carry_their_priority_and_metrics_count_batches() -> None:
         page = client.get("/metrics").text
     assert 'hearth_batches{status="completed"} 1.0' in page
     assert 'hearth_batch_lines_total{outcome="completed"} 1.0' in page
+
+
+def test_lines_failed_by_the_shutdown_are_not_answers_and_run_after_restart(
+    tmp_path: Path,
+) -> None:
+    engine = StoppingEngine()
+    engine.delay = 0.05  # 20 tokens a line: a second each
+    lines = [chat_line(f"r{i}", "w" * 20, max_tokens=20) for i in range(6)]
+    with make_client(engine, files_dir=str(tmp_path), batch_max_in_flight=2) as client:
+        api = sdk(client)
+        batch = run_batch(api, lines)
+        deadline = time.monotonic() + 10
+        while len(engine.requests) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # the stop signal, then the drain timeout: the engine fails what is running (503)
+        client.app.state.registry.state = "draining"
+        engine.fail_all("the server is shutting down")
+        while engine.failed < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        store = client.app.state.batch_runner.store
+        counts = store.get(batch.id)["request_counts"]
+        assert counts["failed"] == 0  # a shutdown's 503 is no line's answer
+        assert len(store.todo(batch.id)) == 6 - counts["completed"] >= 2
+    engine = FakeEngine()
+    with make_client(engine, files_dir=str(tmp_path)) as client:
+        api = sdk(client)
+        done = wait_for(api, batch.id, ("completed",))
+        out = read_lines(api, done.output_file_id)
+    assert done.error_file_id is None and len(engine.requests) == 6 - counts["completed"]
+    assert sorted(x["custom_id"] for x in out) == sorted(f"r{i}" for i in range(6))
+    assert {x["response"]["status_code"] for x in out} == {200}
+
+
+@pytest.mark.parametrize(
+    ("error", "state", "retry"),
+    [
+        (output_error("the server is shutting down", True), "ready", True),
+        (engine_dead("fake-model"), "ready", True),
+        (engine_error(RuntimeError("bad")), "ready", False),
+        (output_error("hearth's bug", False), "ready", False),
+        (output_error("hearth's bug", False), "draining", True),
+        (APIError(503, "busy", headers={"Retry-After": "2"}), "ready", True),
+        (APIError(404, "no such model"), "ready", False),
+    ],
+)
+def test_which_failures_are_retried_instead_of_answered(
+    error: APIError, state: str, retry: bool
+) -> None:
+    app = SimpleNamespace(state=SimpleNamespace(registry=SimpleNamespace(state=state)))
+    assert (_retry_after(app, error) is not None) is retry  # type: ignore[arg-type]
+
+
+def test_a_cancel_while_an_expired_batch_finalizes_is_refused_and_one_finalize_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(protocol.WINDOW_S, "24h", 2)  # expires 1-2 s after its creation
+    engine = FakeEngine()
+    engine.delay = 0.05
+    with make_client(engine, batch_max_in_flight=1) as client:
+        api = sdk(client)
+        runner = client.app.state.batch_runner
+        finalize, calls, gate = runner._finalize, [], threading.Event()
+
+        def held(batch: dict[str, Any], status: str) -> None:
+            calls.append(status)
+            gate.wait(10)
+            finalize(batch, status)
+
+        runner._finalize = held
+        lines = [chat_line(f"r{i}", "v" * 20, max_tokens=20) for i in range(8)]
+        batch = run_batch(api, lines)
+        finalizing = wait_for(api, batch.id, ("finalizing",))
+        assert finalizing.expired_at  # it ends expired
+        with pytest.raises(openai.BadRequestError):
+            api.batches.cancel(batch.id)
+        gate.set()
+        done = wait_for(api, batch.id, ("expired", "cancelled", "completed"))
+        errors = read_lines(api, done.error_file_id)
+    assert done.status == "expired" and calls == ["expired"]
+    assert {x["error"]["code"] for x in errors} == {"batch_expired"}
+    assert done.request_counts.completed + len(errors) == 8 and len(errors) >= 4
