@@ -189,7 +189,7 @@ class SpeculativeConfig(_Strict):
         None,
         ge=0,
         description="speculate only while at most this many sequences run; default: measured "
-        "on this host (where the verification step costs little more than a decode), cached",
+        "on this host (up to where a verification pays with half its drafts accepted), cached",
     )
 
     @model_validator(mode="after")

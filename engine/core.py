@@ -101,7 +101,8 @@ class EngineCore:
         self.scheduler.admissible = self.loras.admissible  # at most max_loras adapters running
         self.spec = speculator
         if speculator is not None and speculator.max_batch is None:
-            speculator.max_batch = switch.max_batch(self.runner, speculator.num_tokens, settings)
+            measured = switch.max_batch(self.runner, speculator.num_tokens, settings)
+            speculator.max_batch, speculator.costs = measured
 
     @property
     def kv_capacity_tokens(self) -> int:

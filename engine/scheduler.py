@@ -10,8 +10,10 @@ always was. With several:
   sequences are held (skipped, their KV kept) and none is admitted, so a better request's first
   token waits only for the step already running. Other steps run at most `lower_share` lower
   sequences (running ones in turn, longest unscheduled first, then admissions), so the steps a
-  live request may have to wait for stay short; with no better work present, lower work runs
-  freely (it is then the best present);
+  live request may have to wait for stay short. A priority present within the last `RECENT_S`
+  seconds counts as present (a client's next live request usually comes soon after its last);
+  with no better work present for that long, lower work runs freely (it is then the best
+  present);
 - a better sequence that finds no KV blocks or no sequence slot preempts the worst running one
   (recompute, as for memory preemption), never one of its own priority or better.
 
@@ -35,6 +37,7 @@ from hearth.engine.sequence import Sequence, Status
 
 AGING_S = 1.0  # seconds in the engine that improve a sequence's priority level by one
 LOWER_SHARE = 2  # lower-priority sequences per step while better ones are present (0: any)
+RECENT_S = 2.0  # a priority seen this recently still counts as present (between live requests)
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Scheduler:
         # May this waiting sequence start next to the running ones? (LoRA slots: pool.py)
         self.admissible: Callable[[Sequence, list[Sequence]], bool] | None = None
         self._floor: int | None = None  # the best priority present, this step (None: one only)
+        self._seen: dict[int, float] = {}  # priority -> when it was last present
         self._now = 0.0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
@@ -139,7 +143,12 @@ class Scheduler:
         out = SchedulerOutput()
         self._now = self.clock()
         present = {s.priority for s in self.waiting} | {s.priority for s in self.running}
-        self._floor = min(present) if len(present) > 1 else None
+        # a priority present within RECENT_S still counts: between a client's live requests
+        # lower work keeps its share, so the step a live arrival waits for stays short
+        self._seen.update(dict.fromkeys(present, self._now))
+        self._seen = {p: t for p, t in self._seen.items() if self._now - t <= RECENT_S}
+        recent = set(self._seen) if present else set()
+        self._floor = min(recent) if len(recent) > 1 else None
         if self._floor is not None:  # admission in aged priority order, then arrival order
             self.waiting = deque(sorted(self.waiting, key=lambda s: (self.level(s), s.arrival)))
         # Running sequences, best priority first; decodes (1 token) before prefill chunks,

@@ -27,7 +27,7 @@ from hearth.engine.types import TokenLogprob
 
 log = logging.getLogger("hearth.engine")
 
-MAX_SIT_OUT = 16  # decode steps a sequence whose drafts keep failing waits at most
+MAX_SIT_OUT = 32  # decode steps a sequence whose drafts keep failing waits at most
 
 
 @dataclass
@@ -59,6 +59,9 @@ class Speculator:
         self.num_tokens = num_tokens  # k: draft tokens per sequence and step at most
         # running sequences at most for a step to speculate (None: measured at start, switch.py)
         self.max_batch = max_batch
+        # {batch size: a verification step's cost in decode steps} (switch.py; {}: unknown)
+        self.costs: dict[int, float] = {}
+        self._cost = 1.0  # this step's: a verification keeping fewer tokens is a miss
         self.num_proposed = 0  # draft tokens verified
         self.num_accepted = 0  # of those, kept
         self._drafted: dict[Sequence, Proposal] = {}
@@ -70,6 +73,8 @@ class Speculator:
         self.clear()
         if not running or len(running) > (self.max_batch or 0):
             return
+        above = [b for b in self.costs if b >= len(running)]
+        self._cost = self.costs[min(above)] if above else 1.0
         self._misses = {s: m for s, m in self._misses.items() if not s.is_finished}
         seqs, nums = [], []
         for seq in running:
@@ -92,8 +97,9 @@ class Speculator:
                 self._drafted[seq] = proposal
 
     def _sits_out(self, seq: Sequence) -> bool:
-        """Back-off: after a proposal with nothing accepted the sequence sits out 1, 2, 4 ...
-        (at most MAX_SIT_OUT) steps, so a text with nothing to look up costs few verifications."""
+        """Back-off: after a verification that did not pay (fewer tokens kept than it cost) the
+        sequence sits out 1, 2, 4 ... (at most MAX_SIT_OUT) steps, so a text with nothing to
+        look up costs few verifications."""
         miss = self._misses.get(seq)
         if miss is None or miss[0] == 0:
             return False
@@ -101,7 +107,8 @@ class Speculator:
         return True
 
     def _record(self, seq: Sequence, accepted: int) -> None:
-        if accepted:
+        """A verification that kept fewer tokens (accepted + 1) than it cost is a miss."""
+        if accepted + 1 >= self._cost:
             self._misses.pop(seq, None)
             return
         miss = self._misses.setdefault(seq, [0, 0])

@@ -6,9 +6,12 @@ grows the step becomes compute-bound and they cost their full share, while the t
 stay the same. So, like the kernel choice (kernels/autotune.py), it is timed on the served
 model's own shapes through the engine's runner: a decode step of B sequences against a
 verification step of B sequences with k drafts each, for B = 1, 2, 4, ... up to max_num_seqs.
-`max_batch` is the largest B whose verification step costs at most `MAX_COST` decode steps
-(above it the engine decodes plainly). Cached per machine, model, kernels and k under the
-hearth cache dir; `autotune: off` measures nothing and speculates at batch 1 only.
+`max_batch` is the largest B whose verification step costs at most `max_cost(k)` decode steps,
+the cost at which a verification pays when half its drafts are accepted (above it the engine
+decodes plainly); the measured costs go to the speculator too, which counts a verification that
+kept fewer tokens than its cost as a miss (engine/spec_decode/speculator.py: back-off). Cached
+per machine, model, kernels and k under the hearth cache dir; `autotune: off` measures nothing
+and speculates at batch 1 only.
 """
 
 from __future__ import annotations
@@ -29,25 +32,39 @@ from hearth.paths import cache_dir
 log = logging.getLogger("hearth.engine")
 
 CONTEXT = 256  # tokens of context behind each timed sequence (capped by the KV capacity)
-MAX_COST = 1.5  # a verification step may cost this many plain decode steps at most
+
+
+def max_cost(k: int) -> float:
+    """Decode steps a verification of k drafts may cost at most: it pays when it keeps
+    1 + k / 2 tokens, half its drafts accepted (n-gram drafts of grounded text: ~80%)."""
+    return 1 + k / 2
+
+
 REPEATS = 3
 
 
-def max_batch(runner: Any, k: int, settings: Any) -> int:
-    """The largest number of running sequences at which speculation is used (0: never)."""
+def max_batch(runner: Any, k: int, settings: Any) -> tuple[int, dict[int, float]]:
+    """(the largest number of running sequences at which speculation is used (0: never),
+    {batch size: a verification step's cost in decode steps} as measured)."""
     if settings.autotune == "off" or runner.tp_size > 1:
-        return 1
+        return 1, {}
     key = decision_key(runner.model, runner.device, runner.dtype, settings, [])
-    key.update(spec_k=k, kernels_applied=runner.kernels.describe(), max_cost=MAX_COST)
+    key.update(spec_k=k, kernels_applied=runner.kernels.describe(), max_cost=max_cost(k))
     key["max_num_seqs"] = settings.max_num_seqs
     path = _path(key)
     if settings.autotune != "remeasure":
         try:
-            return int(json.loads(path.read_text())["max_batch"])
-        except (OSError, ValueError, KeyError, TypeError):
+            cached = json.loads(path.read_text())
+            return int(cached["max_batch"]), costs_of(cached["times"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
     best, times = measure(runner, k, settings.max_num_seqs)
-    log.info("speculative decoding: used up to %d running sequences (%s)", best, times)
+    log.info(
+        "speculative decoding: used up to %d running sequences (verification cost in decode "
+        "steps: %s)",
+        best,
+        ", ".join(f"x{b} {c:.2f}" for b, c in costs_of(times).items()),
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -55,7 +72,16 @@ def max_batch(runner: Any, k: int, settings: Any) -> int:
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("speculative decoding: cannot cache the measured switch in %s: %s", path, exc)
-    return best
+    return best, costs_of(times)
+
+
+def costs_of(times: dict[str, float]) -> dict[int, float]:
+    """{batch: verify time / decode time} of measure()'s times."""
+    costs = {}
+    for name, seconds in times.items():
+        if name.startswith("verify x") and (decode := times.get("decode x" + name[8:])):
+            costs[int(name[8:])] = seconds / decode
+    return costs
 
 
 def measure(runner: Any, k: int, max_num_seqs: int) -> tuple[int, dict[str, float]]:
@@ -68,7 +94,7 @@ def measure(runner: Any, k: int, max_num_seqs: int) -> tuple[int, dict[str, floa
         decode = _time(runner, _step(runner, batch, context, 1))
         verify = _time(runner, _step(runner, batch, context, k + 1))
         times[f"decode x{batch}"], times[f"verify x{batch}"] = decode, verify
-        if verify > MAX_COST * decode:
+        if verify > max_cost(k) * decode:
             break
         best, batch = batch, batch * 2
     runner.kv_cache.fill(seed=None)  # zeros again (on CPU: the touched pages back to the OS)

@@ -241,8 +241,9 @@ def test_the_switch_is_measured_once_and_cached(
     spec = {"method": "ngram", "num_speculative_tokens": 4}  # max_batch: measured
     engine = start(str(tiny_llama_dir), spec, autotune="auto", max_num_seqs=4)
     try:
-        measured = engine.core.spec.max_batch
-        assert measured in (0, 1, 2, 4)
+        measured = engine.core.spec.max_batch, engine.core.spec.costs
+        assert measured[0] in (0, 1, 2, 4) and all(c > 0 for c in measured[1].values())
+        assert 1 in measured[1]  # batch 1 is always timed
         [cached] = (tmp_path / "spec_decode").glob("*.json")
         calls = []
         monkeypatch.setattr(switch, "measure", lambda *a: calls.append(a) or (0, {}))
@@ -251,3 +252,27 @@ def test_the_switch_is_measured_once_and_cached(
         assert cached.exists()
     finally:
         engine.shutdown()
+
+
+def test_a_verification_that_keeps_fewer_tokens_than_it_cost_is_a_miss() -> None:
+    """With the measured cost of a verification step (switch.py) at the running batch size, a
+    verification that kept fewer tokens than that cost sends the sequence into the back-off
+    (it sits out the next step); one that paid does not."""
+    from hearth.engine.sequence import Sequence, Status
+    from hearth.engine.spec_decode.proposer import Proposal
+    from hearth.engine.spec_decode.speculator import Speculator
+
+    class Nothing:
+        def propose(self, seqs, nums):
+            return [Proposal([]) for _ in seqs]
+
+    spec = Speculator(Nothing(), num_tokens=4, max_batch=4)
+    spec.costs = {1: 2.5, 2: 3.0, 4: 4.0}
+    params = SamplingParams(max_tokens=64, temperature=0)
+    seqs = [Sequence(f"r{i}", 0, [1, 2, 3], params) for i in range(2)]
+    for seq in seqs:
+        seq.status, seq.num_computed_tokens = Status.RUNNING, 2  # one token to compute
+    spec.propose(seqs[:1], lambda s: 64)  # one running: the batch-1 cost, 2.5 decode steps
+    spec._record(seqs[0], 1)  # 2 tokens kept < 2.5: a miss
+    spec._record(seqs[1], 2)  # 3 tokens kept: paid
+    assert spec._sits_out(seqs[0]) and not spec._sits_out(seqs[1])

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hearth.engine.block_manager import BlockManager
-from hearth.engine.scheduler import Scheduler
+from hearth.engine.scheduler import RECENT_S, Scheduler
 from hearth.engine.sequence import Sequence, Status
 from hearth.engine.types import SamplingParams
 
@@ -262,7 +262,13 @@ def test_a_live_prompt_holds_lower_decodes_for_its_prefill_step_only() -> None:
             item.seq.output_ids.append(7)
     assert seen == ["b0", "b1", "b2", "b0", "b1", "b2"]
     assert list(sched.waiting) == [late]
-    sched.finish(live)  # no better work left: the batch runs freely again
+    sched.finish(live)  # no better work left: within RECENT_S the share still holds (the
+    plan = sched.schedule()  # next live request of a client usually follows soon)
+    assert len(plan.scheduled) == 2 and "b-late" not in [i.seq.request_id for i in plan.scheduled]
+    sched.after_step(plan)
+    for item in plan.scheduled:
+        item.seq.output_ids.append(7)
+    sched.clock.now += RECENT_S + 0.1  # then the batch runs freely again
     plan = sched.schedule()
     assert [i.seq.request_id for i in plan.scheduled] == ["b0", "b1", "b2", "b-late"]
     check_invariants(blocks, sched)
