@@ -152,12 +152,17 @@ class BlockManager:
         self.cached.clear()
         self.keys = [None] * self.num_blocks
 
-    def release(self, seq: Sequence) -> None:
-        """Drop the sequence's references; unreferenced blocks become free (tail first)."""
-        for block in reversed(seq.block_table):
+    def release(self, seq: Sequence, evict_first: bool = False) -> None:
+        """Drop the sequence's references; unreferenced blocks become free (tail first).
+        `evict_first`: they go to the head of the free list, taken before every other free
+        block (a lower-priority sequence's: better requests' cached prefixes outlive them)."""
+        order = seq.block_table if evict_first else reversed(seq.block_table)
+        for block in order:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free[block] = None
+                if evict_first:  # head first, so the tail ends up first in line
+                    self.free.move_to_end(block, last=False)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

@@ -16,6 +16,9 @@ always was. With several:
   present);
 - a better sequence that finds no KV blocks or no sequence slot preempts the worst running one
   (recompute, as for memory preemption), never one of its own priority or better.
+- a lower sequence's blocks, when it finishes, are the first free blocks taken again
+  (`BlockManager.release(evict_first=True)`): a batch's churn does not evict the live
+  requests' cached prefixes before its own.
 
 Starvation is bounded twice: lower sequences get `lower_share` places in every step that
 computes no better prompt, and by aging: a sequence's level is its priority less one per
@@ -115,7 +118,7 @@ class Scheduler:
         """Remove a finished or aborted sequence and free its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self.blocks.release(seq)
+            self.blocks.release(seq, evict_first=self.lower(seq))
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED

@@ -365,3 +365,22 @@ def test_random_priorities_end_with_every_request_done_and_every_block_free(
             break
     assert not sched.has_unfinished()
     assert blocks.num_free_blocks == num_blocks
+
+
+def test_a_lower_sequences_blocks_are_taken_again_first() -> None:
+    """A finished lower-priority sequence's blocks go to the head of the free list, so the
+    next allocations reuse them before a live request's cached prefix blocks."""
+    blocks = BlockManager(16, 4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=256, clock=Clock())
+    live = prio(list(range(8)), 0, "live")  # two full blocks, cached once computed
+    batch = prio(list(range(100, 108)), 10, "batch")
+    sched.add(live)
+    sched.add(batch)
+    sched.after_step(sched.schedule())
+    live_blocks, batch_blocks = list(live.block_table), list(batch.block_table)
+    sched.finish(live)  # cached, free at the tail (LRU)
+    sched.finish(batch)  # lower: first in line again, its tail block first
+    first = list(blocks.free)[: len(batch_blocks)]
+    assert first == list(reversed(batch_blocks))
+    assert not set(first) & set(live_blocks)
+    assert blocks.cached_prefix(prio(list(range(8)), 0, "again"), blocks.prefix_keys(live))
