@@ -4,11 +4,12 @@ as lazily committed pages."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
+from bench.soak import rss_kb
 from hearth.engine.kernels import cpu_kernels, cpu_linear
 from hearth.engine.kernels.cpu_linear import pack_model
 from hearth.engine.kernels.fusion import fuse_projections, restore_forwards
@@ -80,10 +81,7 @@ def test_kernel_keeps_up_times_both_paths() -> None:
 
 
 def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    return rss_kb(os.getpid())
 
 
 def test_cpu_kv_cache_pages_are_committed_when_used_and_handed_back() -> None:

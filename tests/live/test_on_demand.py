@@ -13,6 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from bench.soak import rss_kb
 from hearth.engine.config import ModelConfig
 from hearth.engine.loading.sources import resolve_source
 from hearth.on_demand import estimate_bytes
@@ -44,10 +45,7 @@ def gauge(base: str, name: str, model_id: str) -> float:
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return rss_kb(pid) / 1024
 
 
 def ask(client: OpenAI, model_id: str) -> str:
